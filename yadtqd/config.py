@@ -1,0 +1,301 @@
+"""Configuration: one declarative table, loaded once and validated once (DESIGN section 10).
+
+The section dataclasses below *are* the table: each field is a setting with its type, default
+and description (``metadata["help"]``). Values come from the TOML file, then the environment
+(``YADTQ_<SECTION>_<KEY>``), then command-line flags, in rising precedence. ``[kafka]`` is passed
+to librdkafka unchanged, so TLS and SASL need no code here.
+
+Every problem raises :class:`~yadtqd.errors.ConfigError` naming the key and where it came from.
+``python -m yadtqd.config`` prints the settings reference generated from this table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import tomllib
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from yadtqd.errors import ConfigError
+
+DEFAULT_PATH = Path("/etc/yadtq/yadtq.toml")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+KafkaValue = str | int | float | bool
+
+
+def _setting(default: Any, help: str, minimum: float | None = None, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": help, "minimum": minimum, **kw})
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The ``[server]`` section."""
+
+    database: str = _setting("/var/lib/yadtq/yadtq.db", "SQLite result backend (WAL mode).")
+    socket: str = _setting("/run/yadtq/yadtqd.sock", "Unix socket for queries and submits.")
+    heartbeat_timeout: float = _setting(
+        5.0, "Seconds without a heartbeat before a worker epoch is declared dead.", 0.1
+    )
+    max_attempts: int = _setting(
+        3, "Executions a task may lose to dead workers before it fails with 'worker lost'.", 1
+    )
+    partitions: int = _setting(3, "Partitions of each topic the server creates.", 1)
+    replication: int = _setting(1, "Replication factor of each topic the server creates.", 1)
+    max_task_bytes: int = _setting(
+        512 * 1024, "Largest submission (bytes of JSON) the server accepts.", 64
+    )
+    max_request_bytes: int = _setting(
+        1024 * 1024, "Largest socket request line (bytes) the server reads.", 64
+    )
+    batch_size: int = _setting(500, "Kafka messages applied per SQLite transaction.", 1)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """The ``[worker]`` section."""
+
+    id: str = _setting("", "Worker id; empty means the host name.")
+    slots: int = _setting(0, "Concurrent executions; 0 means the CPU count.", 0)
+    prefetch: int = _setting(-1, "Granted-but-unstarted tasks held beyond slots; -1 = slots.", -1)
+    heartbeat_interval: float = _setting(1.0, "Seconds between heartbeats.", 0.05)
+    stop_timeout: float = _setting(
+        60.0, "Seconds a stopping worker waits for running tasks to finish.", 0
+    )
+    max_result_bytes: int = _setting(
+        512 * 1024, "Largest task result (bytes of JSON); larger results fail the task.", 64
+    )
+
+    @property
+    def worker_id(self) -> str:
+        """The configured id, or the host name."""
+        return self.id or socket.gethostname()
+
+    @property
+    def slot_count(self) -> int:
+        """The configured slots, or the CPU count."""
+        return self.slots or os.cpu_count() or 1
+
+    @property
+    def prefetch_count(self) -> int:
+        """The configured prefetch, or as many as there are slots."""
+        return self.slot_count if self.prefetch < 0 else self.prefetch
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """The ``[logging]`` section."""
+
+    level: str = _setting("info", "Lowest priority logged.", choices=LOG_LEVELS)
+    file: str = _setting("", "Also append plain log lines to this file (empty: none).")
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole, validated configuration of one process."""
+
+    kafka: Mapping[str, KafkaValue]
+    topic_prefix: str = _setting("yadtq", "Prefix of the topic names: <prefix>.tasks and so on.")
+    server: ServerConfig = field(default_factory=ServerConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    source: str = "defaults"
+
+    def topic(self, name: str) -> str:
+        """The full name of one of the project's topics (``tasks``, ``dispatch``, ``events``)."""
+        return f"{self.topic_prefix}.{name}"
+
+
+SECTIONS: dict[str, type] = {
+    "server": ServerConfig,
+    "worker": WorkerConfig,
+    "logging": LoggingConfig,
+}
+TOP_LEVEL = ("topic_prefix",)
+FLAG_KEYS = {"log_level": ("logging", "level")}
+
+
+def load(
+    path: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+) -> Config:
+    """Load the file, the environment and the flags, in rising precedence, and validate."""
+    env = os.environ if env is None else env
+    path, required = _find(path, env)
+    raw = _read_toml(path, required)
+    layered: dict[str, dict[str, tuple[Any, str]]] = {}
+    _merge_file(layered, raw, str(path))
+    _merge_env(layered, env)
+    _merge_flags(layered, flags or {})
+    return _build(layered, str(path) if raw else "defaults")
+
+
+def _find(path: str | Path | None, env: Mapping[str, str]) -> tuple[Path, bool]:
+    if path:
+        return Path(path), True
+    if env.get("YADTQ_CONFIG"):
+        return Path(env["YADTQ_CONFIG"]), True
+    return DEFAULT_PATH, False
+
+
+def _read_toml(path: Path, required: bool) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        if required:
+            raise ConfigError(f"{path}: config file not found") from None
+        return {}
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
+
+
+def _merge_file(layered: dict[str, dict[str, tuple[Any, str]]], raw: dict[str, Any], where: str) -> None:
+    for key, value in raw.items():
+        if key == "kafka" or key in SECTIONS:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: [{key}] must be a table")
+            for sub, subvalue in value.items():
+                layered.setdefault(key, {})[sub] = (subvalue, f"{where}: [{key}] {sub}")
+        elif key in TOP_LEVEL:
+            layered.setdefault("", {})[key] = (value, f"{where}: {key}")
+        else:
+            raise ConfigError(f"{where}: unknown key {key!r} (known: {_known_top()})")
+
+
+def _merge_env(layered: dict[str, dict[str, tuple[Any, str]]], env: Mapping[str, str]) -> None:
+    for name, value in env.items():
+        if not name.startswith("YADTQ_"):
+            continue
+        rest = name[len("YADTQ_"):].lower()
+        if rest == "topic_prefix":
+            layered.setdefault("", {})["topic_prefix"] = (value, f"environment: {name}")
+            continue
+        section, _, key = rest.partition("_")
+        if section == "kafka" and key:
+            layered.setdefault("kafka", {})[key.replace("_", ".")] = (value, f"environment: {name}")
+        elif section in SECTIONS and key:
+            layered.setdefault(section, {})[key] = (value, f"environment: {name}")
+
+
+def _merge_flags(layered: dict[str, dict[str, tuple[Any, str]]], flags: Mapping[str, Any]) -> None:
+    for flag, value in flags.items():
+        if value is None:
+            continue
+        section, key = FLAG_KEYS[flag]
+        layered.setdefault(section, {})[key] = (value, f"flag --{flag.replace('_', '-')}")
+
+
+def _build(layered: dict[str, dict[str, tuple[Any, str]]], source: str) -> Config:
+    kafka = _kafka(layered.get("kafka", {}), source)
+    sections = {name: _section(cls, layered.get(name, {})) for name, cls in SECTIONS.items()}
+    top = {k: _coerce(Config, k, v, where) for k, (v, where) in layered.get("", {}).items()}
+    return Config(kafka=kafka, source=source, **top, **sections)
+
+
+def _kafka(values: dict[str, tuple[Any, str]], source: str) -> dict[str, KafkaValue]:
+    kafka: dict[str, KafkaValue] = {}
+    for key, (value, where) in values.items():
+        if not isinstance(value, (str, int, float, bool)):
+            raise ConfigError(f"{where}: librdkafka settings must be strings, numbers or booleans")
+        kafka[key] = value
+    if not kafka.get("bootstrap.servers"):
+        raise ConfigError(
+            f"{source}: missing required [kafka] \"bootstrap.servers\" "
+            "(or the environment variable YADTQ_KAFKA_BOOTSTRAP_SERVERS)"
+        )
+    return kafka
+
+
+def _section(cls: type, values: dict[str, tuple[Any, str]]) -> Any:
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, (value, where) in values.items():
+        if key not in names:
+            raise ConfigError(f"{where}: unknown key {key!r} (known: {', '.join(sorted(names))})")
+        kwargs[key] = _coerce(cls, key, value, where)
+    return cls(**kwargs)
+
+
+def _coerce(cls: type, key: str, value: Any, where: str) -> Any:
+    spec = {f.name: f for f in dataclasses.fields(cls)}[key]
+    kind = typing.get_type_hints(cls)[key]
+    converted = _convert(kind, value, where)
+    minimum = spec.metadata.get("minimum")
+    if minimum is not None and converted < minimum:
+        raise ConfigError(f"{where}: must be at least {minimum:g}, got {converted!r}")
+    choices = spec.metadata.get("choices")
+    if choices and converted not in choices:
+        raise ConfigError(f"{where}: must be one of {', '.join(choices)}, got {converted!r}")
+    return converted
+
+
+def _convert(kind: Any, value: Any, where: str) -> Any:
+    from_env = isinstance(value, str)
+    if kind is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {_type_name(value)}")
+        return value
+    if kind is int:
+        if from_env:
+            try:
+                return int(value)
+            except ValueError:
+                raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {_type_name(value)}")
+        return value
+    if kind is float:
+        if from_env:
+            try:
+                return float(value)
+            except ValueError:
+                raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {_type_name(value)}")
+        return float(value)
+    raise AssertionError(f"unsupported setting type {kind!r}")  # pragma: no cover
+
+
+def _type_name(value: Any) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            list: "an array", dict: "a table"}.get(type(value), type(value).__name__)
+
+
+def _known_top() -> str:
+    return ", ".join(["kafka", *SECTIONS, *TOP_LEVEL])
+
+
+def reference() -> str:
+    """The settings reference, generated from the table, as TOML with every setting commented."""
+    lines = ["# YADTQ settings reference (generated by `python -m yadtqd.config`).", ""]
+    lines += ['[kafka]', '# librdkafka settings, passed through unchanged. Required:',
+              '"bootstrap.servers" = "127.0.0.1:9092"', ""]
+    for name, cls in {"": Config, **SECTIONS}.items():
+        if name:
+            lines.append(f"[{name}]")
+        for f in dataclasses.fields(cls):
+            if "help" not in f.metadata:
+                continue
+            env = f"YADTQ_{name.upper()}_{f.name.upper()}" if name else f"YADTQ_{f.name.upper()}"
+            lines.append(f"# {f.metadata['help']} (env {env})")
+            lines.append(f"# {f.name} = {_toml_value(f.default)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, str):
+        return f'"{value}"'
+    return repr(value)
+
+
+if __name__ == "__main__":
+    print(reference())

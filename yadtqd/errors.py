@@ -1,0 +1,71 @@
+"""The one error tree of YADTQ.
+
+Every error a user can cause or meet derives from :class:`YadtqError`. Each class carries the
+exit code the command-line tools use for it (DESIGN section 12), so a command prints one line
+that names the problem and exits with a documented code; a traceback is only for the unexpected.
+"""
+
+from __future__ import annotations
+
+
+class YadtqError(Exception):
+    """Base class of every error YADTQ raises on purpose."""
+
+    exit_code = 1
+
+
+class UsageError(YadtqError):
+    """Bad command-line usage or bad input from the user."""
+
+    exit_code = 2
+
+
+class UnreachableError(YadtqError):
+    """The server's socket or the Kafka broker cannot be reached."""
+
+    exit_code = 3
+
+
+class WaitTimeout(YadtqError):
+    """A wait for a task's result ran out of time."""
+
+    exit_code = 4
+
+
+class ConfigError(YadtqError):
+    """The configuration is invalid: an unknown key, a wrong type, a missing required value."""
+
+    exit_code = 78  # EX_CONFIG; the unit lists it in RestartPreventExitStatus=
+
+
+class BadMessage(YadtqError):
+    """A Kafka message does not have the shape DESIGN section 2 fixes.
+
+    ``task_id`` is set when the message is a submission whose id could still be read, so the
+    task can be recorded as failed with this error instead of being skipped.
+    """
+
+    def __init__(self, message: str, task_id: str | None = None) -> None:
+        super().__init__(message)
+        self.task_id = task_id
+
+
+class Conflict(YadtqError):
+    """A task id was submitted again with a different payload."""
+
+
+class RequestError(YadtqError):
+    """A socket request was refused; ``code`` is the protocol's error code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.exit_code = UsageError.exit_code if code in CLIENT_ERROR_CODES else 1
+
+
+class PluginError(YadtqError):
+    """A plugin could not be loaded or registered a task wrongly."""
+
+
+#: Socket error codes that mean the request itself was wrong (exit code 2 in yadtqctl).
+CLIENT_ERROR_CODES = frozenset({"bad_request", "too_large", "unknown_op", "conflict", "bad_task"})

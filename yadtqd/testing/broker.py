@@ -1,0 +1,258 @@
+"""A real, single-node Apache Kafka broker (KRaft) for development and tests.
+
+The broker's jars come from Maven Central (``mvn dependency:copy-dependencies`` on the small POM
+beside this module) into a cache, ``$YADTQ_CACHE`` or ``~/.cache/yadtq``, and are fetched only
+once. The broker binds 127.0.0.1 on free ports, keeps its data and log in a directory of its
+own, and is stopped by its PID.
+
+Command line::
+
+    python -m yadtqd.testing.broker fetch             # fill the cache, nothing else
+    python -m yadtqd.testing.broker start DIR         # start in DIR, print bootstrap servers
+    python -m yadtqd.testing.broker stop DIR          # stop the broker started in DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+KAFKA_VERSION = "4.2.2"
+POM = Path(__file__).with_name("kafka-pom.xml")
+READY_LINE = "Kafka Server started"
+
+LOG4J2 = """<?xml version="1.0" encoding="UTF-8"?>
+<Configuration status="warn">
+  <Appenders>
+    <File name="file" fileName="{log}" append="true">
+      <PatternLayout pattern="[%d] %p %m (%c)%n"/>
+    </File>
+  </Appenders>
+  <Loggers>
+    <Logger name="kafka" level="info"/>
+    <Logger name="org.apache.kafka" level="info"/>
+    <Logger name="state.change.logger" level="warn"/>
+    <Root level="info"><AppenderRef ref="file"/></Root>
+  </Loggers>
+</Configuration>
+"""
+
+
+class BrokerError(RuntimeError):
+    """The broker could not be fetched or started."""
+
+
+def cache_dir() -> Path:
+    """Where fetched jars are kept between runs."""
+    return Path(os.environ.get("YADTQ_CACHE") or Path.home() / ".cache" / "yadtq")
+
+
+def fetch(version: str = KAFKA_VERSION) -> Path:
+    """Return the directory of the broker's jars, fetching them from Maven Central if needed."""
+    libs = cache_dir() / f"kafka-{version}" / "libs"
+    if (libs / ".complete").exists():
+        return libs
+    libs.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=libs.parent) as tmp:
+        shutil.copy(POM, Path(tmp) / "pom.xml")
+        out = Path(tmp) / "libs"
+        cmd = ["mvn", "-B", "-q", f"-Dkafka.version={version}", "dependency:copy-dependencies",
+               f"-DoutputDirectory={out}", "-DincludeScope=runtime"]
+        done = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise BrokerError(f"fetching Kafka {version} with Maven failed:\n{done.stdout}{done.stderr}")
+        (out / ".complete").touch()
+        shutil.rmtree(libs, ignore_errors=True)
+        out.rename(libs)
+    return libs
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Broker:
+    """One broker process with its own directory, ports and log."""
+
+    def __init__(self, directory: Path, version: str = KAFKA_VERSION) -> None:
+        self.directory = Path(directory)
+        self.version = version
+        self.port = 0
+        self.controller_port = 0
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        """The ``bootstrap.servers`` value for clients."""
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        """The broker's own log file."""
+        return self.directory / "broker.log"
+
+    def start(self, timeout: float = 120.0) -> None:
+        """Start the broker (formatting its storage the first time) and wait until it serves."""
+        libs = fetch(self.version)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        if not self.port:
+            self.port, self.controller_port = free_port(), free_port()
+        props = self._write_config()
+        classpath = f"{libs}/*"
+        if not (self.directory / "data" / "meta.properties").exists():
+            self._format(classpath, props)
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        with (self.directory / "stdout.log").open("ab") as out:
+            self.process = subprocess.Popen(
+                ["java", "-Xms256m", "-Xmx512m", "-XX:+UseSerialGC", "-cp", classpath,
+                 f"-Dlog4j2.configurationFile=file:{self.directory / 'log4j2.xml'}",
+                 "kafka.Kafka", str(props)],
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        self._write_state()
+        self._wait_ready(offset, timeout)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the broker by its PID: SIGTERM, then SIGKILL if it does not exit in time."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def log_tail(self, lines: int = 80) -> str:
+        """The last lines of the broker's log, for a failing test's report."""
+        if not self.log_path.exists():
+            return "(no broker log)"
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def _write_config(self) -> Path:
+        props = self.directory / "server.properties"
+        settings = {
+            "process.roles": "broker,controller",
+            "node.id": "1",
+            "controller.quorum.bootstrap.servers": f"127.0.0.1:{self.controller_port}",
+            "listeners": f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
+            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
+            "controller.listener.names": "CONTROLLER",
+            "inter.broker.listener.name": "PLAINTEXT",
+            "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+            "log.dirs": str(self.directory / "data"),
+            "offsets.topic.replication.factor": "1",
+            "transaction.state.log.replication.factor": "1",
+            "transaction.state.log.min.isr": "1",
+            "share.coordinator.state.topic.replication.factor": "1",
+            "share.coordinator.state.topic.min.isr": "1",
+            "group.initial.rebalance.delay.ms": "0",
+            "num.network.threads": "2",
+            "num.io.threads": "4",
+            "num.partitions": "1",
+            "auto.create.topics.enable": "false",
+        }
+        props.write_text("".join(f"{k}={v}\n" for k, v in settings.items()))
+        (self.directory / "log4j2.xml").write_text(LOG4J2.format(log=self.log_path))
+        return props
+
+    def _format(self, classpath: str, props: Path) -> None:
+        tool = ["java", "-cp", classpath, "kafka.tools.StorageTool"]
+        cluster = subprocess.run([*tool, "random-uuid"], capture_output=True, text=True, check=True)
+        done = subprocess.run(
+            [*tool, "format", "--standalone", "-t", cluster.stdout.strip(), "-c", str(props)],
+            capture_output=True, text=True,
+        )
+        if done.returncode != 0:
+            raise BrokerError(f"formatting KRaft storage failed:\n{done.stdout}{done.stderr}")
+
+    def _wait_ready(self, offset: int, timeout: float) -> None:
+        assert self.process is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise BrokerError(f"broker exited with {self.process.returncode}:\n{self.log_tail()}")
+            if self._log_says_ready(offset) and self._port_open():
+                return
+            time.sleep(0.1)  # polling a child's log file: there is no event to wait on
+        self.stop()
+        raise BrokerError(f"broker not ready after {timeout:.0f} s:\n{self.log_tail()}")
+
+    def _log_says_ready(self, offset: int) -> bool:
+        if not self.log_path.exists():
+            return False
+        with self.log_path.open("rb") as f:
+            f.seek(offset)
+            return READY_LINE.encode() in f.read()
+
+    def _port_open(self) -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+    def _write_state(self) -> None:
+        assert self.process is not None
+        state = {"pid": self.process.pid, "bootstrap": self.bootstrap, "port": self.port,
+                 "controller_port": self.controller_port}
+        (self.directory / "broker.json").write_text(json.dumps(state))
+
+
+def _stop_dir(directory: Path) -> None:
+    state = json.loads((directory / "broker.json").read_text())
+    try:
+        os.kill(state["pid"], signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.kill(state["pid"], 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.kill(state["pid"], signal.SIGKILL)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m yadtqd.testing.broker``: fetch, start or stop a development broker."""
+    parser = argparse.ArgumentParser(prog="python -m yadtqd.testing.broker")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("fetch", help="fetch the broker's jars into the cache")
+    start = sub.add_parser("start", help="start a broker in DIR and print its bootstrap servers")
+    start.add_argument("directory", type=Path)
+    stop = sub.add_parser("stop", help="stop the broker started in DIR")
+    stop.add_argument("directory", type=Path)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "fetch":
+            print(fetch())
+        elif args.command == "start":
+            broker = Broker(args.directory)
+            broker.start()
+            print(broker.bootstrap)
+        else:
+            _stop_dir(args.directory)
+    except BrokerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""The Kafka transport: every producer, consumer and admin client YADTQ makes comes from here.
+
+``[kafka]`` settings are passed to librdkafka unchanged; this module adds only what the design
+requires (``acks=all`` and idempotence on producers, no group offsets on consumers) and watches
+each client's broker connection so that "connected", "lost" and "back" are logged once each.
+Consumers use manual partition assignment: no consumer group membership, no rebalances, and
+offsets are the application's (DESIGN sections 2 and 4.6).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import zlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from yadtqd.config import Config
+from yadtqd.errors import UnreachableError
+
+log = logging.getLogger("yadtqd.kafka")
+
+TOPICS = ("tasks", "dispatch", "events")
+STATS_INTERVAL_MS = 1000
+_DOWN_CODES = {KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT, KafkaError._RESOLVE}
+
+
+class ConnectionMonitor:
+    """Follows one client's broker connection and logs each change of state once.
+
+    librdkafka reports trouble through ``error_cb`` and the state of every broker connection
+    through ``stats_cb``; together they give "connected", "lost" and "back" without polling.
+    """
+
+    def __init__(self, client: str) -> None:
+        self.client = client
+        self.state = "connecting"
+        self.changed_at = time.monotonic()
+
+    @property
+    def up(self) -> bool:
+        """True while at least one broker connection of this client is up."""
+        return self.state == "up"
+
+    def on_error(self, err: KafkaError) -> None:
+        """librdkafka's ``error_cb``."""
+        if err.code() in _DOWN_CODES:
+            self._set("down", err.str())
+        elif err.fatal():
+            log.critical("kafka %s: fatal error: %s", self.client, err.str())
+        else:
+            log.warning("kafka %s: %s", self.client, err.str())
+
+    def on_stats(self, raw: str) -> None:
+        """librdkafka's ``stats_cb``: any real broker in state UP means connected."""
+        brokers = json.loads(raw).get("brokers", {}).values()
+        up = any(b.get("nodeid", -1) >= 0 and b.get("state") == "UP" for b in brokers)
+        if up:
+            self._set("up", "")
+        elif self.state == "up":
+            self._set("down", "no broker connection is up")
+
+    def _set(self, state: str, detail: str) -> None:
+        if state == self.state:
+            return
+        previous, self.state = self.state, state
+        self.changed_at = time.monotonic()
+        if state == "up":
+            event = "back" if previous == "down" else "connected"
+            log.info("kafka %s: broker connection %s", self.client, event,
+                     extra={"event": f"broker_{event}"})
+        else:
+            log.warning("kafka %s: broker connection lost: %s", self.client, detail,
+                        extra={"event": "broker_lost"})
+
+
+def _base(config: Config, client: str, monitor: ConnectionMonitor) -> dict[str, object]:
+    settings: dict[str, object] = dict(config.kafka)
+    settings.setdefault("client.id", f"yadtq-{client}")
+    settings["error_cb"] = monitor.on_error
+    settings["stats_cb"] = monitor.on_stats
+    settings["logger"] = logging.getLogger("yadtqd.kafka.librdkafka")
+    settings.setdefault("statistics.interval.ms", STATS_INTERVAL_MS)
+    return settings
+
+
+def make_producer(config: Config, client: str) -> tuple[Producer, ConnectionMonitor]:
+    """A producer with ``acks=all`` and idempotence, as the design requires."""
+    monitor = ConnectionMonitor(f"{client} producer")
+    settings = _base(config, client, monitor)
+    settings.update({"acks": "all", "enable.idempotence": True})
+    settings.setdefault("linger.ms", 1)
+    return Producer(settings), monitor
+
+
+def make_consumer(config: Config, client: str) -> tuple[Consumer, ConnectionMonitor]:
+    """A consumer for manual assignment: never commits, never joins a group's rebalances."""
+    monitor = ConnectionMonitor(f"{client} consumer")
+    settings = _base(config, client, monitor)
+    settings.setdefault("group.id", f"{config.topic_prefix}.{client}")
+    settings.update({"enable.auto.commit": False, "enable.auto.offset.store": False})
+    settings.setdefault("fetch.wait.max.ms", 100)
+    settings.setdefault("enable.partition.eof", False)
+    return Consumer(settings), monitor
+
+
+def make_admin(config: Config) -> AdminClient:
+    """An admin client with the same connection settings."""
+    return AdminClient(dict(config.kafka))
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    """A topic the server makes sure exists."""
+
+    name: str
+    partitions: int
+    replication: int
+
+
+def topic_specs(config: Config) -> list[TopicSpec]:
+    """The project's topics with the partition count and replication from the config."""
+    return [TopicSpec(config.topic(t), config.server.partitions, config.server.replication)
+            for t in TOPICS]
+
+
+def ensure_topics(admin: AdminClient, specs: Iterable[TopicSpec], timeout: float = 30.0) -> list[str]:
+    """Create the topics that are missing; an existing topic is left as it is.
+
+    Returns the names of the topics this call created.
+    """
+    wanted = {s.name: NewTopic(s.name, s.partitions, s.replication) for s in specs}
+    futures = admin.create_topics(list(wanted.values()), operation_timeout=timeout,
+                                  request_timeout=timeout)
+    created = []
+    for name, future in futures.items():
+        try:
+            future.result(timeout)
+            created.append(name)
+            log.info("created topic %s", name)
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                raise UnreachableError(f"cannot create topic {name}: {exc.args[0].str()}") from None
+    return created
+
+
+def partition_count(client: Consumer | Producer | AdminClient, topic: str, timeout: float = 30.0) -> int:
+    """The number of partitions of a topic; waits for the broker up to ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            meta = client.list_topics(topic, timeout=max(0.1, deadline - time.monotonic()))
+            info = meta.topics[topic]
+            if info.error is None and info.partitions:
+                return len(info.partitions)
+            problem = info.error.str() if info.error else "no partitions"
+        except KafkaException as exc:
+            problem = exc.args[0].str()
+        if time.monotonic() >= deadline:
+            raise UnreachableError(f"cannot read metadata of topic {topic}: {problem}")
+        time.sleep(0.2)  # topic metadata propagating; there is no event to wait on
+
+
+def partition_for(key: str, count: int) -> int:
+    """The partition of ``dispatch`` and ``events`` that belongs to a worker id."""
+    return zlib.crc32(key.encode()) % count
+
+
+def end_offset(consumer: Consumer, topic: str, partition: int, timeout: float = 30.0) -> int:
+    """The partition's high watermark: the offset the next produced message will get."""
+    try:
+        _, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=timeout)
+    except KafkaException as exc:
+        raise UnreachableError(f"cannot read the end of {topic}[{partition}]: {exc.args[0].str()}") from None
+    return int(high)
+
+
+def assign(consumer: Consumer, positions: Mapping[tuple[str, int], int]) -> None:
+    """Assign exactly these partitions, each to start at the given offset."""
+    consumer.assign([TopicPartition(t, p, off) for (t, p), off in positions.items()])
+
+
+def flush(producer: Producer, timeout: float) -> int:
+    """Deliver what was accepted; return how many messages are still undelivered."""
+    left = producer.flush(timeout)
+    if left:
+        log.error("%d messages were not delivered to Kafka before shutdown", left)
+    return int(left)
