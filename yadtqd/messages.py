@@ -1,0 +1,234 @@
+"""Every message shape on every topic (DESIGN section 2), with its parser and its encoder.
+
+Messages are UTF-8 JSON objects. Unknown fields are ignored, so versions can be mixed; a
+message of the wrong shape raises :class:`~yadtqd.errors.BadMessage` with a sentence that names
+the field and the problem (``Expected `int`, got `str` - at `$.attempt```).
+
+Topics and their messages:
+
+- ``tasks``: :class:`Submission` (the seed's ``{"task-id": ..., "task": ..., "args": [...]}``).
+- ``dispatch``: :class:`Run` and :class:`Fenced`, tagged by ``"type"``.
+- ``events``: :class:`Hello`, :class:`Heartbeat`, :class:`Started`, :class:`Finished` and
+  :class:`Bye`, tagged by ``"type"``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta, Raw, Struct, field
+
+from yadtqd.errors import BadMessage
+
+TASK_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
+TaskId = Annotated[str, Meta(pattern=TASK_ID_PATTERN)]
+TaskName = Annotated[str, Meta(min_length=1, max_length=200)]
+Attempt = Annotated[int, Meta(ge=1)]
+Count = Annotated[int, Meta(ge=0)]
+
+
+# ---------------------------------------------------------------- tasks topic
+
+
+class Options(Struct, kw_only=True, omit_defaults=True, frozen=True):
+    """Per-task options of a submission."""
+
+    timeout: Annotated[float, Meta(gt=0)] | None = None
+    max_retries: Annotated[int, Meta(ge=0, le=1000)] = 0
+    retry_backoff: Annotated[float, Meta(ge=0, le=86400)] = 1.0
+
+
+class Submission(Struct, kw_only=True, omit_defaults=True):
+    """A task submitted on the ``tasks`` topic or through the socket."""
+
+    task_id: TaskId = field(name="task-id")
+    task: TaskName
+    args: list[Any] = []
+    kwargs: dict[str, Any] = {}
+    options: Options = Options()
+    submitted_at: float | str | None = None
+    v: int = 1
+
+    def payload(self) -> str:
+        """The canonical text of what the task is, to tell a resubmit from a conflict."""
+        body = [self.task, self.args, self.kwargs, self.options]
+        return msgspec.json.encode(body, order="sorted").decode()
+
+
+class _IdOnly(Struct):
+    task_id: TaskId = field(name="task-id")
+
+
+_submission = msgspec.json.Decoder(Submission)
+_id_only = msgspec.json.Decoder(_IdOnly)
+
+
+def parse_submission(raw: bytes | None, max_bytes: int) -> Submission:
+    """Parse a submission; on failure the error carries the task id if one can be read."""
+    if not raw:
+        raise BadMessage("empty message: a submission is a JSON object with task-id and task")
+    if len(raw) > max_bytes:
+        raise BadMessage(f"submission of {len(raw)} bytes is over the limit of {max_bytes} bytes",
+                         task_id=_peek_id(raw))
+    try:
+        return _submission.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise BadMessage(f"invalid submission: {exc}", task_id=_peek_id(raw)) from None
+
+
+def _peek_id(raw: bytes) -> str | None:
+    try:
+        return _id_only.decode(raw).task_id
+    except msgspec.DecodeError:
+        return None
+
+
+# ---------------------------------------------------------------- dispatch topic
+
+
+class Run(Struct, kw_only=True, tag_field="type", tag="run"):
+    """The server grants one attempt of a task to one worker epoch."""
+
+    worker: str
+    epoch: str
+    task_id: TaskId = field(name="task-id")
+    attempt: Attempt
+    task: TaskName
+    args: list[Any] = []
+    kwargs: dict[str, Any] = {}
+    options: Options = Options()
+    v: int = 1
+
+
+class Fenced(Struct, kw_only=True, tag_field="type", tag="fenced"):
+    """The server declared this epoch dead; the worker stops its tasks and registers anew."""
+
+    worker: str
+    epoch: str
+    reason: str
+    v: int = 1
+
+
+Dispatch = Run | Fenced
+_dispatch = msgspec.json.Decoder(Dispatch)
+
+
+def parse_dispatch(raw: bytes | None) -> Dispatch:
+    """Parse a message read from the ``dispatch`` topic."""
+    try:
+        return _dispatch.decode(raw or b"")
+    except msgspec.DecodeError as exc:
+        raise BadMessage(f"invalid dispatch message: {exc}") from None
+
+
+# ---------------------------------------------------------------- events topic
+
+
+class TaskRef(Struct, kw_only=True):
+    """One attempt of one task."""
+
+    task_id: TaskId = field(name="task-id")
+    attempt: Attempt
+
+
+class TaskInfo(Struct, kw_only=True):
+    """Where a task a worker can run comes from."""
+
+    plugin: str
+    version: str = ""
+
+
+class ErrorInfo(Struct, kw_only=True, omit_defaults=True):
+    """Why a task failed."""
+
+    type: str
+    message: str
+    traceback: str = ""
+
+
+class Hello(Struct, kw_only=True, tag_field="type", tag="hello"):
+    """A worker epoch announces itself and what it can run."""
+
+    worker: str
+    epoch: str
+    ts: float
+    host: str
+    pid: int
+    slots: Annotated[int, Meta(ge=1)]
+    prefetch: Count = 0
+    tasks: dict[str, TaskInfo]
+    version: str
+    v: int = 1
+
+
+class Heartbeat(Struct, kw_only=True, tag_field="type", tag="heartbeat"):
+    """A worker epoch is alive and its loop makes progress."""
+
+    worker: str
+    epoch: str
+    ts: float
+    slots: Annotated[int, Meta(ge=1)]
+    busy: Count
+    running: list[TaskRef] = []
+    done: Count = 0
+    failed: Count = 0
+    last_progress: float = 0.0
+    v: int = 1
+
+
+class Started(Struct, kw_only=True, tag_field="type", tag="started"):
+    """A granted task took a slot."""
+
+    worker: str
+    epoch: str
+    ts: float
+    task_id: TaskId = field(name="task-id")
+    attempt: Attempt
+    v: int = 1
+
+
+class Finished(Struct, kw_only=True, tag_field="type", tag="finished", omit_defaults=True):
+    """A task ended: ``result`` (raw JSON) on success, ``error`` on failure."""
+
+    worker: str
+    epoch: str
+    ts: float
+    task_id: TaskId = field(name="task-id")
+    attempt: Attempt
+    status: Literal["success", "failed"]
+    result: Raw = Raw(b"null")
+    error: ErrorInfo | None = None
+    v: int = 1
+
+
+class Bye(Struct, kw_only=True, tag_field="type", tag="bye"):
+    """A worker epoch leaves gracefully, handing back the tasks it never started."""
+
+    worker: str
+    epoch: str
+    ts: float
+    handed_back: list[TaskRef] = []
+    v: int = 1
+
+
+Event = Hello | Heartbeat | Started | Finished | Bye
+_event = msgspec.json.Decoder(Event)
+
+
+def parse_event(raw: bytes | None) -> Event:
+    """Parse a message read from the ``events`` topic."""
+    try:
+        return _event.decode(raw or b"")
+    except msgspec.DecodeError as exc:
+        raise BadMessage(f"invalid event: {exc}") from None
+
+
+# ---------------------------------------------------------------- encoding
+
+_encoder = msgspec.json.Encoder()
+
+
+def encode(message: Struct) -> bytes:
+    """The wire form of any message of this module."""
+    return _encoder.encode(message)

@@ -1,0 +1,461 @@
+"""The result backend: SQLite in WAL mode. Every SQL statement of YADTQ lives in this module.
+
+The task state machine (DESIGN sections 3 and 4) is a set of named transitions, each one
+conditional UPDATE that states the status it expects, so correctness never depends on the
+caller being single-threaded::
+
+    intake ──▶ queued ──grant──▶ assigned ──start──▶ processing ──finish──▶ success | failed
+                 ▲                   │                    │
+                 └── retry / requeue_epoch / hand_back ───┘
+
+A transition that matches no row did not happen; the caller treats the event as stale.
+Offsets consumed from Kafka are saved in the same transaction as the changes they cause
+(invariant 6). The server's main loop is the one writer of events; socket submits write
+through connections of their own; queries read through their own connections beside them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from yadtqd import messages as m
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS tasks (
+    seq           INTEGER PRIMARY KEY AUTOINCREMENT,
+    id            TEXT NOT NULL UNIQUE,
+    name          TEXT NOT NULL,
+    payload       TEXT NOT NULL,
+    status        TEXT NOT NULL,
+    worker        TEXT,
+    epoch         TEXT,
+    attempt       INTEGER NOT NULL DEFAULT 0,
+    failures      INTEGER NOT NULL DEFAULT 0,
+    lost          INTEGER NOT NULL DEFAULT 0,
+    max_retries   INTEGER NOT NULL DEFAULT 0,
+    retry_backoff REAL NOT NULL DEFAULT 1.0,
+    run_after     REAL NOT NULL DEFAULT 0,
+    submitted_at  REAL NOT NULL,
+    assigned_at   REAL,
+    started_at    REAL,
+    finished_at   REAL,
+    result        TEXT,
+    error         TEXT
+);
+CREATE INDEX IF NOT EXISTS tasks_waiting ON tasks (status, seq)
+    WHERE status IN ('queued', 'assigned', 'processing');
+CREATE INDEX IF NOT EXISTS tasks_by_epoch ON tasks (epoch)
+    WHERE status IN ('assigned', 'processing');
+CREATE TABLE IF NOT EXISTS offsets (
+    topic       TEXT NOT NULL,
+    partition   INTEGER NOT NULL,
+    next_offset INTEGER NOT NULL,
+    PRIMARY KEY (topic, partition)
+);
+CREATE TABLE IF NOT EXISTS workers (
+    epoch          TEXT PRIMARY KEY,
+    worker         TEXT NOT NULL,
+    host           TEXT NOT NULL,
+    pid            INTEGER NOT NULL,
+    slots          INTEGER NOT NULL,
+    prefetch       INTEGER NOT NULL,
+    tasks          TEXT NOT NULL,
+    version        TEXT NOT NULL,
+    state          TEXT NOT NULL,
+    joined_at      REAL NOT NULL,
+    last_heartbeat REAL NOT NULL,
+    left_at        REAL,
+    busy           INTEGER NOT NULL DEFAULT 0,
+    done           INTEGER NOT NULL DEFAULT 0,
+    failed         INTEGER NOT NULL DEFAULT 0,
+    executed       INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS workers_live ON workers (state) WHERE state IN ('live', 'leaving');
+CREATE TABLE IF NOT EXISTS failures (
+    seq            INTEGER PRIMARY KEY AUTOINCREMENT,
+    worker         TEXT NOT NULL,
+    epoch          TEXT NOT NULL,
+    host           TEXT NOT NULL,
+    last_heartbeat REAL NOT NULL,
+    detected_at    REAL NOT NULL,
+    reason         TEXT NOT NULL,
+    requeued       TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS counters (
+    name  TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+"""
+
+ACTIVE = ("assigned", "processing")
+TERMINAL = ("success", "failed")
+WORKER_LOST = "WorkerLost"
+
+
+@dataclass(frozen=True)
+class Intake:
+    """What intake made of one submission: ``new``, ``duplicate`` or ``conflict``."""
+
+    task_id: str
+    outcome: str
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """A queued task the scheduler may grant."""
+
+    task_id: str
+    name: str
+
+
+@dataclass(frozen=True)
+class Grant:
+    """A granted attempt, with what the worker needs to run it."""
+
+    task_id: str
+    worker: str
+    epoch: str
+    attempt: int
+    payload: str
+
+
+def connect(path: str | Path, readonly: bool = False) -> sqlite3.Connection:
+    """A connection in autocommit mode (transactions are explicit), WAL, with a busy timeout."""
+    if readonly:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None,
+                               check_same_thread=False, timeout=30)
+    else:
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+class Store:
+    """The task state machine and every query, over one SQLite connection."""
+
+    def __init__(self, path: str | Path, readonly: bool = False, create: bool = False) -> None:
+        self.path = str(path)
+        if create:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self.db = connect(self.path, readonly)
+        if create:
+            self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        """Close the connection."""
+        self.db.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """One write transaction: ``BEGIN IMMEDIATE`` takes the write lock at once."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    # ------------------------------------------------------------ intake (invariant 1)
+
+    def intake(self, sub: m.Submission, now: float) -> Intake:
+        """Record a submission as ``queued``; the same id again is a no-op or a conflict.
+
+        Precondition: none. An id is inserted once; a second submission with the same payload is
+        a ``duplicate`` (no change), with another payload a ``conflict`` (no change).
+        """
+        payload = sub.payload()
+        cur = self.db.execute(
+            "INSERT OR IGNORE INTO tasks (id, name, payload, status, max_retries, retry_backoff,"
+            " submitted_at) VALUES (?, ?, ?, 'queued', ?, ?, ?)",
+            (sub.task_id, sub.task, payload, sub.options.max_retries, sub.options.retry_backoff, now),
+        )
+        if cur.rowcount == 1:
+            return Intake(sub.task_id, "new")
+        row = self.db.execute("SELECT payload FROM tasks WHERE id = ?", (sub.task_id,)).fetchone()
+        return Intake(sub.task_id, "duplicate" if row["payload"] == payload else "conflict")
+
+    def intake_invalid(self, task_id: str, error: m.ErrorInfo, now: float) -> bool:
+        """Record a submission that could not be parsed as ``failed`` with the reason.
+
+        Precondition: the id is unknown. A known id is never touched (returns False).
+        """
+        cur = self.db.execute(
+            "INSERT OR IGNORE INTO tasks (id, name, payload, status, submitted_at, finished_at,"
+            " error) VALUES (?, '', '', 'failed', ?, ?, ?)",
+            (task_id, now, now, _json(error)),
+        )
+        return cur.rowcount == 1
+
+    # ------------------------------------------------------------ grants (invariant 2)
+
+    def waiting(self, names: Iterable[str], limit: int, now: float) -> list[Waiting]:
+        """Queued tasks that may run now and that some live worker provides, oldest first."""
+        names = list(names)
+        if not names or limit <= 0:
+            return []
+        marks = ",".join("?" * len(names))
+        rows = self.db.execute(
+            f"SELECT id, name FROM tasks WHERE status = 'queued' AND run_after <= ?"
+            f" AND name IN ({marks}) ORDER BY seq LIMIT ?",
+            (now, *names, limit),
+        )
+        return [Waiting(r["id"], r["name"]) for r in rows]
+
+    def next_run_after(self, now: float) -> float | None:
+        """The earliest time a queued task held back by a retry backoff becomes runnable."""
+        row = self.db.execute(
+            "SELECT min(run_after) AS t FROM tasks WHERE status = 'queued' AND run_after > ?",
+            (now,),
+        ).fetchone()
+        return row["t"]
+
+    def grant(self, task_id: str, worker: str, epoch: str, now: float) -> Grant | None:
+        """Grant the next attempt of a queued task to a worker epoch, atomically.
+
+        Precondition: the task is ``queued``. Returns None when it is not (someone else won).
+        """
+        cur = self.db.execute(
+            "UPDATE tasks SET status = 'assigned', worker = ?, epoch = ?, attempt = attempt + 1,"
+            " assigned_at = ?, started_at = NULL WHERE id = ? AND status = 'queued'",
+            (worker, epoch, now, task_id),
+        )
+        if cur.rowcount != 1:
+            return None
+        row = self.db.execute("SELECT attempt, payload FROM tasks WHERE id = ?", (task_id,)).fetchone()
+        return Grant(task_id, worker, epoch, row["attempt"], row["payload"])
+
+    def pending_grants(self) -> list[Grant]:
+        """Grants not yet started, oldest first: re-sent after a server restart."""
+        rows = self.db.execute(
+            "SELECT id, worker, epoch, attempt, payload FROM tasks WHERE status = 'assigned'"
+            " ORDER BY seq"
+        )
+        return [Grant(r["id"], r["worker"], r["epoch"], r["attempt"], r["payload"]) for r in rows]
+
+    def outstanding(self) -> dict[str, int]:
+        """How many granted, unfinished tasks each epoch holds."""
+        rows = self.db.execute(
+            "SELECT epoch, count(*) AS n FROM tasks WHERE status IN ('assigned', 'processing')"
+            " GROUP BY epoch"
+        )
+        return {r["epoch"]: r["n"] for r in rows}
+
+    # ------------------------------------------------------------ worker events (invariant 3)
+
+    def start(self, ref: m.Started, now: float) -> bool:
+        """``assigned`` → ``processing``, only for the current grant of a non-terminal task."""
+        cur = self.db.execute(
+            "UPDATE tasks SET status = 'processing', started_at = ? WHERE id = ? AND attempt = ?"
+            " AND worker = ? AND epoch = ? AND status = 'assigned'",
+            (now, ref.task_id, ref.attempt, ref.worker, ref.epoch),
+        )
+        return cur.rowcount == 1
+
+    def finish(self, ev: m.Finished, now: float) -> str:
+        """Record a task's end for its current grant; returns the outcome.
+
+        ``retry`` (failed with retries left: back to ``queued`` after a backoff), ``success``,
+        ``failed``, or ``stale`` (not the current grant, or already terminal: nothing changed).
+        """
+        grant = (ev.task_id, ev.attempt, ev.worker, ev.epoch)
+        if ev.status == "failed":
+            cur = self.db.execute(
+                "UPDATE tasks SET status = 'queued', worker = NULL, epoch = NULL, error = ?,"
+                " failures = failures + 1, run_after = ? + retry_backoff * (1 << min(failures, 20))"
+                " WHERE id = ? AND attempt = ? AND worker = ? AND epoch = ?"
+                " AND status IN ('assigned', 'processing') AND failures < max_retries",
+                (_json(ev.error), now, *grant),
+            )
+            if cur.rowcount == 1:
+                return "retry"
+        result = bytes(ev.result).decode() if ev.status == "success" else None
+        error = _json(ev.error) if ev.status == "failed" else None
+        cur = self.db.execute(
+            "UPDATE tasks SET status = ?, result = ?, error = ?, finished_at = ?"
+            " WHERE id = ? AND attempt = ? AND worker = ? AND epoch = ?"
+            " AND status IN ('assigned', 'processing')",
+            (ev.status, result, error, now, *grant),
+        )
+        if cur.rowcount != 1:
+            return "stale"
+        self.db.execute("UPDATE workers SET executed = executed + 1 WHERE epoch = ?", (ev.epoch,))
+        return ev.status
+
+    # ------------------------------------------------------------ workers
+
+    def hello(self, ev: m.Hello, now: float) -> list[str] | None:
+        """Register a new worker epoch as live; returns older live epochs of the same worker id.
+
+        Precondition: the epoch is new. A hello from a known epoch changes nothing (None).
+        """
+        known = self.db.execute("SELECT 1 FROM workers WHERE epoch = ?", (ev.epoch,)).fetchone()
+        if known:
+            return None
+        older = [r["epoch"] for r in self.db.execute(
+            "SELECT epoch FROM workers WHERE worker = ? AND state IN ('live', 'leaving')"
+            " AND epoch != ?",
+            (ev.worker, ev.epoch),
+        )]
+        tasks = {name: {"plugin": t.plugin, "version": t.version} for name, t in ev.tasks.items()}
+        self.db.execute(
+            "INSERT INTO workers (epoch, worker, host, pid, slots, prefetch, tasks,"
+            " version, state, joined_at, last_heartbeat) VALUES (?,?,?,?,?,?,?,?,'live',?,?)",
+            (ev.epoch, ev.worker, ev.host, ev.pid, ev.slots, ev.prefetch, _json(tasks),
+             ev.version, now, now),
+        )
+        return older
+
+    def heartbeat(self, ev: m.Heartbeat, now: float) -> bool:
+        """Note a live epoch's heartbeat; False when the epoch is not live (a stale event)."""
+        cur = self.db.execute(
+            "UPDATE workers SET last_heartbeat = ?, busy = ?, done = ?, failed = ?"
+            " WHERE epoch = ? AND state IN ('live', 'leaving')",
+            (now, ev.busy, ev.done, ev.failed, ev.epoch),
+        )
+        return cur.rowcount == 1
+
+    def live_workers(self) -> list[sqlite3.Row]:
+        """Every ``live`` or ``leaving`` epoch, with what it advertises."""
+        return list(self.db.execute(
+            "SELECT * FROM workers WHERE state IN ('live', 'leaving') ORDER BY joined_at"))
+
+    def leave(self, epoch: str) -> bool:
+        """A live epoch said ``bye``: ``leaving`` takes no more grants but is still watched
+        until its running tasks are done."""
+        cur = self.db.execute(
+            "UPDATE workers SET state = 'leaving' WHERE epoch = ? AND state = 'live'", (epoch,))
+        return cur.rowcount == 1
+
+    def left(self, epoch: str, now: float) -> bool:
+        """A ``leaving`` epoch holds no more tasks: it is gone."""
+        cur = self.db.execute(
+            "UPDATE workers SET state = 'left', left_at = ? WHERE epoch = ? AND state = 'leaving'",
+            (now, epoch),
+        )
+        return cur.rowcount == 1
+
+    def hand_back(self, epoch: str, refs: Sequence[m.TaskRef]) -> list[str]:
+        """Unstarted grants handed back in ``bye`` go back to ``queued`` (not counted as lost)."""
+        back = []
+        for ref in refs:
+            cur = self.db.execute(
+                "UPDATE tasks SET status = 'queued', worker = NULL, epoch = NULL"
+                " WHERE id = ? AND attempt = ? AND epoch = ? AND status = 'assigned'",
+                (ref.task_id, ref.attempt, epoch),
+            )
+            back += [ref.task_id] * cur.rowcount
+        return back
+
+    def declare_dead(self, epoch: str, reason: str, now: float, max_attempts: int) -> list[str]:
+        """Declare a live (or leaving) epoch dead: its unfinished tasks are re-queued or, past
+        ``max_attempts`` losses, failed with a ``WorkerLost`` error. Records the failure.
+
+        Precondition: the epoch is live; otherwise nothing changes and [] is returned.
+        """
+        row = self.db.execute(
+            "SELECT * FROM workers WHERE epoch = ? AND state IN ('live', 'leaving')", (epoch,)
+        ).fetchone()
+        if row is None:
+            return []
+        self.db.execute("UPDATE workers SET state = 'dead', left_at = ? WHERE epoch = ?", (now, epoch))
+        lost = m.ErrorInfo(type=WORKER_LOST, message=(
+            f"worker {row['worker']} was lost while running this task {max_attempts} times"
+            f" (last: {reason})"))
+        self.db.execute(
+            "UPDATE tasks SET status = 'failed', lost = lost + 1, error = ?, finished_at = ?"
+            " WHERE epoch = ? AND status IN ('assigned', 'processing') AND lost + 1 >= ?",
+            (_json(lost), now, epoch, max_attempts),
+        )
+        requeued = [r["id"] for r in self.db.execute(
+            "UPDATE tasks SET status = 'queued', lost = lost + 1, worker = NULL, epoch = NULL"
+            " WHERE epoch = ? AND status IN ('assigned', 'processing') RETURNING id", (epoch,)
+        )]
+        self.db.execute(
+            "INSERT INTO failures (worker, epoch, host, last_heartbeat, detected_at, reason,"
+            " requeued) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (row["worker"], epoch, row["host"], row["last_heartbeat"], now, reason, _json(requeued)),
+        )
+        return requeued
+
+    # ------------------------------------------------------------ offsets (invariant 6)
+
+    def offsets(self) -> dict[tuple[str, int], int]:
+        """The next offset to read of every partition the server has consumed from."""
+        rows = self.db.execute("SELECT topic, partition, next_offset FROM offsets")
+        return {(r["topic"], r["partition"]): r["next_offset"] for r in rows}
+
+    def save_offsets(self, positions: Mapping[tuple[str, int], int]) -> None:
+        """Save consumed positions; call inside the transaction that applied the messages."""
+        self.db.executemany(
+            "INSERT INTO offsets (topic, partition, next_offset) VALUES (?, ?, ?)"
+            " ON CONFLICT (topic, partition) DO UPDATE SET next_offset = excluded.next_offset",
+            [(t, p, o) for (t, p), o in positions.items()],
+        )
+
+    # ------------------------------------------------------------ counters
+
+    def bump(self, name: str, by: int = 1) -> None:
+        """Add to a named counter (stale events and the like)."""
+        self.db.execute(
+            "INSERT INTO counters (name, value) VALUES (?, ?)"
+            " ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
+            (name, by),
+        )
+
+    # ------------------------------------------------------------ queries
+
+    def task_rows(self, ids: Sequence[str]) -> dict[str, sqlite3.Row]:
+        """The rows of these tasks; an id never seen is absent."""
+        out: dict[str, sqlite3.Row] = {}
+        for chunk in range(0, len(ids), 500):
+            part = ids[chunk:chunk + 500]
+            rows = self.db.execute(
+                f"SELECT * FROM tasks WHERE id IN ({','.join('?' * len(part))})", part)
+            out.update({r["id"]: r for r in rows})
+        return out
+
+    def list_tasks(self, statuses: Sequence[str], limit: int) -> list[sqlite3.Row]:
+        """Tasks in these statuses (all when empty), oldest first within active ones."""
+        if statuses:
+            marks = ",".join("?" * len(statuses))
+            return list(self.db.execute(
+                f"SELECT * FROM tasks WHERE status IN ({marks}) ORDER BY seq LIMIT ?",
+                (*statuses, limit)))
+        return list(self.db.execute("SELECT * FROM tasks ORDER BY seq DESC LIMIT ?", (limit,)))
+
+    def all_workers(self, limit: int = 1000) -> list[sqlite3.Row]:
+        """Live epochs first, then the most recent others."""
+        return list(self.db.execute(
+            "SELECT * FROM workers ORDER BY state NOT IN ('live', 'leaving'), joined_at DESC"
+            " LIMIT ?", (limit,)))
+
+    def failure_rows(self, limit: int = 1000) -> list[sqlite3.Row]:
+        """Worker failures, newest first."""
+        return list(self.db.execute("SELECT * FROM failures ORDER BY seq DESC LIMIT ?", (limit,)))
+
+    def counts(self) -> dict[str, int]:
+        """How many tasks are in each status."""
+        rows = self.db.execute("SELECT status, count(*) AS n FROM tasks GROUP BY status")
+        return {r["status"]: r["n"] for r in rows}
+
+    def counter_values(self) -> dict[str, int]:
+        """Every named counter."""
+        return {r["name"]: r["value"] for r in self.db.execute("SELECT name, value FROM counters")}
+
+
+def _json(value: Any) -> str:
+    return m.msgspec.json.encode(value).decode()
+
+
+def now() -> float:
+    """Wall-clock time as stored in the database."""
+    return time.time()
