@@ -1,0 +1,76 @@
+"""Tasks for demos and tests: ``sleep``, ``fail``, ``echo``, ``cpu`` and ``ledger``.
+
+``ledger`` appends one line when it starts and one when it ends to a file named in its
+arguments, with the task id, attempt, worker and pid of the execution: the chaos tests read
+that file to prove which executions happened.
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import os
+import time
+from typing import Any
+
+import yadtqd
+from yadtqd.context import current
+from yadtqd.hookspecs import Register
+
+
+def sleep(seconds: float) -> float:
+    """Sleep, then return the seconds slept."""
+    time.sleep(seconds)
+    return seconds
+
+
+def fail(exception: str = "RuntimeError", message: str = "failed on purpose") -> None:
+    """Raise the named built-in exception (``ValueError``, ``KeyError``...) with a message."""
+    kind = getattr(builtins, exception, None)
+    if not (isinstance(kind, type) and issubclass(kind, Exception)):
+        kind = RuntimeError
+    raise kind(message)
+
+
+def echo(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    """Return the arguments it was called with."""
+    return {"args": list(args), "kwargs": kwargs}
+
+
+def cpu(n: int = 200_000) -> int:
+    """CPU-bound work: the number of primes below ``n`` (a plain sieve)."""
+    sieve = bytearray([1]) * max(n, 2)
+    sieve[0:2] = b"\x00\x00"
+    for i in range(2, int(n**0.5) + 1):
+        if sieve[i]:
+            sieve[i * i :: i] = bytearray(len(sieve[i * i :: i]))
+    return sum(sieve)
+
+
+def ledger(path: str, seconds: float = 0.0, value: Any = None) -> Any:
+    """Append ``start`` and ``end`` lines for this execution to ``path``; return ``value``."""
+    _append(path, "start")
+    time.sleep(seconds)
+    _append(path, "end")
+    return value
+
+
+def _append(path: str, phase: str) -> None:
+    ctx = current()
+    line = json.dumps({
+        "task-id": ctx.task_id if ctx else None, "attempt": ctx.attempt if ctx else None,
+        "worker": ctx.worker if ctx else None, "epoch": ctx.epoch if ctx else None,
+        "pid": os.getpid(), "phase": phase, "ts": time.time(),
+    })
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (line + "\n").encode())  # one write under PIPE_BUF: atomic append
+    finally:
+        os.close(fd)
+
+
+@yadtqd.hookimpl
+def yadtq_register_tasks(register: Register) -> None:
+    """Register the demo tasks."""
+    for function in (sleep, fail, echo, cpu, ledger):
+        register(function.__name__, function)
