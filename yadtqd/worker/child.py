@@ -1,0 +1,137 @@
+"""The execution process: one per slot. It loads the plugins itself, then runs one job at a time.
+
+Jobs and outcomes travel as JSON over a pipe from :mod:`yadtqd.worker.pool`. A task that raises,
+returns something that is not JSON, or returns too much is a failed *outcome*, never a crash of
+this process. A thread answers the pool's pings while a task runs, so a long task is not taken
+for a wedged process.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import traceback
+from multiprocessing.connection import Connection
+from typing import Any
+
+import msgspec
+
+from yadtqd import context, plugins
+
+
+class Job(msgspec.Struct, kw_only=True):
+    """One execution, as the pool sends it."""
+
+    task_id: str
+    attempt: int
+    task: str
+    args: list[Any]
+    kwargs: dict[str, Any]
+    worker: str
+    epoch: str
+
+
+class Outcome(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """What came of one job: ``result`` is raw JSON text on success."""
+
+    task_id: str
+    attempt: int
+    epoch: str
+    status: str
+    result: str = "null"
+    error: dict[str, str] | None = None
+
+
+_job = msgspec.json.Decoder(Job)
+
+
+def main(conn: Connection, max_result_bytes: int) -> None:
+    """Entry point of an execution process (started by the pool with the spawn method)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    registry = plugins.load()
+    inbox = _Inbox(conn)
+    inbox.send(b'{"ready": true}')
+    threading.Thread(target=inbox.read, daemon=True).start()
+    while (job := inbox.take()) is not None:
+        inbox.send(msgspec.json.encode(run(registry, job, max_result_bytes)))
+
+
+class _Inbox:
+    """Reads the pipe on its own thread: jobs are queued, pings answered at once."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.send_lock = threading.Lock()
+        self.cond = threading.Condition()
+        self.jobs: list[Job] = []
+        self.closed = False
+
+    def send(self, raw: bytes) -> None:
+        with self.send_lock:
+            self.conn.send_bytes(raw)
+
+    def read(self) -> None:
+        while True:
+            try:
+                raw = self.conn.recv_bytes()
+            except (EOFError, OSError):
+                raw = b""
+            if raw == b"ping":
+                self.send(b"pong")
+                continue
+            with self.cond:
+                if raw:
+                    self.jobs.append(_job.decode(raw))
+                else:
+                    self.closed = True
+                self.cond.notify()
+            if not raw:
+                return
+
+    def take(self) -> Job | None:
+        """The next job, or None once the pool closed the pipe."""
+        with self.cond:
+            self.cond.wait_for(lambda: self.jobs or self.closed)
+            return self.jobs.pop(0) if self.jobs else None
+
+
+def run(registry: plugins.Registry, job: Job, max_result_bytes: int) -> Outcome:
+    """Run one job and turn whatever happens into an outcome."""
+    entry = registry.tasks.get(job.task)
+    if entry is None:
+        return _failed(job, "UnknownTask", f"no installed plugin provides task {job.task!r}")
+    context._set(context.TaskContext(job.task_id, job.attempt, job.worker, job.epoch))
+    try:
+        value = entry.function(*job.args, **job.kwargs)
+    except (Exception, SystemExit) as exc:  # a task's failure is a result, not a crash of this process
+        return _failed(job, _type_name(exc), str(exc), traceback.format_exc())
+    finally:
+        context._set(None)
+    return _encode_result(job, value, max_result_bytes)
+
+
+def _encode_result(job: Job, value: Any, limit: int) -> Outcome:
+    try:
+        text = json.dumps(value, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        return _failed(job, "ResultNotJSON", f"the task's return value is not JSON: {exc}")
+    if len(text.encode()) > limit:
+        return _failed(job, "ResultTooLarge",
+                       f"the task's result is {len(text.encode())} bytes, over the limit of {limit}")
+    return Outcome(task_id=job.task_id, attempt=job.attempt, epoch=job.epoch, status="success",
+                   result=text)
+
+
+def _failed(job: Job, kind: str, message: str, tb: str = "") -> Outcome:
+    error = {"type": kind, "message": message}
+    if tb:
+        error["traceback"] = tb
+    return Outcome(task_id=job.task_id, attempt=job.attempt, epoch=job.epoch, status="failed",
+                   error=error)
+
+
+def _type_name(exc: BaseException) -> str:
+    kind = type(exc)
+    return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"

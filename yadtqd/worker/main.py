@@ -1,0 +1,273 @@
+"""The worker role: register an epoch, run what the server grants it, report, heartbeat.
+
+One main loop does everything in order and waits in one place (the pool's pipes, the dispatch
+inbox and signals), so its heartbeat proves that the loop turns. Rules from DESIGN sections 2,
+4 and 6 enforced here:
+
+- a new epoch (a fresh UUID) at every start and after being fenced; the ``dispatch`` partition
+  is read from its end offset taken *before* ``hello``;
+- a ``run`` is executed only if addressed to the current epoch, and at most once per
+  ``(task-id, attempt)`` in this process's lifetime (invariant 5);
+- heartbeats (and systemd watchdog pings) only while the pool's processes answer;
+- SIGTERM: stop taking work, hand back unstarted grants in ``bye``, drain within the stop
+  timeout.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import time
+import uuid
+from collections import deque
+from multiprocessing.connection import wait
+
+import msgspec
+from confluent_kafka import Consumer, Message, Producer
+
+import yadtqd
+from yadtqd import messages as m
+from yadtqd import plugins, transport
+from yadtqd.config import Config
+from yadtqd.errors import BadMessage
+from yadtqd.systemd import Notifier
+from yadtqd.worker.child import Job, Outcome
+from yadtqd.worker.inbox import Inbox
+from yadtqd.worker.pool import Pool
+
+log = logging.getLogger("yadtqd.worker")
+
+SEEN_LIMIT = 1_000_000
+
+
+class Worker:
+    """One worker process."""
+
+    def __init__(self, config: Config, notifier: Notifier) -> None:
+        self.config = config
+        self.worker_id = config.worker.worker_id
+        self.notifier = notifier
+        self.epoch = ""
+        self.seen: set[tuple[str, int]] = set()
+        self.pending: deque[m.Run] = deque()
+        self.done = 0
+        self.failed = 0
+        self.stopping = False
+        self.stop_deadline = 0.0
+        self.last_heartbeat = 0.0
+        self.last_watchdog = 0.0
+        self.last_progress = time.time()
+        self.registry = plugins.Registry()
+        self.pool = Pool(config.worker.slot_count, config.worker.max_result_bytes)
+        self.pool.ping_interval = config.worker.heartbeat_interval
+        self.producer: Producer | None = None
+        self.events_partition = 0
+
+    # ------------------------------------------------------------ life cycle
+
+    def run(self) -> int:
+        """Run until SIGTERM and the drain that follows; returns the exit status."""
+        self.registry = plugins.load()
+        self.pool.start()
+        producer, _ = transport.make_producer(self.config, "worker")
+        consumer, _ = transport.make_consumer(self.config, "worker")
+        self.producer = producer
+        inbox = Inbox(consumer)
+        self._install_signals(inbox)
+        self._assign_dispatch(consumer)
+        inbox.start()
+        self._register("start")
+        self.notifier.ready(self._status())
+        try:
+            self._loop(inbox)
+        finally:
+            inbox.stop()
+            self.pool.close()
+            transport.flush(producer, 10)
+            consumer.close()
+        return 0
+
+    def _install_signals(self, inbox: Inbox) -> None:
+        signal.set_wakeup_fd(inbox.wakeup_fd, warn_on_full_buffer=False)
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        signal.signal(signal.SIGINT, self._on_sigterm)
+
+    def _on_sigterm(self, signum: int, frame: object) -> None:
+        self.stopping = True  # the main loop acts on it
+
+    def _assign_dispatch(self, consumer: Consumer) -> None:
+        events = self.config.topic("events")
+        count = transport.partition_count(consumer, events)
+        self.events_partition = transport.partition_for(self.worker_id, count)
+        topic = self.config.topic("dispatch")
+        count = transport.partition_count(consumer, topic)
+        partition = transport.partition_for(self.worker_id, count)
+        start = transport.end_offset(consumer, topic, partition)
+        transport.assign(consumer, {(topic, partition): start})
+        log.info("reading %s[%d] from offset %d", topic, partition, start)
+
+    def _register(self, why: str) -> None:
+        self.epoch = uuid.uuid4().hex
+        tasks = {name: m.TaskInfo(plugin=e.plugin, version=e.version)
+                 for name, e in self.registry.tasks.items()}
+        self._send(m.Hello(worker=self.worker_id, epoch=self.epoch, ts=time.time(),
+                           host=socket.gethostname(), pid=os.getpid(),
+                           slots=self.pool.size, prefetch=self.config.worker.prefetch_count,
+                           tasks=tasks, version=yadtqd.__version__))
+        log.info("registered epoch %s (%s) with %d tasks: %s", self.epoch, why, len(tasks),
+                 ", ".join(sorted(tasks)) or "none",
+                 extra={"worker_id": self.worker_id, "event": "worker_registered"})
+
+    # ------------------------------------------------------------ the loop
+
+    def _loop(self, inbox: Inbox) -> None:
+        stop_announced = False
+        while True:
+            ready = wait([*self.pool.waitables(), inbox.reader], self._timeout())
+            self.last_progress = time.time()
+            if self.stopping and not stop_announced:
+                stop_announced = True
+                self._begin_stop()
+            for msg in inbox.take():
+                self._on_dispatch(msg)
+            for outcome in self.pool.collect(ready) + self.pool.expire():
+                self._on_outcome(outcome)
+            self._start_pending()
+            self.pool.ping()
+            self._beat()
+            assert self.producer is not None
+            self.producer.poll(0)
+            if self.stopping and (self.pool.busy == 0 or time.monotonic() >= self.stop_deadline):
+                self._end_stop()
+                return
+
+    def _timeout(self) -> float:
+        timeout = self.config.worker.heartbeat_interval / 2
+        deadline = self.pool.next_deadline()
+        if deadline is not None:
+            timeout = min(timeout, max(0.0, deadline - time.monotonic()))
+        return timeout
+
+    def _on_dispatch(self, msg: Message) -> None:
+        try:
+            order = m.parse_dispatch(msg.value())
+        except BadMessage as exc:
+            log.warning("skipped dispatch message at %s[%d]@%d: %s",
+                        msg.topic(), msg.partition(), msg.offset(), exc)
+            return
+        if order.worker != self.worker_id or order.epoch != self.epoch:
+            return  # for another worker sharing the partition, or for a previous epoch
+        if isinstance(order, m.Fenced):
+            self._on_fenced(order)
+        else:
+            self._on_run(order)
+
+    def _on_run(self, run: m.Run) -> None:
+        key = (run.task_id, run.attempt)
+        if key in self.seen:
+            log.info("dropped duplicate run of %s attempt %d", run.task_id, run.attempt,
+                     extra={"task_id": run.task_id, "event": "task_duplicate"})
+            return
+        if len(self.seen) >= SEEN_LIMIT:
+            self.seen.clear()
+        self.seen.add(key)
+        if self.stopping:
+            self._send_bye([run])
+            return
+        self.pending.append(run)
+
+    def _on_fenced(self, fence: m.Fenced) -> None:
+        killed = self.pool.kill_running()
+        dropped = len(self.pending)
+        self.pending.clear()
+        log.warning("epoch %s fenced by the server (%s): killed %d running, dropped %d granted",
+                    fence.epoch, fence.reason, len(killed), dropped,
+                    extra={"worker_id": self.worker_id, "event": "worker_fenced"})
+        self._register("fenced")
+
+    def _start_pending(self) -> None:
+        while self.pending and self.pool.free and not self.stopping:
+            run = self.pending.popleft()
+            job = Job(task_id=run.task_id, attempt=run.attempt, task=run.task, args=run.args,
+                      kwargs=run.kwargs, worker=self.worker_id, epoch=run.epoch)
+            self.pool.submit(job, run.options.timeout)
+            self._send(m.Started(worker=self.worker_id, epoch=run.epoch, ts=time.time(),
+                                 task_id=run.task_id, attempt=run.attempt))
+            log.debug("started %s attempt %d", run.task_id, run.attempt,
+                      extra={"task_id": run.task_id, "event": "task_started"})
+
+    def _on_outcome(self, outcome: Outcome) -> None:
+        if outcome.epoch != self.epoch:
+            return  # ran for an epoch that was fenced since; the server re-planned it
+        error = m.ErrorInfo(**outcome.error) if outcome.error else None
+        if outcome.status == "success":
+            self.done += 1
+        else:
+            self.failed += 1
+        self._send(m.Finished(worker=self.worker_id, epoch=outcome.epoch, ts=time.time(),
+                              task_id=outcome.task_id, attempt=outcome.attempt,
+                              status="success" if outcome.status == "success" else "failed",
+                              result=msgspec.Raw(outcome.result.encode()), error=error))
+        level = logging.DEBUG if outcome.status == "success" else logging.INFO
+        log.log(level, "task %s attempt %d %s%s", outcome.task_id, outcome.attempt, outcome.status,
+                f": {error.type}: {error.message}" if error else "",
+                extra={"task_id": outcome.task_id, "event": f"task_{outcome.status}"})
+
+    # ------------------------------------------------------------ liveness
+
+    def _beat(self) -> None:
+        now = time.monotonic()
+        interval = self.config.worker.heartbeat_interval
+        healthy = self.pool.responsive(grace=3 * interval + 1)
+        if not healthy:
+            return  # a wedged pool must look dead to the server and to systemd
+        if now - self.last_heartbeat >= interval:
+            self.last_heartbeat = now
+            running = [m.TaskRef(task_id=j.task_id, attempt=j.attempt) for j in self.pool.running()]
+            self._send(m.Heartbeat(worker=self.worker_id, epoch=self.epoch, ts=time.time(),
+                                   slots=self.pool.size, busy=self.pool.busy, running=running,
+                                   done=self.done, failed=self.failed,
+                                   last_progress=self.last_progress))
+            self.notifier.status(self._status())
+        watchdog = self.notifier.watchdog_interval()
+        if watchdog and now - self.last_watchdog >= watchdog:
+            self.last_watchdog = now
+            self.notifier.watchdog()
+
+    def _status(self) -> str:
+        return (f"worker {self.worker_id}: busy {self.pool.busy}/{self.pool.size},"
+                f" done {self.done}, failed {self.failed}")
+
+    # ------------------------------------------------------------ graceful stop
+
+    def _begin_stop(self) -> None:
+        self.notifier.stopping()
+        self.stop_deadline = time.monotonic() + self.config.worker.stop_timeout
+        handed = list(self.pending)
+        self.pending.clear()
+        self._send_bye(handed)
+        log.info("stopping: handed back %d unstarted tasks, draining %d running",
+                 len(handed), self.pool.busy, extra={"worker_id": self.worker_id,
+                                                      "event": "worker_stopping"})
+
+    def _send_bye(self, runs: list[m.Run]) -> None:
+        refs = [m.TaskRef(task_id=r.task_id, attempt=r.attempt) for r in runs]
+        self._send(m.Bye(worker=self.worker_id, epoch=self.epoch, ts=time.time(), handed_back=refs))
+
+    def _end_stop(self) -> None:
+        left = self.pool.busy
+        if left:
+            log.warning("stop timeout: %d tasks still running are abandoned to the server", left)
+        log.info("stopped", extra={"worker_id": self.worker_id, "event": "worker_left"})
+
+    def _send(self, message: msgspec.Struct) -> None:
+        assert self.producer is not None
+        while True:
+            try:
+                self.producer.produce(self.config.topic("events"), m.encode(message),
+                                      key=self.worker_id.encode(), partition=self.events_partition)
+                return
+            except BufferError:
+                self.producer.poll(0.1)  # the local queue is full: let deliveries drain it

@@ -1,0 +1,170 @@
+"""The execution pool: one process per slot, so a task past its time limit can be killed.
+
+The worker's main loop owns the pool and never blocks on it: it waits on :meth:`Pool.waitables`
+with everything else, then calls :meth:`Pool.collect`. A slot whose process dies or is killed is
+replaced at once with a fresh process. Each slot answers pings from a thread of its own, so
+:meth:`Pool.responsive` tells a wedged pool from one that runs long tasks.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+
+import msgspec
+
+from yadtqd.worker import child
+from yadtqd.worker.child import Job, Outcome
+
+log = logging.getLogger("yadtqd.worker")
+
+_outcome = msgspec.json.Decoder(Outcome)
+
+
+@dataclass
+class Slot:
+    """One execution process and the job it runs, if any."""
+
+    process: BaseProcess
+    conn: Connection
+    ready: bool = False
+    job: Job | None = None
+    deadline: float | None = None
+    last_answer: float = 0.0
+
+
+class Pool:
+    """``size`` execution processes started with the spawn method (no fork of a Kafka client)."""
+
+    def __init__(self, size: int, max_result_bytes: int) -> None:
+        self.size = size
+        self.max_result_bytes = max_result_bytes
+        self.ctx = multiprocessing.get_context("spawn")
+        self.slots: list[Slot] = []
+        self.ping_interval = 1.0
+        self._last_ping = 0.0
+
+    def start(self) -> None:
+        """Start every slot's process (they become ready as their plugins load)."""
+        self.slots = [self._spawn() for _ in range(self.size)]
+
+    def _spawn(self) -> Slot:
+        parent, child_end = self.ctx.Pipe()
+        process = self.ctx.Process(target=child.main, args=(child_end, self.max_result_bytes),
+                                   name="yadtq-exec", daemon=True)
+        process.start()
+        child_end.close()
+        return Slot(process, parent, last_answer=time.monotonic())
+
+    @property
+    def free(self) -> int:
+        """Slots ready to take a job now."""
+        return sum(1 for s in self.slots if s.ready and s.job is None)
+
+    @property
+    def busy(self) -> int:
+        """Slots running a job."""
+        return sum(1 for s in self.slots if s.job is not None)
+
+    def running(self) -> list[Job]:
+        """The jobs running now."""
+        return [s.job for s in self.slots if s.job is not None]
+
+    def submit(self, job: Job, timeout: float | None) -> None:
+        """Give a job to a free slot; the caller checked :attr:`free`."""
+        slot = next(s for s in self.slots if s.ready and s.job is None)
+        slot.job = job
+        slot.deadline = time.monotonic() + timeout if timeout else None
+        slot.conn.send_bytes(msgspec.json.encode(job))
+
+    def waitables(self) -> list[Connection]:
+        """The pipes to wait on for outcomes."""
+        return [s.conn for s in self.slots]
+
+    def collect(self, ready: list[object]) -> list[Outcome]:
+        """Read what the ready pipes say; replace slots whose process died."""
+        outcomes = []
+        for slot in [s for s in self.slots if s.conn in ready]:
+            try:
+                raw = slot.conn.recv_bytes()
+            except (EOFError, OSError):
+                outcomes += self._replace(slot, "ExecutionProcessDied",
+                                          "the execution process died while running the task")
+                continue
+            slot.last_answer = time.monotonic()
+            if raw == b"pong":
+                continue
+            if raw == b'{"ready": true}':
+                slot.ready = True
+                continue
+            outcomes.append(_outcome.decode(raw))
+            slot.job, slot.deadline = None, None
+        return outcomes
+
+    def expire(self) -> list[Outcome]:
+        """Kill and replace slots whose job ran past its timeout; their jobs fail."""
+        now = time.monotonic()
+        outcomes = []
+        for slot in [s for s in self.slots if s.deadline is not None and s.deadline <= now]:
+            outcomes += self._replace(slot, "TimeoutError", "the task ran past its timeout and was killed")
+        return outcomes
+
+    def next_deadline(self) -> float | None:
+        """The monotonic time of the earliest job timeout."""
+        deadlines = [s.deadline for s in self.slots if s.deadline is not None]
+        return min(deadlines) if deadlines else None
+
+    def kill_running(self) -> list[Job]:
+        """Kill every running job (the epoch was fenced); return the jobs killed."""
+        killed = [s.job for s in self.slots if s.job is not None]
+        for slot in [s for s in self.slots if s.job is not None]:
+            self._replace(slot, "Fenced", "the worker epoch was fenced")
+        return killed
+
+    def ping(self) -> None:
+        """Ask every process to answer, at most once per ``ping_interval``."""
+        now = time.monotonic()
+        if now - self._last_ping < self.ping_interval:
+            return
+        self._last_ping = now
+        for slot in self.slots:
+            if slot.ready:
+                try:
+                    slot.conn.send_bytes(b"ping")
+                except OSError:
+                    pass  # the process died; collect() sees the closed pipe and replaces it
+
+    def responsive(self, grace: float) -> bool:
+        """True when every ready process answered within ``grace`` seconds."""
+        now = time.monotonic()
+        return all(now - s.last_answer <= grace for s in self.slots if s.ready)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop every process: close the pipes, wait, then kill what is left."""
+        for slot in self.slots:
+            slot.conn.close()
+        deadline = time.monotonic() + timeout
+        for slot in self.slots:
+            slot.process.join(max(0.0, deadline - time.monotonic()))
+            if slot.process.is_alive():
+                slot.process.kill()
+                slot.process.join()
+        self.slots = []
+
+    def _replace(self, slot: Slot, kind: str, message: str) -> list[Outcome]:
+        job = slot.job
+        if slot.process.is_alive():
+            slot.process.kill()
+        slot.process.join()
+        slot.conn.close()
+        self.slots[self.slots.index(slot)] = self._spawn()
+        if job is None:
+            log.warning("execution process %s exited; replaced", slot.process.pid)
+            return []
+        error = {"type": kind, "message": message}
+        return [Outcome(task_id=job.task_id, attempt=job.attempt, epoch=job.epoch, status="failed",
+                        error=error)]
