@@ -1,0 +1,99 @@
+"""The query protocol on the server's Unix socket (DESIGN section 7).
+
+Requests and replies are JSON objects, one per line (UTF-8, ``\\n``-terminated). A request
+names its operation in ``op``; a connection may carry many requests in turn. Replies are
+``{"ok": true, ...}`` or ``{"ok": false, "error": {"code": ..., "message": ...}}``. A request
+that is not JSON, too long, or of the wrong shape gets an error reply and the connection is
+closed; the server is not disturbed.
+
+Operations, with examples::
+
+    {"op": "submit", "task": {"task-id": "t1", "task": "add", "args": [1, 2]}}
+      -> {"ok": true, "task-id": "t1", "status": "queued", "created": true}
+    {"op": "status", "ids": ["t1", "nope"]}
+      -> {"ok": true, "tasks": {"t1": {"status": "success", "result": 3, ...},
+                                 "nope": {"status": "unknown", "result": null}}}
+    {"op": "result", "id": "t1", "wait": 10}
+      -> {"ok": true, "task-id": "t1", "task": {"status": "success", "result": 3, ...}}
+         (with "wait", replies once the task is terminal or the wait ran out;
+          "timed_out": true then)
+    {"op": "tasks", "status": ["queued"], "limit": 100}    -> {"ok": true, "tasks": [...]}
+    {"op": "workers"}                                       -> {"ok": true, "workers": [...]}
+    {"op": "failures", "limit": 100}                        -> {"ok": true, "failures": [...]}
+    {"op": "stats"}                                         -> {"ok": true, "stats": {...}}
+    {"op": "plugins"}                                       -> {"ok": true, "tasks": {...}}
+
+Error codes: ``bad_request`` (not JSON, not an object, wrong fields), ``too_large`` (line over
+the limit), ``unknown_op``, ``bad_task`` (a submit whose task is malformed), ``conflict`` (the
+id was submitted before with another payload), ``unavailable`` (Kafka did not accept the
+task in time; it is recorded and will run), ``internal``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sqlite3
+from typing import Any
+
+MAX_LINE = 1024 * 1024
+VISIBLE_STATUS = {"queued": "queued", "assigned": "queued", "processing": "processing",
+                  "success": "success", "failed": "failed"}
+
+
+def error(code: str, message: str) -> dict[str, Any]:
+    """An error reply."""
+    return {"ok": False, "error": {"code": code, "message": message}}
+
+
+def encode(obj: dict[str, Any]) -> bytes:
+    """One protocol line."""
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode() + b"\n"
+
+
+def iso(ts: float | None) -> str | None:
+    """A stored timestamp as ISO 8601 in UTC."""
+    if ts is None:
+        return None
+    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def task_view(row: sqlite3.Row | None, reason: str | None = None) -> dict[str, Any]:
+    """A task in the result-backend shape: ``{"status": ..., "result": ..., ...}``."""
+    if row is None:
+        return {"status": "unknown", "result": None}
+    view: dict[str, Any] = {
+        "status": VISIBLE_STATUS[row["status"]],
+        "result": json.loads(row["result"]) if row["result"] is not None else None,
+        "task": row["name"],
+        "worker": row["worker"],
+        "attempt": row["attempt"],
+        "submitted_at": iso(row["submitted_at"]),
+        "started_at": iso(row["started_at"]),
+        "finished_at": iso(row["finished_at"]),
+    }
+    if row["error"] is not None:
+        view["error"] = json.loads(row["error"])
+    if reason:
+        view["waiting"] = reason
+    return view
+
+
+def worker_view(row: sqlite3.Row) -> dict[str, Any]:
+    """A worker epoch as the ``workers`` operation shows it."""
+    return {
+        "worker": row["worker"], "epoch": row["epoch"], "state": row["state"],
+        "host": row["host"], "pid": row["pid"], "slots": row["slots"], "busy": row["busy"],
+        "executed": row["executed"], "done": row["done"], "failed": row["failed"],
+        "joined_at": iso(row["joined_at"]), "last_heartbeat": iso(row["last_heartbeat"]),
+        "left_at": iso(row["left_at"]), "tasks": json.loads(row["tasks"]), "version": row["version"],
+    }
+
+
+def failure_view(row: sqlite3.Row) -> dict[str, Any]:
+    """A worker failure as the ``failures`` operation shows it."""
+    return {
+        "worker": row["worker"], "epoch": row["epoch"], "host": row["host"],
+        "last_heartbeat": iso(row["last_heartbeat"]), "detected_at": iso(row["detected_at"]),
+        "reason": row["reason"], "requeued": json.loads(row["requeued"]),
+    }

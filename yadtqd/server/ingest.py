@@ -1,0 +1,205 @@
+"""Apply what the server reads from ``tasks`` and ``events`` to the store, one batch per call.
+
+Data flows one way: Kafka message → :mod:`yadtqd.messages` parses it → a named store
+transition → effects (the scheduler's view, logs, epochs to fence). The caller wraps a batch in
+one transaction together with the offsets it consumed (invariant 6).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from confluent_kafka import Message
+
+from yadtqd import messages as m
+from yadtqd.config import Config
+from yadtqd.errors import BadMessage
+from yadtqd.server.scheduler import Member, Scheduler
+from yadtqd.store import Store
+from yadtqd.transport import partition_for
+
+log = logging.getLogger("yadtqd.server")
+
+
+@dataclass(frozen=True)
+class Fence:
+    """An epoch to tell that it was declared dead."""
+
+    worker: str
+    epoch: str
+    reason: str
+
+
+@dataclass
+class Effects:
+    """What a batch changed beyond the store."""
+
+    fences: list[Fence] = field(default_factory=list)
+    changed: bool = False
+
+
+class Ingest:
+    """Applies batches of Kafka messages to the store and the scheduler's view."""
+
+    def __init__(self, store: Store, scheduler: Scheduler, config: Config, events_partitions: int) -> None:
+        self.store = store
+        self.scheduler = scheduler
+        self.config = config
+        self.tasks_topic = config.topic("tasks")
+        self.events_partitions = events_partitions
+
+    def apply(self, batch: list[Message], now: float) -> Effects:
+        """Apply a batch and save its offsets; call inside a transaction."""
+        effects = Effects()
+        positions: dict[tuple[str, int], int] = {}
+        for msg in batch:
+            if msg.topic() == self.tasks_topic:
+                self._submission(msg, now)
+            else:
+                self._event(msg, now, effects)
+            positions[(msg.topic(), msg.partition())] = msg.offset() + 1
+        effects.changed = bool(batch)
+        self.store.save_offsets(positions)
+        return effects
+
+    # ------------------------------------------------------------ submissions
+
+    def _submission(self, msg: Message, now: float) -> None:
+        try:
+            sub = m.parse_submission(msg.value(), self.config.server.max_task_bytes)
+        except BadMessage as exc:
+            self._bad_submission(msg, exc, now)
+            return
+        intake = self.store.intake(sub, now)
+        if intake.outcome == "new":
+            log.info("task %s received: %s", sub.task_id, sub.task,
+                     extra={"task_id": sub.task_id, "event": "task_received"})
+        elif intake.outcome == "conflict":
+            self.store.bump("conflicts")
+            log.warning("task %s rejected: the id was submitted before with another payload",
+                        sub.task_id, extra={"task_id": sub.task_id, "event": "task_conflict"})
+
+    def _bad_submission(self, msg: Message, exc: BadMessage, now: float) -> None:
+        where = f"{msg.topic()}[{msg.partition()}]@{msg.offset()}"
+        self.store.bump("bad_messages")
+        if exc.task_id and self.store.intake_invalid(
+                exc.task_id, m.ErrorInfo(type="BadSubmission", message=str(exc)), now):
+            log.warning("task %s failed at intake (%s): %s", exc.task_id, where, exc,
+                        extra={"task_id": exc.task_id, "event": "task_failed"})
+        else:
+            log.warning("skipped bad submission at %s: %s", where, exc,
+                        extra={"event": "bad_message"})
+
+    # ------------------------------------------------------------ events
+
+    def _event(self, msg: Message, now: float, effects: Effects) -> None:
+        try:
+            ev = m.parse_event(msg.value())
+        except BadMessage as exc:
+            self.store.bump("bad_messages")
+            log.warning("skipped bad event at %s[%d]@%d: %s", msg.topic(), msg.partition(),
+                        msg.offset(), exc, extra={"event": "bad_message"})
+            return
+        if isinstance(ev, m.Hello):
+            self._hello(ev, now, effects)
+        elif isinstance(ev, m.Heartbeat):
+            self._heartbeat(ev, now)
+        elif isinstance(ev, m.Started):
+            self._started(ev, now)
+        elif isinstance(ev, m.Finished):
+            self._finished(ev, now)
+        else:
+            self._bye(ev, now)
+
+    def _hello(self, ev: m.Hello, now: float, effects: Effects) -> None:
+        older = self.store.hello(ev, now)
+        if older is None:
+            self._stale(ev, "hello from a known epoch")
+            return
+        self.scheduler.join(Member(
+            epoch=ev.epoch, worker=ev.worker, capacity=ev.slots + ev.prefetch,
+            tasks=frozenset(ev.tasks), partition=partition_for(ev.worker, self.events_partitions)))
+        log.info("worker %s joined: epoch %s on %s pid %d, %d slots, tasks %s", ev.worker,
+                 ev.epoch, ev.host, ev.pid, ev.slots, ", ".join(sorted(ev.tasks)) or "none",
+                 extra={"worker_id": ev.worker, "event": "worker_joined"})
+        for epoch in older:
+            reason = "a newer epoch of the same worker said hello"
+            self.declare_dead(epoch, reason, now)
+            effects.fences.append(Fence(ev.worker, epoch, reason))
+
+    def _heartbeat(self, ev: m.Heartbeat, now: float) -> None:
+        member = self.scheduler.members.get(ev.epoch)
+        if member is None or not self.store.heartbeat(ev, now):
+            self._stale(ev, "heartbeat from an epoch that is not live")
+            return
+        member.last_heartbeat = time.monotonic()
+
+    def _started(self, ev: m.Started, now: float) -> None:
+        if not self.store.start(ev, now):
+            self._stale(ev, f"started {ev.task_id} attempt {ev.attempt} is not the current grant")
+            return
+        log.info("task %s attempt %d started on %s", ev.task_id, ev.attempt, ev.worker,
+                 extra={"task_id": ev.task_id, "worker_id": ev.worker, "event": "task_started"})
+
+    def _finished(self, ev: m.Finished, now: float) -> None:
+        outcome = self.store.finish(ev, now)
+        if outcome == "stale":
+            self._stale(ev, f"finished {ev.task_id} attempt {ev.attempt} is not the current grant")
+            return
+        self.scheduler.released(ev.epoch)
+        extra = {"task_id": ev.task_id, "worker_id": ev.worker, "event": f"task_{outcome}"}
+        if outcome == "success":
+            log.info("task %s succeeded on %s", ev.task_id, ev.worker, extra=extra)
+        elif outcome == "retry":
+            log.info("task %s failed on %s (%s), retrying", ev.task_id, ev.worker,
+                     ev.error.type if ev.error else "?", extra=extra)
+        else:
+            log.warning("task %s failed on %s: %s: %s", ev.task_id, ev.worker,
+                        ev.error.type if ev.error else "?", ev.error.message if ev.error else "",
+                        extra=extra)
+        self._maybe_gone(ev.epoch, now)
+
+    def _bye(self, ev: m.Bye, now: float) -> None:
+        member = self.scheduler.members.get(ev.epoch)
+        if member is None:
+            self._stale(ev, "bye from an epoch that is not live")
+            return
+        if member.accepting:
+            self.store.leave(ev.epoch)
+            member.accepting = False
+            log.info("worker %s leaving: epoch %s handed back %d tasks", ev.worker, ev.epoch,
+                     len(ev.handed_back), extra={"worker_id": ev.worker, "event": "worker_leaving"})
+        back = self.store.hand_back(ev.epoch, ev.handed_back)
+        self.scheduler.released(ev.epoch, len(back))
+        for task_id in back:
+            log.info("task %s re-queued: handed back by %s", task_id, ev.worker,
+                     extra={"task_id": task_id, "event": "task_requeued"})
+        self._maybe_gone(ev.epoch, now)
+
+    def _maybe_gone(self, epoch: str, now: float) -> None:
+        member = self.scheduler.members.get(epoch)
+        if member and not member.accepting and member.outstanding == 0:
+            self.store.left(epoch, now)
+            self.scheduler.remove(epoch)
+            log.info("worker %s left: epoch %s", member.worker, epoch,
+                     extra={"worker_id": member.worker, "event": "worker_left"})
+
+    def declare_dead(self, epoch: str, reason: str, now: float) -> list[str]:
+        """Declare an epoch dead: re-queue (or fail) its tasks and record the failure."""
+        member = self.scheduler.remove(epoch)
+        requeued = self.store.declare_dead(epoch, reason, now, self.config.server.max_attempts)
+        worker = member.worker if member else "?"
+        log.warning("worker %s declared dead: epoch %s, %s; %d tasks re-queued", worker, epoch,
+                    reason, len(requeued), extra={"worker_id": worker, "event": "worker_dead"})
+        for task_id in requeued:
+            log.info("task %s re-queued: worker %s declared dead", task_id, worker,
+                     extra={"task_id": task_id, "event": "task_requeued"})
+        return requeued
+
+    def _stale(self, ev: m.Event, why: str) -> None:
+        self.store.bump("stale_events")
+        task_id = getattr(ev, "task_id", None)
+        log.info("stale event from %s epoch %s: %s", ev.worker, ev.epoch, why,
+                 extra={"task_id": task_id, "worker_id": ev.worker, "event": "stale_event"})

@@ -1,0 +1,212 @@
+"""The server role: read ``tasks`` and ``events``, keep the store, grant, detect deaths, serve.
+
+The main loop, in order: read a batch from Kafka → apply it and its offsets in one transaction
+(:mod:`yadtqd.server.ingest`) → declare dead the epochs whose heartbeats stopped → grant queued
+tasks in one transaction (:mod:`yadtqd.server.scheduler`) → produce the ``run`` and ``fenced``
+messages. Runs are produced only after the grants are committed; after a restart, grants not
+yet started are sent again (workers drop duplicates by invariant 5).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+
+import msgspec
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from yadtqd import messages as m
+from yadtqd import transport
+from yadtqd.config import Config
+from yadtqd.server.ingest import Fence, Ingest
+from yadtqd.server.queries import Changes, Queries, Submitter
+from yadtqd.server.scheduler import Scheduler
+from yadtqd.server.sockets import SocketServer
+from yadtqd.store import Grant, Store
+from yadtqd.systemd import Notifier
+
+log = logging.getLogger("yadtqd.server")
+
+_payload = msgspec.json.Decoder(tuple[str, list, dict, m.Options])  # type: ignore[type-arg]
+
+
+class Server:
+    """One server process."""
+
+    def __init__(self, config: Config, notifier: Notifier) -> None:
+        self.config = config
+        self.notifier = notifier
+        self.stopping = False
+        self.scheduler = Scheduler()
+        self.changes = Changes()
+        self.dispatch_topic = config.topic("dispatch")
+        self.events_topic = config.topic("events")
+        self.dispatch_partitions = 1
+        self.events_partitions = 1
+        self.grace_until = 0.0
+        self.last_status = 0.0
+        self.last_watchdog = 0.0
+
+    def run(self) -> int:
+        """Serve until SIGTERM; returns the exit status."""
+        store = Store(self.config.server.database, create=True)
+        admin = transport.make_admin(self.config)
+        transport.ensure_topics(admin, transport.topic_specs(self.config))
+        producer, _ = transport.make_producer(self.config, "server")
+        consumer, consumer_link = transport.make_consumer(self.config, "server")
+        self._assign(consumer, store)
+        ingest = Ingest(store, self.scheduler, self.config, self.events_partitions)
+        self._restore(store, producer)
+        socket_producer, _ = transport.make_producer(self.config, "server-socket")
+        submitter = Submitter(self.config.server.database, socket_producer, self.config.topic("tasks"))
+        sockets = SocketServer(self.config.server.socket, Queries(submitter, self.changes,
+                               self.config.server.max_task_bytes), self.config.server.database,
+                               self.config.server.max_request_bytes)
+        sockets.start()
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        signal.signal(signal.SIGINT, self._on_sigterm)
+        self.notifier.ready(self._status(store))
+        log.info("server ready: socket %s, database %s", self.config.server.socket,
+                 self.config.server.database)
+        try:
+            while not self.stopping:
+                self._turn(store, ingest, consumer, producer, consumer_link.up)
+        finally:
+            self.notifier.stopping()
+            sockets.close()
+            transport.flush(producer, 10)
+            transport.flush(socket_producer, 10)
+            consumer.close()
+            store.close()
+        log.info("server stopped")
+        return 0
+
+    def _on_sigterm(self, signum: int, frame: object) -> None:
+        self.stopping = True  # the main loop acts on it
+
+    def _assign(self, consumer: Consumer, store: Store) -> None:
+        """Read ``tasks`` and ``events`` from the offsets saved in the store (invariant 6)."""
+        saved = store.offsets()
+        positions: dict[tuple[str, int], int] = {}
+        for topic in (self.config.topic("tasks"), self.events_topic):
+            count = transport.partition_count(consumer, topic)
+            for p in range(count):
+                positions[(topic, p)] = saved.get((topic, p), 0)
+        self.events_partitions = transport.partition_count(consumer, self.events_topic)
+        self.dispatch_partitions = transport.partition_count(consumer, self.dispatch_topic)
+        transport.assign(consumer, positions)
+
+    def _restore(self, store: Store, producer: Producer) -> None:
+        """Rebuild the scheduler's view; re-send grants not known to have started."""
+        live = store.live_workers()
+        partition_of = {r["worker"]: transport.partition_for(r["worker"], self.events_partitions)
+                        for r in live}
+        self.scheduler.load(live, store.outstanding(), partition_of)
+        self.grace_until = time.monotonic() + self.config.server.heartbeat_timeout
+        pending = store.pending_grants()
+        self._send_runs(producer, pending)
+        if live or pending:
+            log.info("restored %d live workers; re-sent %d grants not yet started",
+                     len(live), len(pending))
+
+    # ------------------------------------------------------------ the loop
+
+    def _turn(self, store: Store, ingest: Ingest, consumer: Consumer, producer: Producer,
+              kafka_up: bool) -> None:
+        batch = self._read(consumer)
+        now = time.time()
+        fences: list[Fence] = []
+        if batch:
+            with store.transaction():
+                fences += ingest.apply(batch, now).fences
+        fences += self._check_deaths(store, ingest, consumer, kafka_up, now)
+        with store.transaction():
+            grants = self.scheduler.plan(store, now)
+        self._send_runs(producer, grants)
+        self._send_fences(producer, fences)
+        producer.poll(0)
+        if batch or grants or fences:
+            self.changes.signal()
+        self._report(store)
+
+    def _read(self, consumer: Consumer) -> list:  # type: ignore[type-arg]
+        first = consumer.poll(0.1)
+        if first is None:
+            return []
+        batch = [first, *consumer.consume(self.config.server.batch_size - 1, 0)]
+        good = []
+        for msg in batch:
+            if msg.error():
+                log.warning("read error: %s", msg.error().str())
+            else:
+                good.append(msg)
+        return good
+
+    def _check_deaths(self, store: Store, ingest: Ingest, consumer: Consumer, kafka_up: bool,
+                      now: float) -> list[Fence]:
+        """Declare dead the epochs silent for ``heartbeat_timeout`` — but only while the server
+        has read their ``events`` partition to its end, so its own lag is never taken for a
+        death, and never in the first ``heartbeat_timeout`` after start."""
+        mono = time.monotonic()
+        timeout = self.config.server.heartbeat_timeout
+        if mono < self.grace_until or not kafka_up:
+            return []
+        silent = [mb for mb in self.scheduler.members.values() if mono - mb.last_heartbeat > timeout]
+        fences = []
+        for member in silent:
+            if not self._caught_up(consumer, member.partition):
+                continue
+            reason = f"no heartbeat for {mono - member.last_heartbeat:.1f} s"
+            with store.transaction():
+                ingest.declare_dead(member.epoch, reason, now)
+            fences.append(Fence(member.worker, member.epoch, reason))
+        return fences
+
+    def _caught_up(self, consumer: Consumer, partition: int) -> bool:
+        tp = TopicPartition(self.events_topic, partition)
+        _, high = consumer.get_watermark_offsets(tp, cached=True)
+        position = consumer.position([tp])[0].offset
+        return high >= 0 and position >= high
+
+    def _send_runs(self, producer: Producer, grants: list[Grant]) -> None:
+        for grant in grants:
+            task, args, kwargs, options = _payload.decode(grant.payload)
+            run = m.Run(worker=grant.worker, epoch=grant.epoch, task_id=grant.task_id,
+                        attempt=grant.attempt, task=task, args=args, kwargs=kwargs, options=options)
+            self._produce(producer, grant.worker, m.encode(run))
+            log.debug("task %s attempt %d granted to %s", grant.task_id, grant.attempt,
+                      grant.worker, extra={"task_id": grant.task_id, "worker_id": grant.worker,
+                                           "event": "task_granted"})
+
+    def _send_fences(self, producer: Producer, fences: list[Fence]) -> None:
+        for fence in fences:
+            msg = m.Fenced(worker=fence.worker, epoch=fence.epoch, reason=fence.reason)
+            self._produce(producer, fence.worker, m.encode(msg))
+
+    def _produce(self, producer: Producer, worker: str, value: bytes) -> None:
+        partition = transport.partition_for(worker, self.dispatch_partitions)
+        while True:
+            try:
+                producer.produce(self.dispatch_topic, value, key=worker.encode(), partition=partition)
+                return
+            except BufferError:
+                producer.poll(0.1)  # the local queue is full: let deliveries drain it
+
+    # ------------------------------------------------------------ reporting
+
+    def _report(self, store: Store) -> None:
+        mono = time.monotonic()
+        watchdog = self.notifier.watchdog_interval()
+        if watchdog and mono - self.last_watchdog >= watchdog:
+            self.last_watchdog = mono
+            self.notifier.watchdog()
+        if mono - self.last_status >= 1.0:
+            self.last_status = mono
+            self.notifier.status(self._status(store))
+
+    def _status(self, store: Store) -> str:
+        counts = store.counts()
+        live = sum(1 for mb in self.scheduler.members.values() if mb.accepting)
+        running = counts.get("assigned", 0) + counts.get("processing", 0)
+        return f"workers {live}, queued {counts.get('queued', 0)}, running {running}"

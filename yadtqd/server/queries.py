@@ -1,0 +1,226 @@
+"""The operations of the socket protocol (:mod:`yadtqd.protocol`), run by the socket's threads.
+
+Reads use the calling connection's own read-only store (WAL lets them run beside the writer).
+A socket ``submit`` records the task as ``queued`` first, then produces it to ``tasks`` and
+replies only once Kafka accepted it.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+from confluent_kafka import KafkaError, Producer
+
+from yadtqd import messages as m
+from yadtqd import protocol
+from yadtqd.store import Store
+
+Reply = dict[str, Any]
+MAX_WAIT = 3600.0
+
+
+class Changes:
+    """A condition the main loop signals after every commit, for ``result`` waits."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self.version = 0
+
+    def signal(self) -> None:
+        """Something was committed."""
+        with self._cond:
+            self.version += 1
+            self._cond.notify_all()
+
+    def wait(self, seen: int, timeout: float) -> int:
+        """Wait until the version moves past ``seen`` or the timeout ends; return it."""
+        with self._cond:
+            self._cond.wait_for(lambda: self.version != seen, timeout)
+            return self.version
+
+
+class Submitter:
+    """The write path of socket submits: one write connection and one producer."""
+
+    def __init__(self, db_path: str, producer: Producer, topic: str, timeout: float = 30.0) -> None:
+        self.store = Store(db_path)
+        self.lock = threading.Lock()
+        self.producer = producer
+        self.topic = topic
+        self.timeout = timeout
+
+    def submit(self, sub: m.Submission) -> Reply:
+        """Record, then produce; reply once Kafka accepted the task."""
+        with self.lock, self.store.transaction():
+            intake = self.store.intake(sub, time.time())
+        if intake.outcome == "conflict":
+            return protocol.error("conflict", f"task id {sub.task_id!r} was submitted before with"
+                                  " another payload")
+        if intake.outcome == "new":
+            problem = self._produce(sub)
+            if problem:
+                return protocol.error("unavailable", f"Kafka did not accept task {sub.task_id}:"
+                                      f" {problem}; it is recorded as queued and will run")
+        return {"ok": True, "task-id": sub.task_id, "status": "queued",
+                "created": intake.outcome == "new"}
+
+    def _produce(self, sub: m.Submission) -> str | None:
+        done = threading.Event()
+        outcome: list[KafkaError | None] = []
+
+        def delivered(err: KafkaError | None, _msg: object) -> None:
+            outcome.append(err)
+            done.set()
+
+        self.producer.produce(self.topic, m.encode(sub), key=sub.task_id.encode(),
+                              on_delivery=delivered)
+        deadline = time.monotonic() + self.timeout
+        while not done.is_set() and time.monotonic() < deadline:
+            self.producer.poll(0.05)
+        if not done.is_set():
+            return f"no acknowledgement within {self.timeout:.0f} s"
+        err = outcome[0]
+        return err.str() if err is not None else None
+
+
+class Queries:
+    """Runs one request against a read-only store."""
+
+    def __init__(self, submitter: Submitter, changes: Changes, max_task_bytes: int) -> None:
+        self.submitter = submitter
+        self.changes = changes
+        self.max_task_bytes = max_task_bytes
+        self.ops: dict[str, Callable[[Store, dict[str, Any]], Reply]] = {
+            "submit": self.submit, "status": self.status, "result": self.result,
+            "tasks": self.tasks, "workers": self.workers, "failures": self.failures,
+            "stats": self.stats, "plugins": self.plugins,
+        }
+
+    def handle(self, store: Store, request: dict[str, Any]) -> Reply:
+        """Run one request."""
+        op = request.get("op")
+        handler = self.ops.get(op) if isinstance(op, str) else None
+        if handler is None:
+            return protocol.error("unknown_op", f"unknown op {op!r}; known: {', '.join(self.ops)}")
+        try:
+            return handler(store, request)
+        except _BadRequest as exc:
+            return protocol.error("bad_request", str(exc))
+
+    def submit(self, store: Store, req: dict[str, Any]) -> Reply:
+        raw = json.dumps(req.get("task")).encode()
+        if len(raw) > self.max_task_bytes:
+            return protocol.error("too_large", f"task of {len(raw)} bytes is over the limit of"
+                                  f" {self.max_task_bytes} bytes")
+        try:
+            sub = msgspec.convert(req.get("task"), m.Submission)
+        except msgspec.ValidationError as exc:
+            return protocol.error("bad_task", f"invalid task: {exc}")
+        if sub.submitted_at is None:
+            sub = msgspec.structs.replace(sub, submitted_at=time.time())
+        return self.submitter.submit(sub)
+
+    def status(self, store: Store, req: dict[str, Any]) -> Reply:
+        ids = _strings(req, "ids")
+        rows = store.task_rows(ids)
+        provided = _provided(store)
+        now = time.time()
+        return {"ok": True, "tasks": {i: protocol.task_view(rows.get(i), _waiting(rows.get(i), provided, now))
+                                      for i in ids}}
+
+    def result(self, store: Store, req: dict[str, Any]) -> Reply:
+        task_id = req.get("id")
+        if not isinstance(task_id, str):
+            raise _BadRequest("'id' must be a string")
+        wait = _number(req, "wait", 0.0)
+        deadline = time.monotonic() + min(wait, MAX_WAIT)
+        seen = self.changes.version
+        while True:
+            row = store.task_rows([task_id]).get(task_id)
+            terminal = row is not None and row["status"] in ("success", "failed")
+            left = deadline - time.monotonic()
+            if terminal or left <= 0:
+                view = protocol.task_view(row, _waiting(row, _provided(store), time.time()))
+                return {"ok": True, "task-id": task_id, "task": view,
+                        "timed_out": not terminal and wait > 0}
+            seen = self.changes.wait(seen, min(left, 1.0))
+
+    def tasks(self, store: Store, req: dict[str, Any]) -> Reply:
+        statuses = _strings(req, "status", required=False)
+        wanted = [s for st in statuses for s in (("queued", "assigned") if st == "queued" else (st,))]
+        limit = int(_number(req, "limit", 100))
+        provided = _provided(store)
+        now = time.time()
+        rows = store.list_tasks(wanted, limit)
+        return {"ok": True, "tasks": [{"task-id": r["id"], **protocol.task_view(r, _waiting(r, provided, now))}
+                                      for r in rows]}
+
+    def workers(self, store: Store, req: dict[str, Any]) -> Reply:
+        return {"ok": True, "workers": [protocol.worker_view(r) for r in store.all_workers()]}
+
+    def failures(self, store: Store, req: dict[str, Any]) -> Reply:
+        limit = int(_number(req, "limit", 100))
+        return {"ok": True, "failures": [protocol.failure_view(r) for r in store.failure_rows(limit)]}
+
+    def stats(self, store: Store, req: dict[str, Any]) -> Reply:
+        counts = store.counts()
+        visible: dict[str, int] = {}
+        for status, n in counts.items():
+            key = protocol.VISIBLE_STATUS[status]
+            visible[key] = visible.get(key, 0) + n
+        live = [r for r in store.live_workers() if r["state"] == "live"]
+        return {"ok": True, "stats": {"tasks": visible, "workers_live": len(live),
+                                      "slots": sum(r["slots"] for r in live),
+                                      "counters": store.counter_values()}}
+
+    def plugins(self, store: Store, req: dict[str, Any]) -> Reply:
+        tasks: dict[str, list[dict[str, str]]] = {}
+        for row in store.live_workers():
+            for name, info in json.loads(row["tasks"]).items():
+                tasks.setdefault(name, []).append({"worker": row["worker"], **info})
+        return {"ok": True, "tasks": tasks}
+
+
+class _BadRequest(Exception):
+    pass
+
+
+def _strings(req: dict[str, Any], key: str, required: bool = True) -> list[str]:
+    value = req.get(key)
+    if value is None and not required:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise _BadRequest(f"{key!r} must be a list of strings")
+    return value
+
+
+def _number(req: dict[str, Any], key: str, default: float) -> float:
+    value = req.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise _BadRequest(f"{key!r} must be a number >= 0")
+    return float(value)
+
+
+def _provided(store: Store) -> set[str]:
+    return {name for row in store.live_workers() if row["state"] == "live"
+            for name in json.loads(row["tasks"])}
+
+
+def _waiting(row: Any, provided: set[str], now: float) -> str | None:
+    """Why a queued task waits, in words for the operator."""
+    if row is None or row["status"] != "queued":
+        return None
+    if row["name"] not in provided:
+        return f"no live worker provides task {row['name']!r}"
+    if row["run_after"] > now:
+        return f"retry after a failure, in {row['run_after'] - now:.1f} s"
+    return "waiting for a free slot"

@@ -1,0 +1,120 @@
+"""The server's Unix stream socket: JSON lines in, JSON lines out (:mod:`yadtqd.protocol`).
+
+The socket file is created with mode 0660 by binding under a tight umask: there is no window in
+which it exists with looser permissions (no chmod after bind). Each connection is served by a
+thread of its own with a read-only store connection of its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import threading
+from pathlib import Path
+from typing import Any
+
+from yadtqd import protocol
+from yadtqd.errors import UnreachableError
+from yadtqd.server.queries import Queries
+from yadtqd.store import Store
+
+log = logging.getLogger("yadtqd.server")
+
+CLOSING_CODES = {"bad_request", "too_large", "unknown_op"}
+
+
+class SocketServer:
+    """Accepts connections on a thread; serves each on a thread."""
+
+    def __init__(self, path: str, queries: Queries, db_path: str, max_line: int) -> None:
+        self.path = path
+        self.queries = queries
+        self.db_path = db_path
+        self.max_line = max_line
+        self.listener: socket.socket | None = None
+        self._stopping = threading.Event()
+
+    def start(self) -> None:
+        """Bind (mode 0660), listen and start accepting."""
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self._remove_stale()
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o117)
+        try:
+            listener.bind(self.path)
+        except OSError as exc:
+            raise UnreachableError(f"cannot bind socket {self.path}: {exc.strerror}") from None
+        finally:
+            os.umask(old)
+        listener.listen(128)
+        self.listener = listener
+        threading.Thread(target=self._accept, name="yadtq-socket", daemon=True).start()
+
+    def close(self) -> None:
+        """Stop accepting and remove the socket file."""
+        self._stopping.set()
+        if self.listener is not None:
+            with contextlib.suppress(OSError):
+                self.listener.shutdown(socket.SHUT_RDWR)
+            self.listener.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    def _remove_stale(self) -> None:
+        if not os.path.exists(self.path):
+            return
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(self.path)
+        except OSError:
+            os.unlink(self.path)  # left by a server that died; nobody listens
+            return
+        finally:
+            probe.close()
+        raise UnreachableError(f"another server is already listening on {self.path}")
+
+    def _accept(self) -> None:
+        assert self.listener is not None
+        while not self._stopping.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), name="yadtq-conn", daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        store = Store(self.db_path, readonly=True)
+        try:
+            with conn, conn.makefile("rb") as reader:
+                while not self._stopping.is_set():
+                    line = reader.readline(self.max_line + 1)
+                    if not line:
+                        return
+                    reply = self._reply(store, line)
+                    conn.sendall(protocol.encode(reply))
+                    if not reply["ok"] and reply["error"]["code"] in CLOSING_CODES:
+                        return
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        except Exception:
+            log.exception("socket connection failed")
+        finally:
+            store.close()
+
+    def _reply(self, store: Store, line: bytes) -> dict[str, Any]:
+        if len(line) > self.max_line or not line.endswith(b"\n") and len(line) == self.max_line + 1:
+            return protocol.error("too_large", f"request line over {self.max_line} bytes")
+        try:
+            request = json.loads(line)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            return protocol.error("bad_request", f"request is not JSON: {exc}")
+        if not isinstance(request, dict):
+            return protocol.error("bad_request", "request must be a JSON object with an 'op'")
+        try:
+            return self.queries.handle(store, request)
+        except Exception as exc:
+            log.exception("request %r failed", request.get("op"))
+            return protocol.error("internal", f"{type(exc).__name__}: {exc}")
