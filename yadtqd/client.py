@@ -1,0 +1,196 @@
+"""The Python API for applications.
+
+Over the server's socket (:class:`Client`)::
+
+    from yadtqd.client import Client
+
+    client = Client("/run/yadtq/yadtqd.sock")
+    task_id = client.submit("add", 1, 2)
+    client.result(task_id, wait=30)   # {"status": "success", "result": 3, ...}
+
+Straight to Kafka, for producers on hosts without the socket (:class:`KafkaSubmitter`)::
+
+    from yadtqd.client import KafkaSubmitter
+
+    with KafkaSubmitter({"bootstrap.servers": "broker:9092"}) as kafka:
+        task_id = kafka.submit("add", 1, 2)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any
+
+from yadtqd import messages as m
+from yadtqd.errors import RequestError, UnreachableError, UsageError, WaitTimeout
+
+DEFAULT_SOCKET = "/run/yadtq/yadtqd.sock"
+TERMINAL = ("success", "failed")
+
+
+def default_socket() -> str:
+    """``$YADTQ_SERVER_SOCKET``, else the default socket path."""
+    return os.environ.get("YADTQ_SERVER_SOCKET") or DEFAULT_SOCKET
+
+
+def new_task_id() -> str:
+    """A fresh task id (a UUID4): clients generate task ids."""
+    return str(uuid.uuid4())
+
+
+def submission(task: str, args: tuple[Any, ...] | list[Any], kwargs: Mapping[str, Any] | None = None,
+               task_id: str | None = None, timeout: float | None = None,
+               max_retries: int | None = None, retry_backoff: float | None = None) -> dict[str, Any]:
+    """The JSON object of a submission, in the seed's format plus optional fields."""
+    body: dict[str, Any] = {"task-id": task_id or new_task_id(), "task": task, "args": list(args)}
+    if kwargs:
+        body["kwargs"] = dict(kwargs)
+    options = {k: v for k, v in (("timeout", timeout), ("max_retries", max_retries),
+                                 ("retry_backoff", retry_backoff)) if v is not None}
+    if options:
+        body["options"] = options
+    body["submitted_at"] = time.time()
+    return body
+
+
+class Client:
+    """Talks to the server's socket; one connection per call."""
+
+    def __init__(self, socket_path: str | None = None, timeout: float = 30.0) -> None:
+        self.socket_path = socket_path or default_socket()
+        self.timeout = timeout
+
+    def request(self, request: Mapping[str, Any], timeout: float | None = None) -> dict[str, Any]:
+        """Send one request and return the reply; an error reply raises :class:`RequestError`."""
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(timeout or self.timeout)
+                sock.connect(self.socket_path)
+                sock.sendall(json.dumps(request).encode() + b"\n")
+                with sock.makefile("rb") as reader:
+                    line = reader.readline()
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            raise UnreachableError(f"cannot reach the server at {self.socket_path}: {exc.strerror}") from None
+        except PermissionError:
+            raise UnreachableError(f"no permission to use {self.socket_path}"
+                                   " (are you in the yadtq group?)") from None
+        except TimeoutError:
+            raise UnreachableError(f"the server at {self.socket_path} did not answer in time") from None
+        except OSError as exc:
+            raise UnreachableError(f"talking to the server at {self.socket_path}: {exc}") from None
+        if not line:
+            raise UnreachableError(f"the server at {self.socket_path} closed the connection")
+        reply: dict[str, Any] = json.loads(line)
+        if not reply.get("ok"):
+            err = reply.get("error", {})
+            raise RequestError(err.get("code", "internal"), err.get("message", "unknown error"))
+        return reply
+
+    def submit(self, task: str, *args: Any, kwargs: Mapping[str, Any] | None = None,
+               task_id: str | None = None, timeout: float | None = None,
+               max_retries: int | None = None, retry_backoff: float | None = None) -> str:
+        """Submit a task; returns its id once the task is recorded and Kafka accepted it."""
+        body = submission(task, args, kwargs, task_id, timeout, max_retries, retry_backoff)
+        reply = self.request({"op": "submit", "task": body})
+        return str(reply["task-id"])
+
+    def status(self, *task_ids: str) -> dict[str, dict[str, Any]]:
+        """The status of each task, in the result-backend shape; ``unknown`` for unseen ids."""
+        return dict(self.request({"op": "status", "ids": list(task_ids)})["tasks"])
+
+    def result(self, task_id: str, wait: float | None = None) -> dict[str, Any]:
+        """The task's status and result; with ``wait``, once it is terminal (or
+        :class:`WaitTimeout` after ``wait`` seconds)."""
+        if not wait:
+            return dict(self.request({"op": "result", "id": task_id})["task"])
+        deadline = time.monotonic() + wait
+        while True:
+            left = deadline - time.monotonic()
+            step = min(left, 600.0)
+            reply = self.request({"op": "result", "id": task_id, "wait": max(step, 0)},
+                                 timeout=step + self.timeout)
+            view: dict[str, Any] = reply["task"]
+            if view["status"] in TERMINAL:
+                return view
+            if deadline - time.monotonic() <= 0:
+                raise WaitTimeout(f"task {task_id} is still {view['status']} after {wait:g} s")
+
+    def tasks(self, status: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        """Tasks, optionally of one status."""
+        req: dict[str, Any] = {"op": "tasks", "limit": limit}
+        if status:
+            req["status"] = [status]
+        return list(self.request(req)["tasks"])
+
+    def workers(self) -> list[dict[str, Any]]:
+        """Worker epochs, live ones first."""
+        return list(self.request({"op": "workers"})["workers"])
+
+    def failures(self, limit: int = 100) -> list[dict[str, Any]]:
+        """Worker failures, newest first."""
+        return list(self.request({"op": "failures", "limit": limit})["failures"])
+
+    def stats(self) -> dict[str, Any]:
+        """Counts of tasks by status, live workers and counters."""
+        return dict(self.request({"op": "stats"})["stats"])
+
+    def plugins(self) -> dict[str, Any]:
+        """The task names live workers provide, with plugin and version."""
+        return dict(self.request({"op": "plugins"})["tasks"])
+
+
+class KafkaSubmitter:
+    """Submits straight to the ``tasks`` topic; for hosts without the server's socket."""
+
+    def __init__(self, kafka: Mapping[str, Any], topic_prefix: str = "yadtq", timeout: float = 30.0) -> None:
+        from confluent_kafka import Producer
+
+        settings = dict(kafka)
+        settings.update({"acks": "all", "enable.idempotence": True})
+        self.producer = Producer(settings)
+        self.topic = f"{topic_prefix}.tasks"
+        self.timeout = timeout
+
+    def submit(self, task: str, *args: Any, kwargs: Mapping[str, Any] | None = None,
+               task_id: str | None = None, timeout: float | None = None,
+               max_retries: int | None = None, retry_backoff: float | None = None) -> str:
+        """Produce a submission and wait until Kafka accepted it; returns the task id."""
+        body = submission(task, args, kwargs, task_id, timeout, max_retries, retry_backoff)
+        try:
+            m.parse_submission(json.dumps(body).encode(), 1 << 30)
+        except Exception as exc:
+            raise UsageError(str(exc)) from None
+        done = threading.Event()
+        errors: list[Any] = []
+
+        def delivered(err: Any, _msg: Any) -> None:
+            errors.append(err)
+            done.set()
+
+        self.producer.produce(self.topic, json.dumps(body).encode(), key=body["task-id"].encode(),
+                              on_delivery=delivered)
+        deadline = time.monotonic() + self.timeout
+        while not done.is_set() and time.monotonic() < deadline:
+            self.producer.poll(0.05)
+        if not done.is_set() or errors[0] is not None:
+            problem = errors[0].str() if errors and errors[0] is not None else "no acknowledgement"
+            raise UnreachableError(f"Kafka did not accept task {body['task-id']}: {problem}")
+        return str(body["task-id"])
+
+    def close(self) -> None:
+        """Deliver anything outstanding."""
+        self.producer.flush(self.timeout)
+
+    def __enter__(self) -> KafkaSubmitter:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
