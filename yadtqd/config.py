@@ -69,6 +69,9 @@ class WorkerConfig:
     max_result_bytes: int = _setting(
         512 * 1024, "Largest task result (bytes of JSON); larger results fail the task.", 64
     )
+    plugins: tuple[str, ...] = _setting(
+        (), "Plugin entry-point names to load (env: comma-separated); empty loads all installed."
+    )
 
     @property
     def worker_id(self) -> str:
@@ -170,11 +173,16 @@ def _merge_file(layered: dict[str, dict[str, tuple[Any, str]]], raw: dict[str, A
             raise ConfigError(f"{where}: unknown key {key!r} (known: {_known_top()})")
 
 
+class _EnvText(str):
+    """A value from the environment: text to parse, unlike a TOML string."""
+
+
 def _merge_env(layered: dict[str, dict[str, tuple[Any, str]]], env: Mapping[str, str]) -> None:
     for name, value in env.items():
         if not name.startswith("YADTQ_"):
             continue
         rest = name[len("YADTQ_"):].lower()
+        value = _EnvText(value)
         if rest == "topic_prefix":
             layered.setdefault("", {})["topic_prefix"] = (value, f"environment: {name}")
             continue
@@ -205,7 +213,7 @@ def _kafka(values: dict[str, tuple[Any, str]], source: str) -> dict[str, KafkaVa
     for key, (value, where) in values.items():
         if not isinstance(value, (str, int, float, bool)):
             raise ConfigError(f"{where}: librdkafka settings must be strings, numbers or booleans")
-        kafka[key] = value
+        kafka[key] = str(value) if isinstance(value, _EnvText) else value
     if not kafka.get("bootstrap.servers"):
         raise ConfigError(
             f"{source}: missing required [kafka] \"bootstrap.servers\" "
@@ -238,11 +246,11 @@ def _coerce(cls: type, key: str, value: Any, where: str) -> Any:
 
 
 def _convert(kind: Any, value: Any, where: str) -> Any:
-    from_env = isinstance(value, str)
+    from_env = isinstance(value, _EnvText)
     if kind is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {_type_name(value)}")
-        return value
+        return str(value)
     if kind is int:
         if from_env:
             try:
@@ -261,12 +269,20 @@ def _convert(kind: Any, value: Any, where: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {_type_name(value)}")
         return float(value)
+    if kind == tuple[str, ...]:
+        if from_env:
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where}: expected an array of strings, got {_type_name(value)}")
+        return tuple(value)
     raise AssertionError(f"unsupported setting type {kind!r}")  # pragma: no cover
 
 
 def _type_name(value: Any) -> str:
-    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
-            list: "an array", dict: "a table"}.get(type(value), type(value).__name__)
+    kinds = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+             list: "an array", dict: "a table"}
+    return next((name for kind, name in kinds.items() if isinstance(value, kind)),
+                type(value).__name__)
 
 
 def _known_top() -> str:
@@ -294,6 +310,8 @@ def reference() -> str:
 def _toml_value(value: Any) -> str:
     if isinstance(value, str):
         return f'"{value}"'
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     return repr(value)
 
 

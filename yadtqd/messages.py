@@ -111,7 +111,7 @@ class Fenced(Struct, kw_only=True, tag_field="type", tag="fenced"):
 
 
 Dispatch = Run | Fenced
-_dispatch = msgspec.json.Decoder(Dispatch)
+_dispatch: msgspec.json.Decoder[Dispatch] = msgspec.json.Decoder(Dispatch)
 
 
 def parse_dispatch(raw: bytes | None) -> Dispatch:
@@ -213,7 +213,7 @@ class Bye(Struct, kw_only=True, tag_field="type", tag="bye"):
 
 
 Event = Hello | Heartbeat | Started | Finished | Bye
-_event = msgspec.json.Decoder(Event)
+_event: msgspec.json.Decoder[Event] = msgspec.json.Decoder(Event)
 
 
 def parse_event(raw: bytes | None) -> Event:

@@ -69,13 +69,17 @@ class Registry:
         self.problems[plugin] = message
 
 
-def load(extra: Iterable[tuple[str, object]] = ()) -> Registry:
-    """Load every plugin in the entry-point group, plus ``extra`` ``(name, module)`` pairs."""
+def load(only: Iterable[str] = (), extra: Iterable[tuple[str, object]] = ()) -> Registry:
+    """Load the plugins in the entry-point group (only those named in ``only``, if any), plus
+    ``extra`` ``(name, module)`` pairs."""
+    only = set(only)
     manager = pluggy.PluginManager(GROUP)
     manager.add_hookspecs(hookspecs)
     registry = Registry()
     versions: dict[str, str] = {}
     for ep in importlib.metadata.entry_points(group=GROUP):
+        if only and ep.name not in only:
+            continue
         version = ep.dist.version if ep.dist else ""
         try:
             manager.register(ep.load(), name=ep.name)
@@ -85,7 +89,7 @@ def load(extra: Iterable[tuple[str, object]] = ()) -> Registry:
     for name, module in extra:
         manager.register(module, name=name)
         versions[name] = ""
-    for impl in reversed(manager.hook.yadtq_register_tasks.get_hookimpls()):
+    for impl in manager.hook.yadtq_register_tasks.get_hookimpls():  # registration order
         _call(registry, impl, versions.get(impl.plugin_name, ""))
     registry.plugins = {name: versions[name] for name in versions if name not in registry.problems}
     return registry

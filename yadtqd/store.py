@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from yadtqd import messages as m
 
 SCHEMA = """
@@ -216,7 +218,8 @@ class Store:
             "SELECT min(run_after) AS t FROM tasks WHERE status = 'queued' AND run_after > ?",
             (now,),
         ).fetchone()
-        return row["t"]
+        earliest: float | None = row["t"]
+        return earliest
 
     def grant(self, task_id: str, worker: str, epoch: str, now: float) -> Grant | None:
         """Grant the next attempt of a queued task to a worker epoch, atomically.
@@ -453,7 +456,7 @@ class Store:
 
 
 def _json(value: Any) -> str:
-    return m.msgspec.json.encode(value).decode()
+    return msgspec.json.encode(value).decode()
 
 
 def now() -> float:

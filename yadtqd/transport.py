@@ -17,7 +17,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.cimpl import NewTopic
 
 from yadtqd.config import Config
 from yadtqd.errors import UnreachableError
@@ -88,24 +89,34 @@ def _base(config: Config, client: str, monitor: ConnectionMonitor) -> dict[str, 
     return settings
 
 
-def make_producer(config: Config, client: str) -> tuple[Producer, ConnectionMonitor]:
-    """A producer with ``acks=all`` and idempotence, as the design requires."""
-    monitor = ConnectionMonitor(f"{client} producer")
+def producer_settings(config: Config, client: str, monitor: ConnectionMonitor) -> dict[str, object]:
+    """librdkafka settings of a producer: the user's, with ``acks=all`` and idempotence forced."""
     settings = _base(config, client, monitor)
     settings.update({"acks": "all", "enable.idempotence": True})
     settings.setdefault("linger.ms", 1)
-    return Producer(settings), monitor
+    return settings
 
 
-def make_consumer(config: Config, client: str) -> tuple[Consumer, ConnectionMonitor]:
-    """A consumer for manual assignment: never commits, never joins a group's rebalances."""
-    monitor = ConnectionMonitor(f"{client} consumer")
+def consumer_settings(config: Config, client: str, monitor: ConnectionMonitor) -> dict[str, object]:
+    """librdkafka settings of a consumer: the user's, with offset commits forced off."""
     settings = _base(config, client, monitor)
     settings.setdefault("group.id", f"{config.topic_prefix}.{client}")
     settings.update({"enable.auto.commit": False, "enable.auto.offset.store": False})
     settings.setdefault("fetch.wait.max.ms", 100)
     settings.setdefault("enable.partition.eof", False)
-    return Consumer(settings), monitor
+    return settings
+
+
+def make_producer(config: Config, client: str) -> tuple[Producer, ConnectionMonitor]:
+    """A producer with ``acks=all`` and idempotence, as the design requires."""
+    monitor = ConnectionMonitor(f"{client} producer")
+    return Producer(producer_settings(config, client, monitor)), monitor
+
+
+def make_consumer(config: Config, client: str) -> tuple[Consumer, ConnectionMonitor]:
+    """A consumer for manual assignment: never commits, never joins a group's rebalances."""
+    monitor = ConnectionMonitor(f"{client} consumer")
+    return Consumer(consumer_settings(config, client, monitor)), monitor
 
 
 def make_admin(config: Config) -> AdminClient:

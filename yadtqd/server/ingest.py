@@ -59,7 +59,9 @@ class Ingest:
                 self._submission(msg, now)
             else:
                 self._event(msg, now, effects)
-            positions[(msg.topic(), msg.partition())] = msg.offset() + 1
+            topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+            assert topic is not None and partition is not None and offset is not None
+            positions[(topic, partition)] = offset + 1
         effects.changed = bool(batch)
         self.store.save_offsets(positions)
         return effects

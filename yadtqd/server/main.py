@@ -137,8 +137,9 @@ class Server:
         batch = [first, *consumer.consume(self.config.server.batch_size - 1, 0)]
         good = []
         for msg in batch:
-            if msg.error():
-                log.warning("read error: %s", msg.error().str())
+            err = msg.error()
+            if err is not None:
+                log.warning("read error: %s", err.str())
             else:
                 good.append(msg)
         return good

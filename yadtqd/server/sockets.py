@@ -96,6 +96,7 @@ class SocketServer:
                     reply = self._reply(store, line)
                     conn.sendall(protocol.encode(reply))
                     if not reply["ok"] and reply["error"]["code"] in CLOSING_CODES:
+                        self._close_gently(conn)
                         return
         except (BrokenPipeError, ConnectionResetError):
             pass
@@ -103,6 +104,16 @@ class SocketServer:
             log.exception("socket connection failed")
         finally:
             store.close()
+
+    def _close_gently(self, conn: socket.socket) -> None:
+        """End the connection so the client still reads the error reply: closing with unread
+        input would reset the connection and lose the reply."""
+        conn.shutdown(socket.SHUT_WR)
+        conn.settimeout(1.0)
+        budget = 16 * self.max_line
+        with contextlib.suppress(OSError):
+            while budget > 0 and (chunk := conn.recv(65536)):
+                budget -= len(chunk)
 
     def _reply(self, store: Store, line: bytes) -> dict[str, Any]:
         if len(line) > self.max_line or not line.endswith(b"\n") and len(line) == self.max_line + 1:

@@ -46,11 +46,11 @@ class Outcome(msgspec.Struct, kw_only=True, omit_defaults=True):
 _job = msgspec.json.Decoder(Job)
 
 
-def main(conn: Connection, max_result_bytes: int) -> None:
+def main(conn: Connection, max_result_bytes: int, only: tuple[str, ...]) -> None:
     """Entry point of an execution process (started by the pool with the spawn method)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    registry = plugins.load()
+    registry = plugins.load(only)
     inbox = _Inbox(conn)
     inbox.send(b'{"ready": true}')
     threading.Thread(target=inbox.read, daemon=True).start()

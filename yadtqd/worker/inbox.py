@@ -64,8 +64,9 @@ class Inbox:
             batch = [first, *self.consumer.consume(499, 0)]
             good = []
             for msg in batch:
-                if msg.error():
-                    log.warning("dispatch read error: %s", msg.error().str())
+                err = msg.error()
+                if err is not None:
+                    log.warning("dispatch read error: %s", err.str())
                 else:
                     good.append(msg)
             with self._lock:

@@ -60,7 +60,8 @@ class Worker:
         self.last_watchdog = 0.0
         self.last_progress = time.time()
         self.registry = plugins.Registry()
-        self.pool = Pool(config.worker.slot_count, config.worker.max_result_bytes)
+        self.pool = Pool(config.worker.slot_count, config.worker.max_result_bytes,
+                         config.worker.plugins)
         self.pool.ping_interval = config.worker.heartbeat_interval
         self.producer: Producer | None = None
         self.events_partition = 0
@@ -69,7 +70,7 @@ class Worker:
 
     def run(self) -> int:
         """Run until SIGTERM and the drain that follows; returns the exit status."""
-        self.registry = plugins.load()
+        self.registry = plugins.load(self.config.worker.plugins)
         self.pool.start()
         producer, _ = transport.make_producer(self.config, "worker")
         consumer, _ = transport.make_consumer(self.config, "worker")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
@@ -40,9 +41,10 @@ class Slot:
 class Pool:
     """``size`` execution processes started with the spawn method (no fork of a Kafka client)."""
 
-    def __init__(self, size: int, max_result_bytes: int) -> None:
+    def __init__(self, size: int, max_result_bytes: int, plugins: tuple[str, ...] = ()) -> None:
         self.size = size
         self.max_result_bytes = max_result_bytes
+        self.plugins = plugins
         self.ctx = multiprocessing.get_context("spawn")
         self.slots: list[Slot] = []
         self.ping_interval = 1.0
@@ -54,7 +56,7 @@ class Pool:
 
     def _spawn(self) -> Slot:
         parent, child_end = self.ctx.Pipe()
-        process = self.ctx.Process(target=child.main, args=(child_end, self.max_result_bytes),
+        process = self.ctx.Process(target=child.main, args=(child_end, self.max_result_bytes, self.plugins),
                                    name="yadtq-exec", daemon=True)
         process.start()
         child_end.close()
@@ -85,7 +87,7 @@ class Pool:
         """The pipes to wait on for outcomes."""
         return [s.conn for s in self.slots]
 
-    def collect(self, ready: list[object]) -> list[Outcome]:
+    def collect(self, ready: Sequence[object]) -> list[Outcome]:
         """Read what the ready pipes say; replace slots whose process died."""
         outcomes = []
         for slot in [s for s in self.slots if s.conn in ready]:

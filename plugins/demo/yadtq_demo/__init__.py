@@ -1,4 +1,5 @@
-"""Tasks for demos and tests: ``sleep``, ``fail``, ``echo``, ``cpu`` and ``ledger``.
+"""Tasks for demos and tests: ``sleep``, ``fail``, ``flaky``, ``echo``, ``cpu``, ``ledger``,
+``blob`` and ``not_json``.
 
 ``ledger`` appends one line when it starts and one when it ends to a file named in its
 arguments, with the task id, attempt, worker and pid of the execution: the chaos tests read
@@ -30,6 +31,24 @@ def fail(exception: str = "RuntimeError", message: str = "failed on purpose") ->
     if not (isinstance(kind, type) and issubclass(kind, Exception)):
         kind = RuntimeError
     raise kind(message)
+
+
+def flaky(succeed_on_attempt: int = 2, value: Any = "ok") -> Any:
+    """Fail every attempt before ``succeed_on_attempt``, then return ``value``."""
+    ctx = current()
+    if ctx is None or ctx.attempt < succeed_on_attempt:
+        raise RuntimeError(f"attempt {ctx.attempt if ctx else '?'} fails on purpose")
+    return value
+
+
+def blob(size: int) -> str:
+    """A string of ``size`` characters (to test the result size limit)."""
+    return "x" * size
+
+
+def not_json() -> Any:
+    """Return a value that is not JSON (a set), which fails the task."""
+    return {1, 2, 3}
 
 
 def echo(*args: Any, **kwargs: Any) -> dict[str, Any]:
@@ -72,5 +91,5 @@ def _append(path: str, phase: str) -> None:
 @yadtqd.hookimpl
 def yadtq_register_tasks(register: Register) -> None:
     """Register the demo tasks."""
-    for function in (sleep, fail, echo, cpu, ledger):
+    for function in (sleep, fail, flaky, echo, cpu, ledger, blob, not_json):
         register(function.__name__, function)
