@@ -1,0 +1,159 @@
+"""A real YADTQ cluster for integration tests: ``yadtqd`` processes and the ``yadtqctl`` CLI.
+
+Each cluster has topics, a database and a socket of its own, so tests share the broker without
+seeing each other. Processes are started with their own process group and stopped by PID.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from yadtqd.client import Client
+
+WAIT = 60.0
+
+
+class Cluster:
+    """Server and workers of one test, with their config, logs and a client."""
+
+    def __init__(self, bootstrap: str, directory: Path) -> None:
+        self.bootstrap = bootstrap
+        self.dir = directory
+        self.prefix = f"t{uuid.uuid4().hex[:12]}"
+        self.socket = str(directory / "yadtqd.sock")
+        self.database = str(directory / "yadtq.db")
+        self.config = directory / "yadtq.toml"
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.client = Client(self.socket, timeout=30)
+        self.write_config()
+
+    def write_config(self, server: dict[str, Any] | None = None, worker: dict[str, Any] | None = None) -> None:
+        """(Re)write the cluster's TOML config."""
+        server = {"database": self.database, "socket": self.socket, "heartbeat_timeout": 5.0,
+                  **(server or {})}
+        worker = {"slots": 2, "heartbeat_interval": 0.5, "stop_timeout": 30.0, **(worker or {})}
+        lines = [f'topic_prefix = "{self.prefix}"', "[kafka]",
+                 f'"bootstrap.servers" = "{self.bootstrap}"', "[server]"]
+        lines += [f"{k} = {json.dumps(v)}" for k, v in server.items()]
+        lines += ["[worker]"] + [f"{k} = {json.dumps(v)}" for k, v in worker.items()]
+        self.config.write_text("\n".join(lines) + "\n")
+
+    # ------------------------------------------------------------ processes
+
+    def start(self, name: str, role: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """Start ``yadtqd ROLE`` as process ``name``; its output goes to ``name.log``."""
+        full_env = {**os.environ, "YADTQ_CONFIG": str(self.config), **(env or {})}
+        log = (self.dir / f"{name}.log").open("ab")
+        proc = subprocess.Popen([sys.executable, "-m", "yadtqd.cli", role, "--log-level", "debug"],
+                                env=full_env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        self.processes[name] = proc
+        return proc
+
+    def start_server(self) -> subprocess.Popen[bytes]:
+        """Start the server and wait until its socket answers."""
+        proc = self.start("server", "server")
+        self.wait_for(lambda: self._answers(), "the server's socket to answer",
+                      alive=proc)
+        return proc
+
+    def start_worker(self, worker_id: str, plugins: str | None = None, slots: int | None = None,
+                     wait: bool = True, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """Start a worker and (by default) wait until the server counts it live."""
+        extra = {"YADTQ_WORKER_ID": worker_id, **(env or {})}
+        if plugins is not None:
+            extra["YADTQ_WORKER_PLUGINS"] = plugins
+        if slots is not None:
+            extra["YADTQ_WORKER_SLOTS"] = str(slots)
+        proc = self.start(worker_id, "worker", extra)
+        if wait:
+            self.wait_for(lambda: worker_id in self.live_workers(), f"worker {worker_id} to join",
+                          alive=proc)
+        return proc
+
+    def stop(self, name: str, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
+        """Signal a process (its whole group for SIGKILL) and wait for it to exit."""
+        proc = self.processes.pop(name)
+        if proc.poll() is None:
+            if sig == signal.SIGKILL:
+                os.killpg(proc.pid, signal.SIGKILL)
+            else:
+                proc.send_signal(sig)
+        try:
+            return proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            return proc.wait()
+
+    def stop_all(self) -> None:
+        """Stop every process the cluster started (SIGTERM, then SIGKILL)."""
+        for name in list(self.processes):
+            self.stop(name, timeout=20)
+
+    # ------------------------------------------------------------ observation
+
+    def ctl(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+        """Run the real ``yadtqctl`` against this cluster's socket."""
+        return subprocess.run([sys.executable, "-m", "yadtqd.ctl.main", "--socket", self.socket, *args],
+                              capture_output=True, text=True, timeout=timeout)
+
+    def live_workers(self) -> set[str]:
+        """Worker ids the server counts live."""
+        return {w["worker"] for w in self.client.workers() if w["state"] == "live"}
+
+    def wait_for(self, condition: Callable[[], Any], what: str, timeout: float = WAIT,
+                 alive: subprocess.Popen[bytes] | None = None) -> Any:
+        """Poll ``condition`` until it is truthy; fail naming ``what`` after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                value = condition()
+            except Exception:  # the server may not answer yet
+                value = None
+            if value:
+                return value
+            if alive is not None and alive.poll() is not None:
+                raise AssertionError(f"process exited with {alive.returncode} while waiting for"
+                                     f" {what}\n{self.logs_tail()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}\n{self.logs_tail()}")
+            time.sleep(0.05)
+
+    def wait_terminal(self, ids: list[str], timeout: float = 120.0) -> dict[str, dict[str, Any]]:
+        """Wait until every task is terminal; return their statuses."""
+        for task_id in ids:
+            self.client.result(task_id, wait=timeout)
+        return self.status(ids)
+
+    def status(self, ids: list[str]) -> dict[str, dict[str, Any]]:
+        """Statuses of many tasks, in chunks."""
+        out: dict[str, dict[str, Any]] = {}
+        for i in range(0, len(ids), 500):
+            out.update(self.client.status(*ids[i:i + 500]))
+        return out
+
+    def log(self, name: str) -> str:
+        """A process's log so far."""
+        path = self.dir / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def logs_tail(self, lines: int = 40) -> str:
+        """The last lines of every process log, for a failing test's report."""
+        parts = []
+        for path in sorted(self.dir.glob("*.log")):
+            tail = path.read_text(errors="replace").splitlines()[-lines:]
+            parts.append(f"----- {path.name}\n" + "\n".join(tail))
+        return "\n".join(parts)
+
+    def _answers(self) -> bool:
+        self.client.stats()
+        return True

@@ -1,0 +1,186 @@
+"""The core task flow end to end: real broker, real yadtqd processes, real yadtqctl."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections import Counter
+
+import pytest
+from confluent_kafka import Producer
+
+from tests.cluster import Cluster
+from yadtqd.client import KafkaSubmitter
+
+pytestmark = pytest.mark.kafka
+
+
+def test_seed_message_from_a_plain_producer_completes(cluster: Cluster) -> None:
+    cluster.start_server()
+    cluster.start_worker("w1")
+    task_id = str(uuid.uuid4())
+    producer = Producer({"bootstrap.servers": cluster.bootstrap})
+    producer.produce(f"{cluster.prefix}.tasks",
+                     json.dumps({"task-id": task_id, "task": "add", "args": [1, 2]}).encode())
+    assert producer.flush(30) == 0
+    view = cluster.client.result(task_id, wait=60)
+    assert view["status"] == "success"
+    assert view["result"] == 3
+    assert view["worker"] == "w1"
+    assert view["attempt"] == 1
+
+
+def test_thousand_tasks_over_three_workers_balance(cluster: Cluster) -> None:
+    cluster.start_server()
+    for w in ("w1", "w2", "w3"):
+        cluster.start_worker(w)
+    ids = [cluster.client.submit("add", i, i * 2) for i in range(1000)]
+    statuses = cluster.wait_terminal(ids, timeout=300)
+    assert all(v["status"] == "success" for v in statuses.values())
+    assert [statuses[t]["result"] for t in ids] == [3 * i for i in range(1000)]
+    shares = Counter(v["worker"] for v in statuses.values())
+    mean = 1000 / 3
+    assert set(shares) == {"w1", "w2", "w3"}
+    for worker, n in shares.items():
+        assert abs(n - mean) <= 0.1 * mean, f"{worker} ran {n} of 1000: {dict(shares)}"
+
+
+def test_cli_submit_wait_prints_result_and_exit_codes(cluster: Cluster) -> None:
+    cluster.start_server()
+    cluster.start_worker("w1")
+    ok = cluster.ctl("submit", "add", "2", "3", "--wait", "60")
+    assert (ok.returncode, ok.stdout.strip()) == (0, "5")
+    failed = cluster.ctl("submit", "fail", "ValueError", "boom", "--wait", "60")
+    assert failed.returncode == 1
+    assert "ValueError: boom" in failed.stderr
+    shown = cluster.ctl("--json", "submit", "echo", "a", "1", "--kwargs", '{"k": [1]}', "--wait")
+    assert shown.returncode == 0
+    (view,) = json.loads(shown.stdout).values()
+    assert view["result"] == {"args": ["a", 1], "kwargs": {"k": [1]}}
+    slow = cluster.ctl("submit", "sleep", "30", "--wait", "0.5")
+    assert slow.returncode == 4
+    usage = cluster.ctl("submit", "add", "--kwargs", "[1]")
+    assert usage.returncode == 2 and "--kwargs must be a JSON object" in usage.stderr
+
+
+def test_exception_is_a_failed_result_with_type_message_traceback(cluster: Cluster) -> None:
+    cluster.start_server()
+    cluster.start_worker("w1")
+    task_id = cluster.client.submit("fail", "KeyError", "missing thing")
+    view = cluster.client.result(task_id, wait=60)
+    assert view["status"] == "failed"
+    assert view["error"]["type"] == "KeyError"
+    assert "missing thing" in view["error"]["message"]
+    assert "raise kind(message)" in view["error"]["traceback"]
+    div = cluster.client.result(cluster.client.submit("div", 1, 0), wait=60)
+    assert div["error"]["type"] == "ZeroDivisionError"
+
+
+def test_timeout_kills_the_task_and_the_slot_is_replaced(cluster: Cluster) -> None:
+    cluster.start_server()
+    cluster.start_worker("w1", slots=1)
+    slow = cluster.client.submit("sleep", 60, timeout=0.5)
+    view = cluster.client.result(slow, wait=60)
+    assert view["status"] == "failed"
+    assert view["error"]["type"] == "TimeoutError"
+    after = cluster.client.result(cluster.client.submit("add", 1, 1), wait=60)
+    assert after["status"] == "success" and after["result"] == 2
+
+
+def test_retries_until_success_and_until_exhausted(cluster: Cluster) -> None:
+    cluster.start_server()
+    cluster.start_worker("w1")
+    flaky = cluster.client.submit("flaky", 3, "done", max_retries=3, retry_backoff=0.05)
+    view = cluster.client.result(flaky, wait=60)
+    assert (view["status"], view["result"], view["attempt"]) == ("success", "done", 3)
+    doomed = cluster.client.submit("fail", max_retries=2, retry_backoff=0.05)
+    view = cluster.client.result(doomed, wait=60)
+    assert (view["status"], view["attempt"]) == ("failed", 3)
+    no_retry = cluster.client.result(cluster.client.submit("flaky", 2), wait=60)
+    assert (no_retry["status"], no_retry["attempt"]) == ("failed", 1)
+
+
+def test_routing_sends_tasks_only_to_workers_that_provide_them(cluster: Cluster) -> None:
+    cluster.start_server()
+    cluster.start_worker("arith-only", plugins="arith")
+    cluster.start_worker("everything")
+    echoes = [cluster.client.submit("echo", i) for i in range(40)]
+    adds = [cluster.client.submit("add", i, 1) for i in range(40)]
+    statuses = cluster.wait_terminal(echoes + adds)
+    assert {statuses[t]["worker"] for t in echoes} == {"everything"}
+    assert all(statuses[t]["status"] == "success" for t in echoes + adds)
+    plugins = cluster.client.plugins()
+    assert {p["worker"] for p in plugins["echo"]} == {"everything"}
+    assert {p["worker"] for p in plugins["add"]} == {"arith-only", "everything"}
+
+
+def test_task_no_live_worker_provides_stays_queued_and_says_why(cluster: Cluster) -> None:
+    cluster.start_server()
+    cluster.start_worker("w1", plugins="arith")
+    task_id = cluster.client.submit("sleep", 0)
+    shown = cluster.ctl("status", task_id)
+    assert shown.returncode == 0
+    assert "queued" in shown.stdout
+    assert "no live worker provides task 'sleep'" in shown.stdout
+    cluster.start_worker("w2")
+    view = cluster.client.result(task_id, wait=60)
+    assert (view["status"], view["worker"]) == ("success", "w2")
+
+
+def test_resubmit_same_payload_is_a_no_op_and_other_payload_a_conflict(cluster: Cluster) -> None:
+    cluster.start_server()
+    cluster.start_worker("w1")
+    first = cluster.ctl("submit", "add", "1", "2", "--id", "same-id", "--wait", "60")
+    assert first.returncode == 0
+    again = cluster.client.request({"op": "submit", "task": {"task-id": "same-id", "task": "add",
+                                                             "args": [1, 2]}})
+    assert again["created"] is False
+    conflict = cluster.ctl("submit", "add", "5", "5", "--id", "same-id")
+    assert conflict.returncode == 2
+    assert "submitted before with another payload" in conflict.stderr
+    view = cluster.client.result("same-id")
+    assert (view["result"], view["attempt"]) == (3, 1)
+    # the same conflict arriving through Kafka is rejected too and counted
+    with KafkaSubmitter({"bootstrap.servers": cluster.bootstrap}, cluster.prefix) as kafka:
+        kafka.submit("add", 9, 9, task_id="same-id")
+        marker = kafka.submit("add", 0, 0)
+    cluster.client.result(marker, wait=60)
+    cluster.wait_for(lambda: cluster.client.stats()["counters"].get("conflicts") == 1,
+                     "the conflict to be counted")
+    assert cluster.client.result("same-id")["result"] == 3
+
+
+def test_unknown_ids_are_unknown(cluster: Cluster) -> None:
+    cluster.start_server()
+    shown = cluster.ctl("--json", "status", "never-seen", "also-never")
+    assert json.loads(shown.stdout) == {"never-seen": {"status": "unknown", "result": None},
+                                        "also-never": {"status": "unknown", "result": None}}
+    assert cluster.ctl("result", "never-seen").returncode == 2
+
+
+def test_kafka_only_submitter(cluster: Cluster) -> None:
+    cluster.start_server()
+    cluster.start_worker("w1")
+    with KafkaSubmitter({"bootstrap.servers": cluster.bootstrap}, cluster.prefix) as kafka:
+        ids = [kafka.submit("mul", i, 2) for i in range(20)]
+    statuses = cluster.wait_terminal(ids)
+    assert [statuses[t]["result"] for t in ids] == [2 * i for i in range(20)]
+
+
+def test_result_that_is_not_json_or_too_large_fails_the_task(cluster: Cluster) -> None:
+    cluster.write_config(worker={"max_result_bytes": 1000})
+    cluster.start_server()
+    cluster.start_worker("w1")
+    bad = cluster.client.result(cluster.client.submit("not_json"), wait=60)
+    assert bad["error"]["type"] == "ResultNotJSON"
+    big = cluster.client.result(cluster.client.submit("blob", 5000), wait=60)
+    assert big["error"]["type"] == "ResultTooLarge"
+    assert "over the limit of 1000" in big["error"]["message"]
+    fits = cluster.client.result(cluster.client.submit("blob", 500), wait=60)
+    assert fits["status"] == "success"
+
+
+def test_server_unreachable_is_exit_3(cluster: Cluster) -> None:
+    result = cluster.ctl("stats")
+    assert result.returncode == 3
+    assert "cannot reach the server" in result.stderr

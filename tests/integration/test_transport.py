@@ -1,0 +1,83 @@
+"""The Kafka transport against the real broker: topics, idempotent producers, manual
+assignment from a given offset, and the broker connection's loss and return."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+
+import pytest
+from confluent_kafka import TopicPartition
+
+from yadtqd import config as configuration
+from yadtqd import transport
+from yadtqd.testing.broker import Broker
+
+pytestmark = pytest.mark.kafka
+
+
+def _config(bootstrap: str, **kafka: object) -> configuration.Config:
+    env = {"YADTQ_KAFKA_BOOTSTRAP_SERVERS": bootstrap, "YADTQ_TOPIC_PREFIX": f"tr{uuid.uuid4().hex[:10]}",
+           "YADTQ_SERVER_PARTITIONS": "2"}
+    env.update({f"YADTQ_KAFKA_{k.upper()}": str(v) for k, v in kafka.items()})
+    return configuration.load(None, env=env)
+
+
+def test_topics_are_created_once_with_configured_partitions(bootstrap: str) -> None:
+    config = _config(bootstrap)
+    admin = transport.make_admin(config)
+    created = transport.ensure_topics(admin, transport.topic_specs(config))
+    assert sorted(created) == sorted(config.topic(t) for t in ("tasks", "dispatch", "events"))
+    assert transport.ensure_topics(admin, transport.topic_specs(config)) == []
+    consumer, _ = transport.make_consumer(config, "test")
+    assert transport.partition_count(consumer, config.topic("events")) == 2
+    consumer.close()
+
+
+def test_idempotent_producer_and_manual_assignment_from_an_offset(bootstrap: str) -> None:
+    config = _config(bootstrap)
+    transport.ensure_topics(transport.make_admin(config), transport.topic_specs(config))
+    producer, _ = transport.make_producer(config, "test")
+    topic = config.topic("tasks")
+    for i in range(10):
+        producer.produce(topic, f"m{i}".encode(), partition=1)
+    assert transport.flush(producer, 30) == 0
+    consumer, _ = transport.make_consumer(config, "test")
+    assert transport.end_offset(consumer, topic, 1) == 10
+    transport.assign(consumer, {(topic, 1): 6})
+    got = []
+    deadline = time.monotonic() + 30
+    while len(got) < 4 and time.monotonic() < deadline:
+        msg = consumer.poll(1.0)
+        if msg is not None and not msg.error():
+            got.append((msg.offset(), msg.value()))
+    assert got == [(6, b"m6"), (7, b"m7"), (8, b"m8"), (9, b"m9")]
+    assert consumer.assignment() == [TopicPartition(topic, 1)]
+    consumer.close()
+
+
+def test_connection_loss_and_return_are_logged(own_broker: Broker, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="yadtqd.kafka")
+    config = _config(own_broker.bootstrap, reconnect_backoff_max_ms=500)
+    transport.ensure_topics(transport.make_admin(config), transport.topic_specs(config))
+    producer, link = transport.make_producer(config, "test")
+
+    def poll_until(state: str) -> None:
+        deadline = time.monotonic() + 60
+        while link.state != state:
+            assert time.monotonic() < deadline, f"connection never became {state}"
+            producer.poll(0.2)
+
+    poll_until("up")
+    own_broker.stop()
+    poll_until("down")
+    delivered: list[object] = []
+    producer.produce(config.topic("tasks"), b"during the outage",
+                     on_delivery=lambda err, msg: delivered.append(err))
+    own_broker.start()
+    poll_until("up")
+    assert transport.flush(producer, 60) == 0
+    assert delivered == [None]
+    events = [getattr(r, "event", None) for r in caplog.records]
+    assert events.index("broker_connected") < events.index("broker_lost") < events.index("broker_back")

@@ -1,0 +1,221 @@
+"""The store's state machine and its invariants (DESIGN section 4), on a real SQLite file."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from yadtqd import messages as m
+from yadtqd.store import Store
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    return Store(tmp_path / "db.sqlite", create=True)
+
+
+def sub(task_id: str = "t1", task: str = "add", args: list | None = None, **options: object) -> m.Submission:
+    return m.Submission(task_id=task_id, task=task, args=args if args is not None else [1, 2],
+                        options=m.Options(**options))  # type: ignore[arg-type]
+
+
+def hello(store: Store, worker: str = "w", epoch: str = "e1") -> list[str] | None:
+    ev = m.Hello(worker=worker, epoch=epoch, ts=0, host="h", pid=1, slots=2, prefetch=2,
+                 tasks={"add": m.TaskInfo(plugin="arith")}, version="0")
+    return store.hello(ev, 1.0)
+
+
+def started(task_id: str, attempt: int, worker: str = "w", epoch: str = "e1") -> m.Started:
+    return m.Started(worker=worker, epoch=epoch, ts=0, task_id=task_id, attempt=attempt)
+
+
+def finished(task_id: str, attempt: int, status: str = "success", result: bytes = b"3",
+             worker: str = "w", epoch: str = "e1") -> m.Finished:
+    error = m.ErrorInfo(type="E", message="boom") if status == "failed" else None
+    return m.Finished(worker=worker, epoch=epoch, ts=0, task_id=task_id, attempt=attempt,
+                      status=status, result=msgspec.Raw(result), error=error)  # type: ignore[arg-type]
+
+
+def status(store: Store, task_id: str) -> str:
+    return store.task_rows([task_id])[task_id]["status"]
+
+
+def test_intake_is_idempotent_and_detects_conflicts(store: Store) -> None:
+    assert store.intake(sub(), 1.0).outcome == "new"
+    assert store.intake(sub(), 2.0).outcome == "duplicate"
+    assert store.intake(sub(args=[5, 5]), 3.0).outcome == "conflict"
+    row = store.task_rows(["t1"])["t1"]
+    assert (row["status"], row["submitted_at"]) == ("queued", 1.0)
+    assert row["payload"] == sub().payload()
+
+
+def test_invalid_intake_never_touches_a_known_id(store: Store) -> None:
+    store.intake(sub(), 1.0)
+    assert not store.intake_invalid("t1", m.ErrorInfo(type="BadSubmission", message="x"), 2.0)
+    assert status(store, "t1") == "queued"
+    assert store.intake_invalid("t2", m.ErrorInfo(type="BadSubmission", message="x"), 2.0)
+    assert status(store, "t2") == "failed"
+
+
+def test_full_lifecycle(store: Store) -> None:
+    store.intake(sub(), 1.0)
+    hello(store)
+    grant = store.grant("t1", "w", "e1", 2.0)
+    assert grant is not None and grant.attempt == 1
+    assert status(store, "t1") == "assigned"
+    assert store.start(started("t1", 1), 3.0)
+    assert status(store, "t1") == "processing"
+    assert store.finish(finished("t1", 1), 4.0) == "success"
+    row = store.task_rows(["t1"])["t1"]
+    assert (row["status"], row["result"], row["finished_at"]) == ("success", "3", 4.0)
+    assert store.all_workers()[0]["executed"] == 1
+
+
+def test_grant_only_from_queued(store: Store) -> None:
+    store.intake(sub(), 1.0)
+    assert store.grant("t1", "w", "e1", 2.0) is not None
+    assert store.grant("t1", "w2", "e2", 2.0) is None
+    assert store.grant("missing", "w", "e1", 2.0) is None
+
+
+def test_many_threads_racing_to_grant_one_task_exactly_one_wins(tmp_path: Path) -> None:
+    path = tmp_path / "race.sqlite"
+    Store(path, create=True).intake(sub(), 1.0)
+    barrier = threading.Barrier(16)
+    wins: list[str] = []
+
+    def contender(n: int) -> None:
+        mine = Store(path)
+        barrier.wait()
+        with mine.transaction():
+            if mine.grant("t1", f"w{n}", f"e{n}", 2.0) is not None:
+                wins.append(f"w{n}")
+        mine.close()
+
+    threads = [threading.Thread(target=contender, args=(n,)) for n in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(wins) == 1
+    row = Store(path).task_rows(["t1"])["t1"]
+    assert (row["worker"], row["attempt"]) == (wins[0], 1)
+
+
+def test_events_for_another_grant_are_stale_and_change_nothing(store: Store) -> None:
+    store.intake(sub(), 1.0)
+    store.grant("t1", "w", "e1", 2.0)
+    assert not store.start(started("t1", 1, epoch="old"), 3.0)
+    assert not store.start(started("t1", 2), 3.0)
+    assert not store.start(started("t1", 1, worker="other"), 3.0)
+    assert store.finish(finished("t1", 1, epoch="old"), 3.0) == "stale"
+    assert status(store, "t1") == "assigned"
+
+
+def test_terminal_status_is_never_overwritten(store: Store) -> None:
+    store.intake(sub(), 1.0)
+    store.grant("t1", "w", "e1", 2.0)
+    assert store.finish(finished("t1", 1), 3.0) == "success"
+    assert store.finish(finished("t1", 1, status="failed"), 4.0) == "stale"
+    assert store.finish(finished("t1", 1, result=b"99"), 4.0) == "stale"
+    assert not store.start(started("t1", 1), 5.0)
+    row = store.task_rows(["t1"])["t1"]
+    assert (row["status"], row["result"]) == ("success", "3")
+
+
+def test_failure_with_retries_left_requeues_after_backoff(store: Store) -> None:
+    store.intake(sub(max_retries=2, retry_backoff=10.0), 1.0)
+    store.grant("t1", "w", "e1", 2.0)
+    assert store.finish(finished("t1", 1, status="failed"), 100.0) == "retry"
+    row = store.task_rows(["t1"])["t1"]
+    assert (row["status"], row["failures"], row["run_after"]) == ("queued", 1, 110.0)
+    assert store.waiting(["add"], 10, 105.0) == []
+    assert [w.task_id for w in store.waiting(["add"], 10, 110.0)] == ["t1"]
+    store.grant("t1", "w", "e1", 110.0)
+    assert store.finish(finished("t1", 2, status="failed"), 200.0) == "retry"
+    assert store.task_rows(["t1"])["t1"]["run_after"] == 220.0  # backoff doubles
+    store.grant("t1", "w", "e1", 220.0)
+    assert store.finish(finished("t1", 3, status="failed"), 300.0) == "failed"
+    assert status(store, "t1") == "failed"
+
+
+def test_waiting_is_oldest_first_and_only_for_provided_names(store: Store) -> None:
+    for i, name in enumerate(["add", "sleep", "add", "echo", "add"]):
+        store.intake(sub(f"t{i}", task=name), float(i))
+    assert [w.task_id for w in store.waiting(["add", "echo"], 10, 9.0)] == ["t0", "t2", "t3", "t4"]
+    assert [w.task_id for w in store.waiting(["add"], 2, 9.0)] == ["t0", "t2"]
+    assert store.waiting([], 10, 9.0) == []
+
+
+def test_declare_dead_requeues_then_fails_after_max_attempts(store: Store) -> None:
+    store.intake(sub(), 1.0)
+    for life in range(1, 4):
+        epoch = f"e{life}"
+        hello(store, epoch=epoch)
+        store.grant("t1", "w", epoch, 2.0)
+        requeued = store.declare_dead(epoch, "no heartbeat", 3.0, max_attempts=3)
+        if life < 3:
+            assert requeued == ["t1"] and status(store, "t1") == "queued"
+    row = store.task_rows(["t1"])["t1"]
+    assert (row["status"], row["lost"]) == ("failed", 3)
+    assert "WorkerLost" in row["error"]
+    failures = store.failure_rows()
+    assert len(failures) == 3
+    assert failures[0]["reason"] == "no heartbeat"
+
+
+def test_declare_dead_only_once_and_dead_epochs_are_fenced(store: Store) -> None:
+    store.intake(sub(), 1.0)
+    hello(store)
+    store.grant("t1", "w", "e1", 2.0)
+    store.start(started("t1", 1), 2.5)
+    assert store.declare_dead("e1", "gone", 3.0, 3) == ["t1"]
+    assert store.declare_dead("e1", "gone", 3.0, 3) == []
+    assert store.finish(finished("t1", 1), 4.0) == "stale"
+    assert not store.heartbeat(m.Heartbeat(worker="w", epoch="e1", ts=0, slots=2, busy=0), 4.0)
+    assert hello(store, epoch="e1") is None  # a dead epoch cannot come back
+    assert len(store.failure_rows()) == 1
+
+
+def test_hello_of_a_newer_epoch_names_the_older_live_ones(store: Store) -> None:
+    assert hello(store, epoch="e1") == []
+    assert hello(store, epoch="e2") == ["e1"]
+    assert hello(store, worker="other", epoch="x1") == []
+
+
+def test_hand_back_requeues_unstarted_grants_without_counting_a_loss(store: Store) -> None:
+    store.intake(sub("a"), 1.0)
+    store.intake(sub("b"), 1.0)
+    hello(store)
+    store.grant("a", "w", "e1", 2.0)
+    store.grant("b", "w", "e1", 2.0)
+    store.start(started("b", 1), 3.0)
+    assert store.leave("e1")
+    refs = [m.TaskRef(task_id="a", attempt=1), m.TaskRef(task_id="b", attempt=1)]
+    assert store.hand_back("e1", refs) == ["a"]
+    row = store.task_rows(["a"])["a"]
+    assert (row["status"], row["lost"]) == ("queued", 0)
+    assert status(store, "b") == "processing"
+
+
+def test_offsets_are_saved_in_the_same_transaction(store: Store) -> None:
+    with pytest.raises(RuntimeError):
+        with store.transaction():
+            store.intake(sub(), 1.0)
+            store.save_offsets({("tasks", 0): 11})
+            raise RuntimeError("crash before commit")
+    assert store.offsets() == {}
+    assert store.task_rows(["t1"]) == {}
+    with store.transaction():
+        store.intake(sub(), 1.0)
+        store.save_offsets({("tasks", 0): 11, ("events", 2): 5})
+    with store.transaction():
+        store.save_offsets({("tasks", 0): 12})
+    assert store.offsets() == {("tasks", 0): 12, ("events", 2): 5}
+
+
+def test_database_is_in_wal_mode(store: Store) -> None:
+    assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"

@@ -1,0 +1,41 @@
+"""librdkafka settings built from the config: the user's passed through, the design's forced."""
+
+from __future__ import annotations
+
+from yadtqd import config as configuration
+from yadtqd import transport
+
+
+def _config(**kafka: str) -> configuration.Config:
+    env = {"YADTQ_KAFKA_BOOTSTRAP_SERVERS": "b:9092", **{f"YADTQ_KAFKA_{k}": v for k, v in kafka.items()}}
+    return configuration.load(None, env=env)
+
+
+def test_producer_forces_acks_all_and_idempotence_and_passes_the_rest() -> None:
+    config = _config(ACKS="1", ENABLE_IDEMPOTENCE="false", SECURITY_PROTOCOL="SSL")
+    settings = transport.producer_settings(config, "x", transport.ConnectionMonitor("x"))
+    assert settings["acks"] == "all"
+    assert settings["enable.idempotence"] is True
+    assert settings["security.protocol"] == "SSL"
+    assert settings["bootstrap.servers"] == "b:9092"
+
+
+def test_consumer_never_commits_offsets() -> None:
+    config = _config(ENABLE_AUTO_COMMIT="true")
+    settings = transport.consumer_settings(config, "x", transport.ConnectionMonitor("x"))
+    assert settings["enable.auto.commit"] is False
+    assert settings["enable.auto.offset.store"] is False
+
+
+def test_monitor_logs_each_change_once(caplog) -> None:  # type: ignore[no-untyped-def]
+    import json
+    import logging
+
+    caplog.set_level(logging.INFO, logger="yadtqd.kafka")
+    monitor = transport.ConnectionMonitor("c")
+    up = json.dumps({"brokers": {"b/1": {"nodeid": 1, "state": "UP"}}})
+    down = json.dumps({"brokers": {"b/1": {"nodeid": 1, "state": "DOWN"},
+                                   "b/bootstrap": {"nodeid": -1, "state": "UP"}}})
+    for raw in (up, up, down, down, up):
+        monitor.on_stats(raw)
+    assert [r.event for r in caplog.records] == ["broker_connected", "broker_lost", "broker_back"]
