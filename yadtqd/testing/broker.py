@@ -137,11 +137,16 @@ class Broker:
                 self.process.wait()
         self.process = None
 
-    def log_tail(self, lines: int = 80) -> str:
-        """The last lines of the broker's log, for a failing test's report."""
+    def log_tail(self, lines: int = 80, min_level: str = "") -> str:
+        """The last lines of the broker's log (of ``min_level`` WARN or ERROR and above, if
+        given), for a failing test's report."""
         if not self.log_path.exists():
             return "(no broker log)"
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        kept = self.log_path.read_text(errors="replace").splitlines()
+        if min_level:
+            levels = {"WARN": (" WARN ", " ERROR ", " FATAL "), "ERROR": (" ERROR ", " FATAL ")}
+            kept = [line for line in kept if any(level in line for level in levels[min_level])]
+        return "\n".join(kept[-lines:]) or "(nothing at that level)"
 
     def _write_config(self) -> Path:
         props = self.directory / "server.properties"
