@@ -49,11 +49,13 @@ class Cluster:
 
     # ------------------------------------------------------------ processes
 
-    def start(self, name: str, role: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    def start(self, name: str, role: str, env: dict[str, str] | None = None,
+              wrap: Callable[[list[str]], list[str]] | None = None) -> subprocess.Popen[bytes]:
         """Start ``yadtqd ROLE`` as process ``name``; its output goes to ``name.log``."""
         full_env = {**os.environ, "YADTQ_CONFIG": str(self.config), **(env or {})}
         log = (self.dir / f"{name}.log").open("ab")
-        proc = subprocess.Popen([sys.executable, "-m", "yadtqd.cli", role, "--log-level", "debug"],
+        command = [sys.executable, "-m", "yadtqd.cli", role, "--log-level", "debug"]
+        proc = subprocess.Popen(wrap(command) if wrap else command,
                                 env=full_env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         self.processes[name] = proc
@@ -67,17 +69,19 @@ class Cluster:
         return proc
 
     def start_worker(self, worker_id: str, plugins: str | None = None, slots: int | None = None,
-                     wait: bool = True, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+                     wait: bool = True, env: dict[str, str] | None = None,
+                     wrap: Callable[[list[str]], list[str]] | None = None) -> subprocess.Popen[bytes]:
         """Start a worker and (by default) wait until the server counts it live."""
         extra = {"YADTQ_WORKER_ID": worker_id, **(env or {})}
         if plugins is not None:
             extra["YADTQ_WORKER_PLUGINS"] = plugins
         if slots is not None:
             extra["YADTQ_WORKER_SLOTS"] = str(slots)
-        proc = self.start(worker_id, "worker", extra)
+        known = self.epochs(worker_id) if wait else set()
+        proc = self.start(worker_id, "worker", extra, wrap)
         if wait:
-            self.wait_for(lambda: worker_id in self.live_workers(), f"worker {worker_id} to join",
-                          alive=proc)
+            self.wait_for(lambda: self.epochs(worker_id, live=True) - known,
+                          f"a new epoch of worker {worker_id} to join", alive=proc)
         return proc
 
     def stop(self, name: str, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
@@ -105,6 +109,15 @@ class Cluster:
         """Run the real ``yadtqctl`` against this cluster's socket."""
         return subprocess.run([sys.executable, "-m", "yadtqd.ctl.main", "--socket", self.socket, *args],
                               capture_output=True, text=True, timeout=timeout)
+
+    def epochs(self, worker_id: str, live: bool = False) -> set[str]:
+        """The epochs of a worker id the server knows (only live ones, if ``live``)."""
+        try:
+            workers = self.client.workers()
+        except Exception:  # the server may not run (yet)
+            return set()
+        return {w["epoch"] for w in workers
+                if w["worker"] == worker_id and (w["state"] == "live" or not live)}
 
     def live_workers(self) -> set[str]:
         """Worker ids the server counts live."""

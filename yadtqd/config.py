@@ -63,6 +63,10 @@ class WorkerConfig:
     slots: int = _setting(0, "Concurrent executions; 0 means the CPU count.", 0)
     prefetch: int = _setting(-1, "Granted-but-unstarted tasks held beyond slots; -1 = slots.", -1)
     heartbeat_interval: float = _setting(1.0, "Seconds between heartbeats.", 0.05)
+    stall_timeout: float = _setting(
+        30.0, "Seconds an execution process may go without answering before the worker counts"
+        " itself wedged and stops its heartbeats and watchdog pings.", 1.0
+    )
     stop_timeout: float = _setting(
         60.0, "Seconds a stopping worker waits for running tasks to finish.", 0
     )

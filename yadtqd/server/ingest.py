@@ -37,7 +37,7 @@ class Effects:
     """What a batch changed beyond the store."""
 
     fences: list[Fence] = field(default_factory=list)
-    changed: bool = False
+    positions: dict[tuple[str, int], int] = field(default_factory=dict)
 
 
 class Ingest:
@@ -53,7 +53,7 @@ class Ingest:
     def apply(self, batch: list[Message], now: float) -> Effects:
         """Apply a batch and save its offsets; call inside a transaction."""
         effects = Effects()
-        positions: dict[tuple[str, int], int] = {}
+        positions = effects.positions
         for msg in batch:
             if msg.topic() == self.tasks_topic:
                 self._submission(msg, now)
@@ -62,7 +62,6 @@ class Ingest:
             topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
             assert topic is not None and partition is not None and offset is not None
             positions[(topic, partition)] = offset + 1
-        effects.changed = bool(batch)
         self.store.save_offsets(positions)
         return effects
 

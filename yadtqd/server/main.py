@@ -44,7 +44,7 @@ class Server:
         self.events_topic = config.topic("events")
         self.dispatch_partitions = 1
         self.events_partitions = 1
-        self.grace_until = 0.0
+        self.positions: dict[tuple[str, int], int] = {}
         self.last_status = 0.0
         self.last_watchdog = 0.0
 
@@ -71,7 +71,7 @@ class Server:
                  self.config.server.database)
         try:
             while not self.stopping:
-                self._turn(store, ingest, consumer, producer, consumer_link.up)
+                self._turn(store, ingest, consumer, producer, consumer_link)
         finally:
             self.notifier.stopping()
             sockets.close()
@@ -96,6 +96,7 @@ class Server:
         self.events_partitions = transport.partition_count(consumer, self.events_topic)
         self.dispatch_partitions = transport.partition_count(consumer, self.dispatch_topic)
         transport.assign(consumer, positions)
+        self.positions = positions
 
     def _restore(self, store: Store, producer: Producer) -> None:
         """Rebuild the scheduler's view; re-send grants not known to have started."""
@@ -103,7 +104,6 @@ class Server:
         partition_of = {r["worker"]: transport.partition_for(r["worker"], self.events_partitions)
                         for r in live}
         self.scheduler.load(live, store.outstanding(), partition_of)
-        self.grace_until = time.monotonic() + self.config.server.heartbeat_timeout
         pending = store.pending_grants()
         self._send_runs(producer, pending)
         if live or pending:
@@ -113,14 +113,16 @@ class Server:
     # ------------------------------------------------------------ the loop
 
     def _turn(self, store: Store, ingest: Ingest, consumer: Consumer, producer: Producer,
-              kafka_up: bool) -> None:
+              link: transport.ConnectionMonitor) -> None:
         batch = self._read(consumer)
         now = time.time()
         fences: list[Fence] = []
         if batch:
             with store.transaction():
-                fences += ingest.apply(batch, now).fences
-        fences += self._check_deaths(store, ingest, consumer, kafka_up, now)
+                effects = ingest.apply(batch, now)
+            fences += effects.fences
+            self.positions.update(effects.positions)
+        fences += self._check_deaths(store, ingest, consumer, link, now)
         with store.transaction():
             grants = self.scheduler.plan(store, now)
         self._send_runs(producer, grants)
@@ -144,14 +146,15 @@ class Server:
                 good.append(msg)
         return good
 
-    def _check_deaths(self, store: Store, ingest: Ingest, consumer: Consumer, kafka_up: bool,
-                      now: float) -> list[Fence]:
+    def _check_deaths(self, store: Store, ingest: Ingest, consumer: Consumer,
+                      link: transport.ConnectionMonitor, now: float) -> list[Fence]:
         """Declare dead the epochs silent for ``heartbeat_timeout`` — but only while the server
         has read their ``events`` partition to its end, so its own lag is never taken for a
-        death, and never in the first ``heartbeat_timeout`` after start."""
+        death, and only once its broker connection has been up for a ``heartbeat_timeout``
+        (after a start or an outage, heartbeats held up in workers get time to arrive)."""
         mono = time.monotonic()
         timeout = self.config.server.heartbeat_timeout
-        if mono < self.grace_until or not kafka_up:
+        if not link.up or mono - link.changed_at < timeout:
             return []
         silent = [mb for mb in self.scheduler.members.values() if mono - mb.last_heartbeat > timeout]
         fences = []
@@ -165,10 +168,10 @@ class Server:
         return fences
 
     def _caught_up(self, consumer: Consumer, partition: int) -> bool:
+        """True when every message in the partition (as of the last fetch) has been applied."""
         tp = TopicPartition(self.events_topic, partition)
         _, high = consumer.get_watermark_offsets(tp, cached=True)
-        position = consumer.position([tp])[0].offset
-        return high >= 0 and position >= high
+        return high >= 0 and self.positions.get((self.events_topic, partition), 0) >= high
 
     def _send_runs(self, producer: Producer, grants: list[Grant]) -> None:
         for grant in grants:

@@ -40,6 +40,9 @@ from yadtqd.worker.pool import Pool
 log = logging.getLogger("yadtqd.worker")
 
 SEEN_LIMIT = 1_000_000
+#: Test-only fault switch: when set to a task name, a ``run`` of that task wedges the main loop
+#: for good, so tests can watch the heartbeat and the watchdog stop. Never set it in production.
+WEDGE_ENV = "YADTQ_TEST_WEDGE_ON_TASK"
 
 
 class Worker:
@@ -65,6 +68,7 @@ class Worker:
         self.pool.ping_interval = config.worker.heartbeat_interval
         self.producer: Producer | None = None
         self.events_partition = 0
+        self.wedge_on = os.environ.get(WEDGE_ENV, "")
 
     # ------------------------------------------------------------ life cycle
 
@@ -177,6 +181,10 @@ class Worker:
         if self.stopping:
             self._send_bye([run])
             return
+        if self.wedge_on and run.task == self.wedge_on:
+            log.critical("test fault %s=%s: wedging the main loop", WEDGE_ENV, self.wedge_on)
+            while True:
+                time.sleep(3600)
         self.pending.append(run)
 
     def _on_fenced(self, fence: m.Fenced) -> None:
@@ -221,7 +229,7 @@ class Worker:
     def _beat(self) -> None:
         now = time.monotonic()
         interval = self.config.worker.heartbeat_interval
-        healthy = self.pool.responsive(grace=3 * interval + 1)
+        healthy = self.pool.responsive(grace=self.config.worker.stall_timeout)
         if not healthy:
             return  # a wedged pool must look dead to the server and to systemd
         if now - self.last_heartbeat >= interval:

@@ -1,0 +1,137 @@
+"""Dead-worker detection, fencing, recovery and graceful stop, with real processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from tests import ledger
+from tests.cluster import Cluster
+
+pytestmark = pytest.mark.kafka
+
+
+def _fast(cluster: Cluster, **server: object) -> None:
+    cluster.write_config(server={"heartbeat_timeout": 2.0, **server},
+                         worker={"heartbeat_interval": 0.25})
+
+
+def _holder(cluster: Cluster, task_id: str, attempt: int = 1) -> str:
+    """Wait until the task's attempt is processing; return the worker running it."""
+    def started() -> dict | None:
+        view = cluster.client.status(task_id)[task_id]
+        return view if view["status"] == "processing" and view["attempt"] == attempt else None
+
+    return str(cluster.wait_for(started, f"{task_id} attempt {attempt} to start")["worker"])
+
+
+def test_killed_worker_is_declared_dead_and_its_task_runs_elsewhere(cluster: Cluster, tmp_path: Path) -> None:
+    _fast(cluster)
+    cluster.start_server()
+    cluster.start_worker("w1")
+    cluster.start_worker("w2")
+    book = tmp_path / "ledger"
+    task_id = cluster.client.submit("ledger", str(book), 3, "done")
+    victim = _holder(cluster, task_id)
+    cluster.stop(victim, signal.SIGKILL)
+    view = cluster.client.result(task_id, wait=60)
+    assert view["status"] == "success" and view["worker"] != victim and view["attempt"] == 2
+    (failure,) = cluster.client.failures()
+    assert failure["worker"] == victim and failure["requeued"] == [task_id]
+    assert failure["reason"].startswith("no heartbeat for")
+    assert failure["last_heartbeat"] <= failure["detected_at"]
+    verdict = ledger.check_contract(cluster, book, {task_id: "done"})
+    assert verdict.re_executions == 1
+
+
+def test_restarted_worker_fences_its_previous_epoch_at_once(cluster: Cluster, tmp_path: Path) -> None:
+    cluster.write_config(server={"heartbeat_timeout": 3600.0})  # only the new hello can tell
+    cluster.start_server()
+    cluster.start_worker("w1")
+    book = tmp_path / "ledger"
+    task_id = cluster.client.submit("ledger", str(book), 1, 7)
+    _holder(cluster, task_id)
+    cluster.stop("w1", signal.SIGKILL)
+    cluster.start_worker("w1")
+    assert cluster.client.result(task_id, wait=60)["result"] == 7
+    (failure,) = cluster.client.failures()
+    assert failure["reason"] == "a newer epoch of the same worker said hello"
+    ledger.check_contract(cluster, book, {task_id: 7})
+
+
+def test_task_whose_workers_die_max_attempts_times_fails_with_worker_lost(cluster: Cluster) -> None:
+    cluster.write_config(server={"heartbeat_timeout": 3600.0, "max_attempts": 2})
+    cluster.start_server()
+    cluster.start_worker("w1")
+    task_id = cluster.client.submit("sleep", 600)
+    for attempt in (1, 2):
+        _holder(cluster, task_id, attempt)
+        cluster.stop("w1", signal.SIGKILL)
+        cluster.start_worker("w1")
+    view = cluster.client.result(task_id, wait=60)
+    assert view["status"] == "failed"
+    assert view["error"]["type"] == "WorkerLost"
+    assert "lost while running this task 2 times" in view["error"]["message"]
+    assert len(cluster.client.failures()) == 2
+
+
+def test_wedged_worker_stops_heartbeating_and_is_declared_dead(cluster: Cluster) -> None:
+    _fast(cluster)
+    cluster.start_server()
+    wedged = cluster.start_worker("wedged", env={"YADTQ_TEST_WEDGE_ON_TASK": "echo"})
+    task_id = cluster.client.submit("echo", "hi")
+    cluster.wait_for(lambda: cluster.client.failures(), "the wedged worker to be declared dead")
+    assert wedged.poll() is None  # alive, but its loop is stuck
+    cluster.start_worker("healthy")
+    view = cluster.client.result(task_id, wait=60)
+    assert (view["status"], view["worker"]) == ("success", "healthy")
+    assert "wedging the main loop" in cluster.log("wedged")
+    cluster.stop("wedged", signal.SIGKILL)  # a wedged loop does not act on SIGTERM
+
+
+def test_frozen_worker_is_fenced_and_its_late_result_is_stale(cluster: Cluster, tmp_path: Path) -> None:
+    _fast(cluster)
+    cluster.start_server()
+    frozen = cluster.start_worker("w1")
+    book = tmp_path / "ledger"
+    task_id = cluster.client.submit("ledger", str(book), 1, "once")
+    _holder(cluster, task_id)
+    old_epochs = cluster.epochs("w1")
+    os.killpg(frozen.pid, signal.SIGSTOP)  # no heartbeats now, but it will wake up
+    try:
+        cluster.wait_for(lambda: cluster.client.failures(), "w1 to be declared dead")
+        cluster.start_worker("w2")
+        view = cluster.client.result(task_id, wait=60)
+        assert (view["worker"], view["attempt"]) == ("w2", 2)
+    finally:
+        os.killpg(frozen.pid, signal.SIGCONT)
+    cluster.wait_for(lambda: cluster.epochs("w1", live=True) - old_epochs, "w1 to register anew")
+    cluster.wait_for(lambda: cluster.client.stats()["counters"].get("stale_events", 0) >= 1,
+                     "w1's late events to be counted stale")
+    assert "fenced by the server" in cluster.log("w1")
+    assert cluster.client.result(task_id)["worker"] == "w2"
+    ledger.check_contract(cluster, book, {task_id: "once"})
+
+
+def test_graceful_stop_drains_running_and_hands_back_unstarted(cluster: Cluster, tmp_path: Path) -> None:
+    cluster.write_config(worker={"slots": 1, "prefetch": 2})
+    cluster.start_server()
+    cluster.start_worker("w1")
+    book = tmp_path / "ledger"
+    ids = [cluster.client.submit("ledger", str(book), 2, i) for i in range(3)]
+    cluster.wait_for(lambda: all(v["worker"] == "w1" for v in cluster.client.status(*ids).values()),
+                     "all three granted to w1")
+    cluster.start_worker("w2")
+    assert cluster.stop("w1", signal.SIGTERM) == 0
+    statuses = cluster.wait_terminal(ids)
+    on_w1 = [t for t in ids if statuses[t]["worker"] == "w1"]
+    assert len(on_w1) == 1 and statuses[on_w1[0]]["attempt"] == 1
+    assert all(statuses[t]["worker"] == "w2" for t in ids if t not in on_w1)
+    assert cluster.client.failures() == []
+    assert {w["worker"]: w["state"] for w in cluster.client.workers()}["w1"] == "left"
+    ledger.check_contract(cluster, book, {t: i for i, t in enumerate(ids)})
+    log = cluster.log("w1")
+    assert "handed back 2 unstarted tasks, draining 1 running" in log
