@@ -1,0 +1,143 @@
+"""The chaos suite: real faults during real runs, then the exactly-once contract checked
+against the execution ledger and the store (tests/ledger.py). Scenario 4 (a worker cut off the
+network) is tests/integration/test_partition.py; scenario 5 (graceful stop of a busy worker)
+is the last test here.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests import ledger
+from tests.cluster import Cluster
+from yadtqd.client import KafkaSubmitter
+from yadtqd.testing.broker import Broker
+
+pytestmark = pytest.mark.kafka
+
+WORKERS = ("w1", "w2", "w3")
+
+
+def _chaos_config(cluster: Cluster) -> None:
+    cluster.write_config(server={"heartbeat_timeout": 2.0, "max_attempts": 20},
+                         worker={"heartbeat_interval": 0.25, "slots": 2})
+
+
+def _submit(cluster: Cluster, book: Path, count: int, rng: random.Random, start: int) -> dict[str, int]:
+    return {cluster.client.submit("ledger", str(book), rng.uniform(0.05, 0.4), i): i
+            for i in range(start, start + count)}
+
+
+def _busy_worker(cluster: Cluster, expected: dict[str, int]) -> str | None:
+    running = [v["worker"] for v in cluster.status(list(expected)).values() if v["status"] == "processing"]
+    return running[0] if running else None
+
+
+def test_scenario_1_twenty_worker_kills_mid_task(cluster: Cluster, tmp_path: Path) -> None:
+    _chaos_config(cluster)
+    cluster.start_server()
+    for w in WORKERS:
+        cluster.start_worker(w)
+    rng = random.Random(1)
+    book = tmp_path / "ledger"
+    expected = _submit(cluster, book, 300, rng, 0)
+    kills = 0
+    while kills < 20:
+        victim = cluster.wait_for(lambda: _busy_worker(cluster, expected) or
+                                  (expected.update(_submit(cluster, book, 30, rng, len(expected))) and None),
+                                  "a worker running a task")
+        cluster.stop(victim, signal.SIGKILL)
+        cluster.start_worker(victim)
+        kills += 1
+    cluster.wait_terminal(list(expected), timeout=300)
+    verdict = ledger.check_contract(cluster, book, expected)
+    print(f"scenario 1: {verdict}")
+    assert verdict.dead_epochs >= 20
+    assert verdict.re_executions >= 1
+
+
+def test_scenario_2_server_killed_three_times_while_submissions_continue(cluster: Cluster, tmp_path: Path) -> None:
+    _chaos_config(cluster)
+    cluster.start_server()
+    for w in WORKERS[:2]:
+        cluster.start_worker(w)
+    book = tmp_path / "ledger"
+    expected: dict[str, int] = {}
+    done = threading.Event()
+
+    def producer() -> None:
+        with KafkaSubmitter({"bootstrap.servers": cluster.bootstrap}, cluster.prefix) as kafka:
+            for i in range(400):
+                expected[kafka.submit("ledger", str(book), 0.02, i)] = i
+                if done.wait(0.01):
+                    return
+
+    thread = threading.Thread(target=producer)
+    thread.start()
+    try:
+        for round_ in range(3):
+            cluster.wait_for(lambda: len(expected) >= 100 * (round_ + 1) and
+                             cluster.client.stats()["tasks"].get("success", 0) >= 50 * (round_ + 1),
+                             f"progress before kill {round_ + 1}", timeout=120)
+            cluster.stop("server", signal.SIGKILL)
+            cluster.start_server()
+    finally:
+        thread.join(300)
+        done.set()
+    assert len(expected) == 400
+    cluster.wait_terminal(list(expected), timeout=300)
+    verdict = ledger.check_contract(cluster, book, expected)
+    print(f"scenario 2: {verdict}")
+
+
+@pytest.fixture
+def broker_cluster(own_broker: Broker, tmp_path: Path) -> Iterator[Cluster]:
+    (tmp_path / "cluster").mkdir()
+    cluster = Cluster(own_broker.bootstrap, tmp_path / "cluster")
+    try:
+        yield cluster
+    finally:
+        cluster.stop_all()
+
+
+def test_scenario_3_broker_stopped_and_started_during_a_run(broker_cluster: Cluster, own_broker: Broker,
+                                                             tmp_path: Path) -> None:
+    cluster = broker_cluster
+    _chaos_config(cluster)
+    cluster.start_server()
+    for w in WORKERS[:2]:
+        cluster.start_worker(w)
+    book = tmp_path / "ledger"
+    expected = _submit(cluster, book, 150, random.Random(3), 0)
+    cluster.wait_for(lambda: cluster.client.stats()["tasks"].get("success", 0) >= 20, "a running start")
+    own_broker.stop()
+    cluster.wait_for(lambda: "broker connection lost" in cluster.log("server"), "the server to see it")
+    own_broker.start()
+    cluster.wait_terminal(list(expected), timeout=300)
+    verdict = ledger.check_contract(cluster, book, expected)
+    print(f"scenario 3: {verdict}")
+
+
+def test_scenario_5_graceful_stop_of_busy_workers(cluster: Cluster, tmp_path: Path) -> None:
+    _chaos_config(cluster)
+    cluster.start_server()
+    for w in WORKERS:
+        cluster.start_worker(w)
+    rng = random.Random(5)
+    book = tmp_path / "ledger"
+    expected = _submit(cluster, book, 200, rng, 0)
+    for victim in ("w1", "w2", "w1", "w3"):
+        cluster.wait_for(lambda: _busy_worker(cluster, expected), "a busy cluster")
+        assert cluster.stop(victim, signal.SIGTERM) == 0
+        cluster.start_worker(victim)
+    cluster.wait_terminal(list(expected), timeout=300)
+    verdict = ledger.check_contract(cluster, book, expected)
+    print(f"scenario 5: {verdict}")
+    assert verdict.re_executions == 0  # a graceful stop never runs anything twice
+    assert cluster.client.failures() == []
