@@ -45,6 +45,9 @@ def test_killed_worker_is_declared_dead_and_its_task_runs_elsewhere(cluster: Clu
     assert failure["last_heartbeat"] <= failure["detected_at"]
     verdict = ledger.check_contract(cluster, book, {task_id: "done"})
     assert verdict.re_executions == 1
+    cluster.stop("server")
+    cluster.start_server()
+    assert cluster.client.failures() == [failure]  # the history survives a server restart
 
 
 def test_restarted_worker_fences_its_previous_epoch_at_once(cluster: Cluster, tmp_path: Path) -> None:
@@ -135,3 +138,21 @@ def test_graceful_stop_drains_running_and_hands_back_unstarted(cluster: Cluster,
     ledger.check_contract(cluster, book, {t: i for i, t in enumerate(ids)})
     log = cluster.log("w1")
     assert "handed back 2 unstarted tasks, draining 1 running" in log
+
+
+def test_pool_that_stops_answering_is_a_stall_but_a_long_task_is_not(cluster: Cluster) -> None:
+    cluster.write_config(server={"heartbeat_timeout": 2.0, "max_attempts": 2},
+                         worker={"heartbeat_interval": 0.25, "stall_timeout": 1.0, "slots": 1})
+    cluster.start_server()
+    proc = cluster.start_worker("w1")
+    long = cluster.client.submit("sleep", 4)
+    assert cluster.client.result(long, wait=60)["status"] == "success"
+    assert cluster.client.failures() == []  # 4 s asleep, well past the stall timeout: not a stall
+    hog = cluster.client.submit("hog", 6)
+    view = cluster.client.result(hog, wait=120)
+    assert (view["status"], view["error"]["type"]) == ("failed", "WorkerLost")
+    failures = cluster.client.failures()
+    assert len(failures) == 2 and all(f["reason"].startswith("no heartbeat") for f in failures)
+    assert proc.poll() is None and "fenced by the server" in cluster.log("w1")
+    after = cluster.client.submit("add", 1, 1)
+    assert cluster.client.result(after, wait=60)["result"] == 2  # it registered anew and serves

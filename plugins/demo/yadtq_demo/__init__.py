@@ -1,5 +1,5 @@
 """Tasks for demos and tests: ``sleep``, ``fail``, ``flaky``, ``echo``, ``cpu``, ``ledger``,
-``blob`` and ``not_json``.
+``hog``, ``blob`` and ``not_json``.
 
 ``ledger`` appends one line when it starts and one when it ends to a file named in its
 arguments, with the task id, attempt, worker and pid of the execution: the chaos tests read
@@ -9,6 +9,7 @@ that file to prove which executions happened.
 from __future__ import annotations
 
 import builtins
+import ctypes
 import json
 import os
 import time
@@ -39,6 +40,13 @@ def flaky(succeed_on_attempt: int = 2, value: Any = "ok") -> Any:
     if ctx is None or ctx.attempt < succeed_on_attempt:
         raise RuntimeError(f"attempt {ctx.attempt if ctx else '?'} fails on purpose")
     return value
+
+
+def hog(seconds: float) -> float:
+    """Hold the interpreter lock for ``seconds`` (a C call that never releases it), so the
+    execution process cannot answer the worker's pings: a wedged pool, for tests."""
+    ctypes.PyDLL(None).usleep(int(seconds * 1_000_000))
+    return seconds
 
 
 def blob(size: int) -> str:
@@ -91,5 +99,5 @@ def _append(path: str, phase: str) -> None:
 @yadtqd.hookimpl
 def yadtq_register_tasks(register: Register) -> None:
     """Register the demo tasks."""
-    for function in (sleep, fail, flaky, echo, cpu, ledger, blob, not_json):
+    for function in (sleep, fail, flaky, echo, cpu, ledger, hog, blob, not_json):
         register(function.__name__, function)
