@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     except YadtqError as exc:
         print(f"yadtqd: {exc}", file=sys.stderr)
         return exc.exit_code
-    logsetup.setup(config.logging.level, config.logging.file, args.role)
+    worker_id = config.worker.worker_id if args.role == "worker" else ""
+    logsetup.setup(config.logging.level, config.logging.file, args.role, worker_id)
     notifier = Notifier()
     try:
         if args.role == "server":

@@ -1,8 +1,13 @@
-"""Logging setup for the daemon: journald-aware lines on stderr and an optional plain file.
+"""Logging setup for the daemon: journald with fields, or timestamped lines, and an optional file.
 
 Log calls name what they concern with ``extra``: ``task_id``, ``worker_id`` and ``event``
-(``task_received``, ``worker_joined`` ...). Under journald (``JOURNAL_STREAM`` set) each stderr
-line starts with its syslog priority (``<3>`` for errors) so ``journalctl -p`` filters work.
+(``task_received``, ``worker_joined`` ...). Under journald (``JOURNAL_STREAM`` set) records go
+through journald's native protocol with ``PRIORITY`` and the fields ``TASK_ID``, ``WORKER_ID``,
+``ROLE`` and ``EVENT``, so ``journalctl TASK_ID=<id>`` shows one task's trail across the server
+and its workers and ``journalctl -p warning`` filters by priority. If the journal socket cannot
+be written, the line goes to stderr with its ``<N>`` priority prefix instead. Off journald,
+stderr gets readable timestamped lines; ``[logging] file`` adds a plain file that logrotate
+can rotate (it is reopened when moved).
 """
 
 from __future__ import annotations
@@ -10,40 +15,116 @@ from __future__ import annotations
 import logging
 import logging.handlers
 import os
+import socket
+import struct
 import sys
 
 PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
             logging.CRITICAL: 2}
-FIELDS = ("task_id", "worker_id", "event")
+FIELDS = {"task_id": "TASK_ID", "worker_id": "WORKER_ID", "event": "EVENT"}
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
+MAX_FIELD = 64 * 1024
 
 
-class _Formatter(logging.Formatter):
-    def __init__(self, journal: bool, role: str) -> None:
-        fmt = "%(message)s" if journal else "%(asctime)s %(levelname)s %(name)s: %(message)s"
-        super().__init__(fmt)
-        self.journal = journal
+class _Defaults(logging.Filter):
+    """Gives every record the process's role (and worker id) unless the call named its own."""
+
+    def __init__(self, role: str, worker_id: str) -> None:
+        super().__init__()
         self.role = role
+        self.worker_id = worker_id
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.role = self.role
+        if self.worker_id and not getattr(record, "worker_id", None):
+            record.worker_id = self.worker_id
+        return True
+
+
+class _LineFormatter(logging.Formatter):
+    """``2026-11-27 21:00:00,000 INFO yadtqd.server: message [task_id=... event=...]``."""
+
+    def __init__(self, priority_prefix: bool) -> None:
+        fmt = "%(message)s" if priority_prefix else "%(asctime)s %(levelname)s %(name)s: %(message)s"
+        super().__init__(fmt)
+        self.priority_prefix = priority_prefix
 
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
         fields = " ".join(f"{f}={getattr(record, f)}" for f in FIELDS if getattr(record, f, None))
         if fields:
             text = f"{text} [{fields}]"
-        if self.journal:
+        if self.priority_prefix:
             return f"<{PRIORITY.get(record.levelno, 6)}>{text}"
         return text
 
 
-def setup(level: str, file: str, role: str) -> None:
+class JournalHandler(logging.Handler):
+    """Sends records to journald over its native datagram protocol, fields included."""
+
+    def __init__(self, identifier: str = "yadtqd", path: str = JOURNAL_SOCKET) -> None:
+        super().__init__()
+        self.identifier = identifier
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.fallback = logging.StreamHandler(sys.stderr)
+        self.fallback.setFormatter(_LineFormatter(priority_prefix=True))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.sock.sendto(encode_entry(self.fields(record)), self.path)
+        except OSError:
+            self.fallback.handle(record)
+
+    def fields(self, record: logging.LogRecord) -> dict[str, str]:
+        """The journal entry of one record."""
+        message = record.getMessage()
+        if record.exc_info:
+            message += "\n" + logging.Formatter().formatException(record.exc_info)
+        fields = {"MESSAGE": message, "PRIORITY": str(PRIORITY.get(record.levelno, 6)),
+                  "SYSLOG_IDENTIFIER": self.identifier, "LOGGER": record.name,
+                  "CODE_FILE": record.pathname, "CODE_LINE": str(record.lineno),
+                  "ROLE": str(getattr(record, "role", ""))}
+        for attr, name in FIELDS.items():
+            value = getattr(record, attr, None)
+            if value:
+                fields[name] = str(value)
+        return fields
+
+    def close(self) -> None:
+        self.sock.close()
+        super().close()
+
+
+def encode_entry(fields: dict[str, str]) -> bytes:
+    """journald's native format: ``KEY=value`` lines; values with newlines length-prefixed."""
+    out = bytearray()
+    for key, value in fields.items():
+        data = value.encode("utf-8", "replace")[:MAX_FIELD]
+        if b"\n" in data:
+            out += key.encode() + b"\n" + struct.pack("<Q", len(data)) + data + b"\n"
+        else:
+            out += key.encode() + b"=" + data + b"\n"
+    return bytes(out)
+
+
+def setup(level: str, file: str, role: str, worker_id: str = "") -> None:
     """Configure the root logger once, at daemon start."""
     root = logging.getLogger()
     root.handlers.clear()
+    root.filters.clear()
     root.setLevel(level.upper())
-    stream = logging.StreamHandler(sys.stderr)
-    stream.setFormatter(_Formatter(bool(os.environ.get("JOURNAL_STREAM")), role))
-    root.addHandler(stream)
+    defaults = _Defaults(role, worker_id)
+    handler: logging.Handler
+    if os.environ.get("JOURNAL_STREAM"):
+        handler = JournalHandler()
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_LineFormatter(priority_prefix=False))
+    handler.addFilter(defaults)
+    root.addHandler(handler)
     if file:
-        handler = logging.handlers.WatchedFileHandler(file)
-        handler.setFormatter(_Formatter(False, role))
-        root.addHandler(handler)
-
+        plain = logging.handlers.WatchedFileHandler(file)
+        plain.setFormatter(_LineFormatter(priority_prefix=False))
+        plain.addFilter(defaults)
+        root.addHandler(plain)

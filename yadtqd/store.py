@@ -308,14 +308,23 @@ class Store:
             " AND epoch != ?",
             (ev.worker, ev.epoch),
         )]
-        tasks = {name: {"plugin": t.plugin, "version": t.version} for name, t in ev.tasks.items()}
         self.db.execute(
             "INSERT INTO workers (epoch, worker, host, pid, slots, prefetch, tasks,"
             " version, state, joined_at, last_heartbeat) VALUES (?,?,?,?,?,?,?,?,'live',?,?)",
-            (ev.epoch, ev.worker, ev.host, ev.pid, ev.slots, ev.prefetch, _json(tasks),
+            (ev.epoch, ev.worker, ev.host, ev.pid, ev.slots, ev.prefetch, _json(_tasks(ev)),
              ev.version, now, now),
         )
         return older
+
+    def readvertise(self, ev: m.Hello) -> bool:
+        """A live epoch said ``hello`` again (after reloading its plugins): update what it
+        advertises. False when the epoch is not live."""
+        cur = self.db.execute(
+            "UPDATE workers SET tasks = ?, slots = ?, prefetch = ? WHERE epoch = ?"
+            " AND state IN ('live', 'leaving')",
+            (_json(_tasks(ev)), ev.slots, ev.prefetch, ev.epoch),
+        )
+        return cur.rowcount == 1
 
     def heartbeat(self, ev: m.Heartbeat, now: float) -> bool:
         """Note a live epoch's heartbeat; False when the epoch is not live (a stale event)."""
@@ -453,6 +462,10 @@ class Store:
     def counter_values(self) -> dict[str, int]:
         """Every named counter."""
         return {r["name"]: r["value"] for r in self.db.execute("SELECT name, value FROM counters")}
+
+
+def _tasks(ev: m.Hello) -> dict[str, dict[str, str]]:
+    return {name: {"plugin": t.plugin, "version": t.version} for name, t in ev.tasks.items()}
 
 
 def _json(value: Any) -> str:

@@ -115,6 +115,13 @@ class Ingest:
             self._bye(ev, now)
 
     def _hello(self, ev: m.Hello, now: float, effects: Effects) -> None:
+        member = self.scheduler.members.get(ev.epoch)
+        if member is not None and self.store.readvertise(ev):
+            member.tasks = frozenset(ev.tasks)
+            member.capacity = ev.slots + ev.prefetch
+            log.info("worker %s now provides: %s", ev.worker, ", ".join(sorted(ev.tasks)) or "none",
+                     extra={"worker_id": ev.worker, "event": "worker_reloaded"})
+            return
         older = self.store.hello(ev, now)
         if older is None:
             self._stale(ev, "hello from a known epoch")

@@ -179,7 +179,7 @@ class Server:
             run = m.Run(worker=grant.worker, epoch=grant.epoch, task_id=grant.task_id,
                         attempt=grant.attempt, task=task, args=args, kwargs=kwargs, options=options)
             self._produce(producer, grant.worker, m.encode(run))
-            log.debug("task %s attempt %d granted to %s", grant.task_id, grant.attempt,
+            log.info("task %s attempt %d granted to %s", grant.task_id, grant.attempt,
                       grant.worker, extra={"task_id": grant.task_id, "worker_id": grant.worker,
                                            "event": "task_granted"})
 

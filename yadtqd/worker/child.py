@@ -8,7 +8,9 @@ for a wedged process.
 
 from __future__ import annotations
 
+import importlib
 import json
+import logging
 import signal
 import threading
 import traceback
@@ -32,6 +34,13 @@ class Job(msgspec.Struct, kw_only=True):
     epoch: str
 
 
+class Ready(msgspec.Struct, kw_only=True):
+    """The first message of an execution process: what its plugins provide."""
+
+    tasks: dict[str, dict[str, str]]
+    problems: dict[str, str]
+
+
 class Outcome(msgspec.Struct, kw_only=True, omit_defaults=True):
     """What came of one job: ``result`` is raw JSON text on success."""
 
@@ -50,9 +59,12 @@ def main(conn: Connection, max_result_bytes: int, only: tuple[str, ...]) -> None
     """Entry point of an execution process (started by the pool with the spawn method)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    logging.getLogger("yadtqd.plugins").disabled = True  # problems go to the worker, once
+    importlib.invalidate_caches()
     registry = plugins.load(only)
     inbox = _Inbox(conn)
-    inbox.send(b'{"ready": true}')
+    tasks = {name: {"plugin": e.plugin, "version": e.version} for name, e in registry.tasks.items()}
+    inbox.send(msgspec.json.encode(Ready(tasks=tasks, problems=registry.problems)))
     threading.Thread(target=inbox.read, daemon=True).start()
     while (job := inbox.take()) is not None:
         inbox.send(msgspec.json.encode(run(registry, job, max_result_bytes)))

@@ -29,7 +29,7 @@ from confluent_kafka import Consumer, Message, Producer
 
 import yadtqd
 from yadtqd import messages as m
-from yadtqd import plugins, transport
+from yadtqd import transport
 from yadtqd.config import Config
 from yadtqd.errors import BadMessage
 from yadtqd.systemd import Notifier
@@ -58,11 +58,12 @@ class Worker:
         self.done = 0
         self.failed = 0
         self.stopping = False
+        self.reload_requested = False
+        self.reloading = False
         self.stop_deadline = 0.0
         self.last_heartbeat = 0.0
         self.last_watchdog = 0.0
         self.last_progress = time.time()
-        self.registry = plugins.Registry()
         self.pool = Pool(config.worker.slot_count, config.worker.max_result_bytes,
                          config.worker.plugins)
         self.pool.ping_interval = config.worker.heartbeat_interval
@@ -74,8 +75,8 @@ class Worker:
 
     def run(self) -> int:
         """Run until SIGTERM and the drain that follows; returns the exit status."""
-        self.registry = plugins.load(self.config.worker.plugins)
         self.pool.start()
+        self.pool.wait_ready()
         producer, _ = transport.make_producer(self.config, "worker")
         consumer, _ = transport.make_consumer(self.config, "worker")
         self.producer = producer
@@ -98,9 +99,13 @@ class Worker:
         signal.set_wakeup_fd(inbox.wakeup_fd, warn_on_full_buffer=False)
         signal.signal(signal.SIGTERM, self._on_sigterm)
         signal.signal(signal.SIGINT, self._on_sigterm)
+        signal.signal(signal.SIGHUP, self._on_sighup)
 
     def _on_sigterm(self, signum: int, frame: object) -> None:
         self.stopping = True  # the main loop acts on it
+
+    def _on_sighup(self, signum: int, frame: object) -> None:
+        self.reload_requested = True  # the main loop acts on it
 
     def _assign_dispatch(self, consumer: Consumer) -> None:
         events = self.config.topic("events")
@@ -115,15 +120,36 @@ class Worker:
 
     def _register(self, why: str) -> None:
         self.epoch = uuid.uuid4().hex
-        tasks = {name: m.TaskInfo(plugin=e.plugin, version=e.version)
-                 for name, e in self.registry.tasks.items()}
+        self._hello(why)
+
+    def _hello(self, why: str) -> None:
+        """Announce this epoch and what its execution processes can run (again after a reload:
+        the server then updates what the epoch advertises)."""
+        advertised, problems = self.pool.advertised()
+        for plugin, problem in sorted(problems.items()):
+            log.error("plugin %s skipped: %s", plugin, problem, extra={"event": "plugin_broken"})
+        tasks = {name: m.TaskInfo(**info) for name, info in advertised.items()}
         self._send(m.Hello(worker=self.worker_id, epoch=self.epoch, ts=time.time(),
                            host=socket.gethostname(), pid=os.getpid(),
                            slots=self.pool.size, prefetch=self.config.worker.prefetch_count,
                            tasks=tasks, version=yadtqd.__version__))
-        log.info("registered epoch %s (%s) with %d tasks: %s", self.epoch, why, len(tasks),
+        log.info("epoch %s (%s) advertises %d tasks: %s", self.epoch, why, len(tasks),
                  ", ".join(sorted(tasks)) or "none",
                  extra={"worker_id": self.worker_id, "event": "worker_registered"})
+
+    def _reload(self) -> None:
+        """SIGHUP: start fresh execution processes (plugins loaded anew); re-advertise once
+        they are all up. Running tasks finish in their old processes."""
+        if self.reload_requested:
+            self.reload_requested = False
+            self.reloading = True
+            self.notifier.reloading()
+            self.pool.recycle()
+            log.info("reloading plugins", extra={"event": "worker_reloading"})
+        if self.reloading and self.pool.settled:
+            self.reloading = False
+            self._hello("reload")
+            self.notifier.ready(self._status())
 
     # ------------------------------------------------------------ the loop
 
@@ -140,6 +166,7 @@ class Worker:
             for outcome in self.pool.collect(ready) + self.pool.expire():
                 self._on_outcome(outcome)
             self._start_pending()
+            self._reload()
             self.pool.ping()
             self._beat()
             assert self.producer is not None

@@ -13,17 +13,18 @@ import multiprocessing
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 
 import msgspec
 
 from yadtqd.worker import child
-from yadtqd.worker.child import Job, Outcome
+from yadtqd.worker.child import Job, Outcome, Ready
 
 log = logging.getLogger("yadtqd.worker")
 
 _outcome = msgspec.json.Decoder(Outcome)
+_ready = msgspec.json.Decoder(Ready)
 
 
 @dataclass
@@ -32,6 +33,7 @@ class Slot:
 
     process: BaseProcess
     conn: Connection
+    generation: int
     ready: bool = False
     job: Job | None = None
     deadline: float | None = None
@@ -47,6 +49,9 @@ class Pool:
         self.plugins = plugins
         self.ctx = multiprocessing.get_context("spawn")
         self.slots: list[Slot] = []
+        self.generation = 0
+        self.tasks: dict[str, dict[str, str]] = {}
+        self.problems: dict[str, str] = {}
         self.ping_interval = 1.0
         self._last_ping = 0.0
 
@@ -60,7 +65,7 @@ class Pool:
                                    name="yadtq-exec", daemon=True)
         process.start()
         child_end.close()
-        return Slot(process, parent, last_answer=time.monotonic())
+        return Slot(process, parent, self.generation, last_answer=time.monotonic())
 
     @property
     def free(self) -> int:
@@ -100,12 +105,41 @@ class Pool:
             slot.last_answer = time.monotonic()
             if raw == b"pong":
                 continue
-            if raw == b'{"ready": true}':
+            if not slot.ready:
+                hello = _ready.decode(raw)
                 slot.ready = True
+                if slot.generation == self.generation:
+                    self.tasks, self.problems = hello.tasks, hello.problems
                 continue
             outcomes.append(_outcome.decode(raw))
             slot.job, slot.deadline = None, None
+            if slot.generation != self.generation:
+                self._replace(slot, "", "")
         return outcomes
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        """Block until every slot's process has loaded its plugins (at start only)."""
+        deadline = time.monotonic() + timeout
+        while not all(s.ready for s in self.slots):
+            if time.monotonic() > deadline:
+                raise RuntimeError("execution processes did not start in time")
+            self.collect(wait(self.waitables(), max(0.0, deadline - time.monotonic())))
+
+    def recycle(self) -> None:
+        """Replace every process with a fresh one (plugins reloaded): idle ones now, busy ones
+        when their job ends, so running tasks are undisturbed."""
+        self.generation += 1
+        for slot in [s for s in self.slots if s.job is None]:
+            self._replace(slot, "", "")
+
+    @property
+    def settled(self) -> bool:
+        """Every process is ready and of the current generation."""
+        return all(s.ready and s.generation == self.generation for s in self.slots)
+
+    def advertised(self) -> tuple[dict[str, dict[str, str]], dict[str, str]]:
+        """The tasks (and plugin problems) the current generation's processes reported."""
+        return self.tasks, self.problems
 
     def expire(self) -> list[Outcome]:
         """Kill and replace slots whose job ran past its timeout; their jobs fail."""
@@ -165,7 +199,8 @@ class Pool:
         slot.conn.close()
         self.slots[self.slots.index(slot)] = self._spawn()
         if job is None:
-            log.warning("execution process %s exited; replaced", slot.process.pid)
+            if kind:
+                log.warning("execution process %s exited; replaced", slot.process.pid)
             return []
         error = {"type": kind, "message": message}
         return [Outcome(task_id=job.task_id, attempt=job.attempt, epoch=job.epoch, status="failed",
