@@ -8,6 +8,7 @@ replies only once Kafka accepted it.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from yadtqd import messages as m
 from yadtqd import protocol
 from yadtqd.store import Store
 
+log = logging.getLogger("yadtqd.server")
 Reply = dict[str, Any]
 MAX_WAIT = 3600.0
 
@@ -62,6 +64,8 @@ class Submitter:
             return protocol.error("conflict", f"task id {sub.task_id!r} was submitted before with"
                                   " another payload")
         if intake.outcome == "new":
+            log.info("task %s received: %s (socket)", sub.task_id, sub.task,
+                     extra={"task_id": sub.task_id, "event": "task_received"})
             problem = self._produce(sub)
             if problem:
                 return protocol.error("unavailable", f"Kafka did not accept task {sub.task_id}:"

@@ -231,7 +231,7 @@ class Worker:
             self.pool.submit(job, run.options.timeout)
             self._send(m.Started(worker=self.worker_id, epoch=run.epoch, ts=time.time(),
                                  task_id=run.task_id, attempt=run.attempt))
-            log.debug("started %s attempt %d", run.task_id, run.attempt,
+            log.info("task %s attempt %d started", run.task_id, run.attempt,
                       extra={"task_id": run.task_id, "event": "task_started"})
 
     def _on_outcome(self, outcome: Outcome) -> None:
@@ -246,7 +246,7 @@ class Worker:
                               task_id=outcome.task_id, attempt=outcome.attempt,
                               status="success" if outcome.status == "success" else "failed",
                               result=msgspec.Raw(outcome.result.encode()), error=error))
-        level = logging.DEBUG if outcome.status == "success" else logging.INFO
+        level = logging.INFO if outcome.status == "success" else logging.WARNING
         log.log(level, "task %s attempt %d %s%s", outcome.task_id, outcome.attempt, outcome.status,
                 f": {error.type}: {error.message}" if error else "",
                 extra={"task_id": outcome.task_id, "event": f"task_{outcome.status}"})
