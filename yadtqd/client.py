@@ -24,7 +24,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -140,6 +140,30 @@ class Client:
     def stats(self) -> dict[str, Any]:
         """Counts of tasks by status, live workers and counters."""
         return dict(self.request({"op": "stats"})["stats"])
+
+    def snapshot(self, limit: int = 50) -> dict[str, Any]:
+        """Everything the live monitor shows, in one reply."""
+        return dict(self.request({"op": "snapshot", "limit": limit})["snapshot"])
+
+    def watch(self, interval: float = 1.0, limit: int = 50) -> Iterator[dict[str, Any]]:
+        """Snapshots every ``interval`` seconds over one connection, until it breaks
+        (:class:`UnreachableError`) or the caller stops iterating."""
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(max(self.timeout, 5 * interval))
+                sock.connect(self.socket_path)
+                sock.sendall(json.dumps({"op": "watch", "interval": interval, "limit": limit}).encode()
+                             + b"\n")
+                with sock.makefile("rb") as reader:
+                    while line := reader.readline():
+                        reply = json.loads(line)
+                        if not reply.get("ok"):
+                            err = reply.get("error", {})
+                            raise RequestError(err.get("code", "internal"), err.get("message", ""))
+                        yield reply["snapshot"]
+        except OSError as exc:
+            raise UnreachableError(f"lost the server at {self.socket_path}: {exc}") from None
+        raise UnreachableError(f"the server at {self.socket_path} closed the connection")
 
     def plugins(self) -> dict[str, Any]:
         """The task names live workers provide, with plugin and version."""

@@ -22,6 +22,13 @@ Operations, with examples::
     {"op": "failures", "limit": 100}                        -> {"ok": true, "failures": [...]}
     {"op": "stats"}                                         -> {"ok": true, "stats": {...}}
     {"op": "plugins"}                                       -> {"ok": true, "tasks": {...}}
+    {"op": "snapshot", "limit": 50}                         -> {"ok": true, "snapshot": {...}}
+    {"op": "watch", "interval": 1.0, "limit": 50}
+      -> a snapshot reply every interval seconds, until the client closes the connection
+
+A snapshot has ``ts``, ``at``, ``totals`` (per status, and ``submitted``), ``queued`` and
+``running`` (``count`` and the oldest ``tasks``), ``workers``, ``failures`` (``count`` and the
+newest ``items``) and ``counters``.
 
 Error codes: ``bad_request`` (not JSON, not an object, wrong fields), ``too_large`` (line over
 the limit), ``unknown_op``, ``bad_task`` (a submit whose task is malformed), ``conflict`` (the

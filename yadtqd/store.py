@@ -454,6 +454,10 @@ class Store:
         """Worker failures, newest first."""
         return list(self.db.execute("SELECT * FROM failures ORDER BY seq DESC LIMIT ?", (limit,)))
 
+    def failure_count(self) -> int:
+        """How many worker failures are recorded."""
+        return int(self.db.execute("SELECT count(*) FROM failures").fetchone()[0])
+
     def counts(self) -> dict[str, int]:
         """How many tasks are in each status."""
         rows = self.db.execute("SELECT status, count(*) AS n FROM tasks GROUP BY status")

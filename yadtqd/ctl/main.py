@@ -12,7 +12,7 @@ import sys
 from typing import Any
 
 from yadtqd.client import Client
-from yadtqd.ctl import output
+from yadtqd.ctl import monitor, output
 from yadtqd.errors import UsageError, WaitTimeout, YadtqError
 
 FOREVER = 10 * 365 * 86400.0
@@ -48,6 +48,9 @@ def parser() -> argparse.ArgumentParser:
     t = sub.add_parser("tasks", parents=[common], help="list tasks")
     t.add_argument("--status", choices=("queued", "processing", "success", "failed"))
     t.add_argument("--limit", type=int, default=100)
+    mon = sub.add_parser("monitor", parents=[common], help="live view of the cluster")
+    mon.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    mon.add_argument("--interval", type=float, default=1.0, metavar="S", help="refresh period")
     for name, text in (("workers", "list workers"), ("failures", "worker failure history"),
                        ("stats", "task counts and counters"), ("plugins", "tasks live workers provide")):
         sub.add_parser(name, parents=[common], help=text)
@@ -171,7 +174,13 @@ def _plugins(client: Client, args: argparse.Namespace, as_json: bool) -> int:
     return 0
 
 
-COMMANDS = {"submit": _submit, "status": _status, "result": _result, "tasks": _tasks,
+def _monitor(client: Client, args: argparse.Namespace, as_json: bool) -> int:
+    if args.interval <= 0:
+        raise UsageError("--interval must be above 0")
+    return monitor.run(client, args.interval, args.once, as_json)
+
+
+COMMANDS = {"monitor": _monitor, "submit": _submit, "status": _status, "result": _result, "tasks": _tasks,
             "workers": _workers, "failures": _failures, "stats": _stats, "plugins": _plugins}
 
 

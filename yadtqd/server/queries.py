@@ -102,7 +102,7 @@ class Queries:
         self.ops: dict[str, Callable[[Store, dict[str, Any]], Reply]] = {
             "submit": self.submit, "status": self.status, "result": self.result,
             "tasks": self.tasks, "workers": self.workers, "failures": self.failures,
-            "stats": self.stats, "plugins": self.plugins,
+            "stats": self.stats, "plugins": self.plugins, "snapshot": self.snapshot,
         }
 
     def handle(self, store: Store, request: dict[str, Any]) -> Reply:
@@ -188,6 +188,47 @@ class Queries:
             for name, info in json.loads(row["tasks"]).items():
                 tasks.setdefault(name, []).append({"worker": row["worker"], **info})
         return {"ok": True, "tasks": tasks}
+
+
+    def snapshot(self, store: Store, req: dict[str, Any]) -> Reply:
+        """Everything the live monitor shows, read from the store in one go."""
+        limit = int(_number(req, "limit", 50))
+        now = time.time()
+        provided = _provided(store)
+        counts = store.counts()
+        totals = {s: 0 for s in ("queued", "processing", "success", "failed")}
+        for status, n in counts.items():
+            totals[protocol.VISIBLE_STATUS[status]] += n
+        queued = store.list_tasks(["queued", "assigned"], limit)
+        running = store.list_tasks(["processing"], limit)
+        snap = {
+            "ts": now, "at": protocol.iso(now),
+            "totals": {**totals, "submitted": sum(counts.values())},
+            "queued": {"count": totals["queued"], "tasks": [
+                {"task-id": r["id"], "task": r["name"], "age": round(now - r["submitted_at"], 3),
+                 "waiting": _waiting(r, provided, now) or f"granted to {r['worker']}"} for r in queued]},
+            "running": {"count": totals["processing"], "tasks": [
+                {"task-id": r["id"], "task": r["name"], "worker": r["worker"], "attempt": r["attempt"],
+                 "started_at": protocol.iso(r["started_at"]),
+                 "elapsed": round(now - (r["started_at"] or now), 3)} for r in running]},
+            "workers": [protocol.worker_view(r) for r in store.all_workers(limit)],
+            "failures": {"count": store.failure_count(),
+                         "items": [protocol.failure_view(r) for r in store.failure_rows(limit)]},
+            "counters": store.counter_values(),
+        }
+        return {"ok": True, "snapshot": snap}
+
+    def watch(self, store: Store, req: dict[str, Any], send: Callable[[Reply], None]) -> None:
+        """Send a snapshot every ``interval`` seconds until the client goes away."""
+        try:
+            interval = max(0.1, _number(req, "interval", 1.0))
+            _number(req, "limit", 50)
+        except _BadRequest as exc:
+            send(protocol.error("bad_request", str(exc)))
+            return
+        while True:
+            send(self.snapshot(store, req))
+            time.sleep(interval)  # the refresh rate the client asked for
 
 
 class _BadRequest(Exception):

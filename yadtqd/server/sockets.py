@@ -94,11 +94,15 @@ class SocketServer:
                     if not line:
                         return
                     reply = self._reply(store, line)
+                    if reply.get("watch"):
+                        self.queries.watch(store, reply["request"],
+                                           lambda snap: conn.sendall(protocol.encode(snap)))
+                        return
                     conn.sendall(protocol.encode(reply))
                     if not reply["ok"] and reply["error"]["code"] in CLOSING_CODES:
                         self._close_gently(conn)
                         return
-        except (BrokenPipeError, ConnectionResetError):
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
             pass
         except Exception:
             log.exception("socket connection failed")
@@ -124,6 +128,8 @@ class SocketServer:
             return protocol.error("bad_request", f"request is not JSON: {exc}")
         if not isinstance(request, dict):
             return protocol.error("bad_request", "request must be a JSON object with an 'op'")
+        if request.get("op") == "watch":
+            return {"ok": True, "watch": True, "request": request}
         try:
             return self.queries.handle(store, request)
         except Exception as exc:
