@@ -219,3 +219,21 @@ def test_offsets_are_saved_in_the_same_transaction(store: Store) -> None:
 
 def test_database_is_in_wal_mode(store: Store) -> None:
     assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_status_counts_follow_every_transition(store: Store) -> None:
+    def truth() -> dict[str, int]:
+        rows = store.db.execute("SELECT status, count(*) FROM tasks GROUP BY status")
+        return {r[0]: r[1] for r in rows}
+
+    for i in range(4):
+        store.intake(sub(f"t{i}"), 1.0)
+    hello(store)
+    store.intake_invalid("bad", m.ErrorInfo(type="BadSubmission", message="x"), 1.0)
+    store.grant("t0", "w", "e1", 2.0)
+    store.grant("t1", "w", "e1", 2.0)
+    store.start(started("t0", 1), 3.0)
+    store.finish(finished("t0", 1), 4.0)
+    assert store.counts() == truth() == {"queued": 2, "assigned": 1, "success": 1, "failed": 1}
+    store.declare_dead("e1", "gone", 5.0, 3)
+    assert store.counts() == truth() == {"queued": 3, "success": 1, "failed": 1}

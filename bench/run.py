@@ -1,0 +1,98 @@
+"""YADTQ benchmarks: one command, one table.
+
+    .venv/bin/python bench/run.py [--tasks 10000] [--runs 3] [--latency 500] [--kills 10]
+
+Throughput (first submit to last result readable) with 1, 2 and 4 workers and the submit rate
+alone; sequential latency; the raw-Kafka limit through the same hops on the same broker, and
+YADTQ as a ratio of it; failover. Each figure is the median of ``--runs`` runs with min and
+max. Uses ``YADTQ_TEST_BOOTSTRAP`` if set, else starts a broker of its own. Logging is at the
+default level (info), as deployed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import raw  # noqa: E402
+from common import broker, cluster, percentile, submit_all, summary, wait_done  # noqa: E402
+from tabulate import tabulate  # noqa: E402
+
+
+def throughput(bootstrap: str, tasks: int, workers: int) -> tuple[float, float]:
+    """(end-to-end tasks/s, submit rate/s) for one run."""
+    with cluster(bootstrap, workers, log_level="info") as c:
+        start = time.perf_counter()
+        _, submit_seconds = submit_all(bootstrap, c.prefix, tasks)
+        wait_done(c, tasks)
+        return tasks / (time.perf_counter() - start), tasks / submit_seconds
+
+
+def latency(bootstrap: str, count: int) -> list[float]:
+    """Seconds from submit to result readable, one task at a time, over the socket."""
+    with cluster(bootstrap, 1, log_level="info") as c:
+        out = []
+        for i in range(count):
+            start = time.perf_counter()
+            task_id = c.client.submit("add", i, 1)
+            c.client.result(task_id, wait=30)
+            out.append(time.perf_counter() - start)
+        return out
+
+
+def fmt(values: list[float], unit: str = "", scale: float = 1.0, digits: int = 0) -> str:
+    med, lo, hi = summary([v * scale for v in values])
+    return f"{med:,.{digits}f}{unit} ({lo:,.{digits}f}..{hi:,.{digits}f})"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", type=int, default=10_000)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--latency", type=int, default=500)
+    parser.add_argument("--kills", type=int, default=10, help="failover kills (0 to skip)")
+    args = parser.parse_args()
+    rows = []
+    with broker() as bootstrap:
+        raw_tp = [raw.throughput(bootstrap, args.tasks) for _ in range(args.runs)]
+        rows.append(["raw Kafka, same hops", "messages/s", fmt(raw_tp)])
+        results = {}
+        for workers in (1, 2, 4):
+            runs = [throughput(bootstrap, args.tasks, workers) for _ in range(args.runs)]
+            results[workers] = [r[0] for r in runs]
+            rows.append([f"throughput, {workers} worker(s) x 2 slots", "tasks/s", fmt(results[workers])])
+            if workers == 1:
+                rows.append(["submit rate alone (plain producer)", "tasks/s", fmt([r[1] for r in runs])])
+        best = max(results.values(), key=lambda v: summary(v)[0])
+        rows.append(["best throughput / raw Kafka", "ratio",
+                     f"{summary(best)[0] / summary(raw_tp)[0]:.2f}"])
+        lat = [latency(bootstrap, args.latency) for _ in range(args.runs)]
+        raw_lat = [raw.latencies(bootstrap, args.latency) for _ in range(args.runs)]
+        for q, name in ((0.5, "p50"), (0.95, "p95"), (0.99, "p99")):
+            ours = [percentile(run, q) for run in lat]
+            theirs = [percentile(run, q) for run in raw_lat]
+            rows.append([f"latency {name} (sequential, {args.latency} tasks)", "ms",
+                         fmt(ours, scale=1000, digits=1)])
+            rows.append([f"raw Kafka latency {name}, same hops", "ms", fmt(theirs, scale=1000, digits=1)])
+        if args.kills:
+            import failover
+
+            restarts, readable = failover.run(bootstrap, Path(failover.tempfile.mkdtemp()), args.kills)
+            rows.append(["failover: started elsewhere (kill at 1 s of 5 s)", "s",
+                         f"{summary(restarts)[0]:.2f} (p99 {percentile(restarts, 0.99):.2f}, "
+                         f"{min(restarts):.2f}..{max(restarts):.2f})"])
+            rows.append(["failover: result readable", "s",
+                         f"{summary(readable)[0]:.2f} (p99 {percentile(readable, 0.99):.2f})"])
+    print(f"\nYADTQ benchmarks on {platform.node()} ({platform.machine()}, Python "
+          f"{platform.python_version()}), median of {args.runs} runs (min..max)\n")
+    print(tabulate(rows, headers=["figure", "unit", "value"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
