@@ -37,12 +37,13 @@ def broker() -> Iterator[str]:
 
 
 @contextmanager
-def cluster(bootstrap: str, workers: int, slots: int = 2, log_level: str = "warning",
-            **server: object) -> Iterator[Cluster]:
+def cluster(bootstrap: str, workers: int, slots: int = 2, log_level: str = "info",
+            prefetch: int = -1, kafka: dict[str, object] | None = None) -> Iterator[Cluster]:
     """A server and ``workers`` workers on a fresh set of topics."""
     with tempfile.TemporaryDirectory() as tmp:
         c = Cluster(bootstrap, Path(tmp))
-        c.write_config(server=dict(server), worker={"slots": slots, "heartbeat_interval": 1.0})
+        c.write_config(worker={"slots": slots, "heartbeat_interval": 1.0, "prefetch": prefetch},
+                       kafka=kafka)
         c.config.write_text(c.config.read_text() + f'[logging]\nlevel = "{log_level}"\n')
         try:
             c.start_server()

@@ -36,13 +36,16 @@ class Cluster:
         self.client = Client(self.socket, timeout=30)
         self.write_config()
 
-    def write_config(self, server: dict[str, Any] | None = None, worker: dict[str, Any] | None = None) -> None:
+    def write_config(self, server: dict[str, Any] | None = None, worker: dict[str, Any] | None = None,
+                     kafka: dict[str, Any] | None = None) -> None:
         """(Re)write the cluster's TOML config."""
         server = {"database": self.database, "socket": self.socket, "heartbeat_timeout": 5.0,
                   **(server or {})}
         worker = {"slots": 2, "heartbeat_interval": 0.5, "stop_timeout": 30.0, **(worker or {})}
         lines = [f'topic_prefix = "{self.prefix}"', "[kafka]",
-                 f'"bootstrap.servers" = "{self.bootstrap}"', "[server]"]
+                 f'"bootstrap.servers" = "{self.bootstrap}"']
+        lines += [f'"{k}" = {json.dumps(v)}' for k, v in (kafka or {}).items()]
+        lines += ["[server]"]
         lines += [f"{k} = {json.dumps(v)}" for k, v in server.items()]
         lines += ["[worker]"] + [f"{k} = {json.dumps(v)}" for k, v in worker.items()]
         self.config.write_text("\n".join(lines) + "\n")

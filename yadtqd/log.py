@@ -51,9 +51,9 @@ class _LineFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
-        fields = " ".join(f"{f}={getattr(record, f)}" for f in FIELDS if getattr(record, f, None))
+        fields = [f"{f}={value}" for f in FIELDS if (value := getattr(record, f, None))]
         if fields:
-            text = f"{text} [{fields}]"
+            text = f"{text} [{' '.join(fields)}]"
         if self.priority_prefix:
             return f"<{PRIORITY.get(record.levelno, 6)}>{text}"
         return text

@@ -107,10 +107,15 @@ def consumer_settings(config: Config, client: str, monitor: ConnectionMonitor) -
     return settings
 
 
-def make_producer(config: Config, client: str) -> tuple[Producer, ConnectionMonitor]:
-    """A producer with ``acks=all`` and idempotence, as the design requires."""
+def make_producer(config: Config, client: str, linger_ms: int = 1) -> tuple[Producer, ConnectionMonitor]:
+    """A producer with ``acks=all`` and idempotence, as the design requires. ``linger_ms`` is
+    the default wait to batch (a ``[kafka] "linger.ms"`` setting overrides it): 0 for a
+    producer that sends one message and waits for it."""
     monitor = ConnectionMonitor(f"{client} producer")
-    return Producer(producer_settings(config, client, monitor)), monitor
+    settings = producer_settings(config, client, monitor)
+    if "linger.ms" not in config.kafka:
+        settings["linger.ms"] = linger_ms
+    return Producer(settings), monitor
 
 
 def make_consumer(config: Config, client: str) -> tuple[Consumer, ConnectionMonitor]:

@@ -148,7 +148,8 @@ class Ingest:
         if not self.store.start(ev, now):
             self._stale(ev, f"started {ev.task_id} attempt {ev.attempt} is not the current grant")
             return
-        log.info("task %s attempt %d started on %s", ev.task_id, ev.attempt, ev.worker,
+        # the worker logs "started" at info for the task's trail; here it would say it twice
+        log.debug("task %s attempt %d started on %s", ev.task_id, ev.attempt, ev.worker,
                  extra={"task_id": ev.task_id, "worker_id": ev.worker, "event": "task_started"})
 
     def _finished(self, ev: m.Finished, now: float) -> None:

@@ -58,7 +58,7 @@ class Server:
         self._assign(consumer, store)
         ingest = Ingest(store, self.scheduler, self.config, self.events_partitions)
         self._restore(store, producer)
-        socket_producer, _ = transport.make_producer(self.config, "server-socket")
+        socket_producer, _ = transport.make_producer(self.config, "server-socket", linger_ms=0)
         submitter = Submitter(self.config.server.database, socket_producer, self.config.topic("tasks"))
         sockets = SocketServer(self.config.server.socket, Queries(submitter, self.changes,
                                self.config.server.max_task_bytes), self.config.server.database,
