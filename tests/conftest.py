@@ -49,6 +49,17 @@ def own_broker(tmp_path: Path) -> Iterator[Broker]:
 
 
 @pytest.fixture
+def own_cluster(own_broker: Broker, tmp_path: Path) -> Iterator[Cluster]:
+    """A YADTQ cluster on the test's own broker (for tests that stop and start the broker)."""
+    (tmp_path / "cluster").mkdir()
+    c = Cluster(own_broker.bootstrap, tmp_path / "cluster")
+    try:
+        yield c
+    finally:
+        c.stop_all()
+
+
+@pytest.fixture
 def cluster(bootstrap: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Cluster]:
     """A fresh YADTQ cluster (topics of its own) on the session's broker; nothing started yet."""
     c = Cluster(bootstrap, tmp_path)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import random
 import signal
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -96,19 +95,9 @@ def test_scenario_2_server_killed_three_times_while_submissions_continue(cluster
     print(f"scenario 2: {verdict}")
 
 
-@pytest.fixture
-def broker_cluster(own_broker: Broker, tmp_path: Path) -> Iterator[Cluster]:
-    (tmp_path / "cluster").mkdir()
-    cluster = Cluster(own_broker.bootstrap, tmp_path / "cluster")
-    try:
-        yield cluster
-    finally:
-        cluster.stop_all()
-
-
-def test_scenario_3_broker_stopped_and_started_during_a_run(broker_cluster: Cluster, own_broker: Broker,
+def test_scenario_3_broker_stopped_and_started_during_a_run(own_cluster: Cluster, own_broker: Broker,
                                                              tmp_path: Path) -> None:
-    cluster = broker_cluster
+    cluster = own_cluster
     _chaos_config(cluster)
     cluster.start_server()
     for w in WORKERS[:2]:

@@ -4,7 +4,6 @@ outage, recovers on its own, and nothing acknowledged is lost."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,18 +17,8 @@ pytestmark = pytest.mark.kafka
 OUTAGE = 60.0
 
 
-@pytest.fixture
-def outage_cluster(own_broker: Broker, tmp_path: Path) -> Iterator[Cluster]:
-    (tmp_path / "cluster").mkdir()
-    cluster = Cluster(own_broker.bootstrap, tmp_path / "cluster")
-    try:
-        yield cluster
-    finally:
-        cluster.stop_all()
-
-
-def test_a_minute_without_the_broker(outage_cluster: Cluster, own_broker: Broker, tmp_path: Path) -> None:
-    cluster = outage_cluster
+def test_a_minute_without_the_broker(own_cluster: Cluster, own_broker: Broker, tmp_path: Path) -> None:
+    cluster = own_cluster
     cluster.start_server()
     cluster.start_worker("w1")
     cluster.start_worker("w2")
