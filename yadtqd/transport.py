@@ -16,7 +16,7 @@ import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
@@ -198,6 +198,25 @@ def end_offset(consumer: Consumer, topic: str, partition: int, timeout: float = 
 def assign(consumer: Consumer, positions: Mapping[tuple[str, int], int]) -> None:
     """Assign exactly these partitions, each to start at the given offset."""
     consumer.assign([TopicPartition(t, p, off) for (t, p), off in positions.items()])
+
+
+def read_batch(consumer: Consumer, timeout: float, limit: int) -> list[Message]:
+    """Wait up to ``timeout`` for one message, then take what else is ready, up to ``limit``.
+
+    ``consume(limit, timeout)`` alone would wait for a full batch; this returns as soon as
+    anything arrives. Read errors are logged and left out.
+    """
+    first = consumer.poll(timeout)
+    if first is None:
+        return []
+    good = []
+    for msg in [first, *consumer.consume(limit - 1, 0)]:
+        err = msg.error()
+        if err is not None:
+            log.warning("read error: %s", err.str())
+        else:
+            good.append(msg)
+    return good
 
 
 def flush(producer: Producer, timeout: float) -> int:

@@ -114,7 +114,7 @@ class Server:
 
     def _turn(self, store: Store, ingest: Ingest, consumer: Consumer, producer: Producer,
               link: transport.ConnectionMonitor) -> None:
-        batch = self._read(consumer)
+        batch = transport.read_batch(consumer, 0.1, self.config.server.batch_size)
         now = time.time()
         fences: list[Fence] = []
         if batch:
@@ -131,20 +131,6 @@ class Server:
         if batch or grants or fences:
             self.changes.signal()
         self._report(store)
-
-    def _read(self, consumer: Consumer) -> list:  # type: ignore[type-arg]
-        first = consumer.poll(0.1)
-        if first is None:
-            return []
-        batch = [first, *consumer.consume(self.config.server.batch_size - 1, 0)]
-        good = []
-        for msg in batch:
-            err = msg.error()
-            if err is not None:
-                log.warning("read error: %s", err.str())
-            else:
-                good.append(msg)
-        return good
 
     def _check_deaths(self, store: Store, ingest: Ingest, consumer: Consumer,
                       link: transport.ConnectionMonitor, now: float) -> list[Fence]:

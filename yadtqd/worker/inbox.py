@@ -7,15 +7,13 @@ the main loop's wait at once.
 
 from __future__ import annotations
 
-import logging
 import socket
 import threading
 from collections import deque
 
 from confluent_kafka import Consumer, Message
 
-log = logging.getLogger("yadtqd.worker")
-
+from yadtqd.transport import read_batch
 
 class Inbox:
     """Messages read from Kafka by a background thread, handed over to the main loop."""
@@ -58,17 +56,9 @@ class Inbox:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            first = self.consumer.poll(0.2)
-            if first is None:
+            good = read_batch(self.consumer, 0.2, 500)
+            if not good:
                 continue
-            batch = [first, *self.consumer.consume(499, 0)]
-            good = []
-            for msg in batch:
-                err = msg.error()
-                if err is not None:
-                    log.warning("dispatch read error: %s", err.str())
-                else:
-                    good.append(msg)
             with self._lock:
                 self._messages.extend(good)
             try:
