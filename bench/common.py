@@ -44,7 +44,7 @@ def cluster(bootstrap: str, workers: int, slots: int = 2, log_level: str = "info
         c = Cluster(bootstrap, Path(tmp))
         c.write_config(worker={"slots": slots, "heartbeat_interval": 1.0, "prefetch": prefetch},
                        kafka=kafka)
-        c.config.write_text(c.config.read_text() + f'[logging]\nlevel = "{log_level}"\n')
+        c.log_level = log_level
         try:
             c.start_server()
             for i in range(workers):

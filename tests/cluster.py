@@ -34,6 +34,7 @@ class Cluster:
         self.config = directory / "yadtq.toml"
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.client = Client(self.socket, timeout=30)
+        self.log_level = "debug"  # tests want the whole story in a failing test's report
         self.write_config()
 
     def write_config(self, server: dict[str, Any] | None = None, worker: dict[str, Any] | None = None,
@@ -57,7 +58,7 @@ class Cluster:
         """Start ``yadtqd ROLE`` as process ``name``; its output goes to ``name.log``."""
         full_env = {**os.environ, "YADTQ_CONFIG": str(self.config), **(env or {})}
         log = (self.dir / f"{name}.log").open("ab")
-        command = [sys.executable, "-m", "yadtqd.cli", role, "--log-level", "debug"]
+        command = [sys.executable, "-m", "yadtqd.cli", role, "--log-level", self.log_level]
         proc = subprocess.Popen(wrap(command) if wrap else command,
                                 env=full_env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)

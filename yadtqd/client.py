@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping
@@ -191,20 +190,11 @@ class KafkaSubmitter:
             m.parse_submission(json.dumps(body).encode(), 1 << 30)
         except Exception as exc:
             raise UsageError(str(exc)) from None
-        done = threading.Event()
-        errors: list[Any] = []
+        from yadtqd.transport import deliver  # here, so that importing the client stays light
 
-        def delivered(err: Any, _msg: Any) -> None:
-            errors.append(err)
-            done.set()
-
-        self.producer.produce(self.topic, json.dumps(body).encode(), key=body["task-id"].encode(),
-                              on_delivery=delivered)
-        deadline = time.monotonic() + self.timeout
-        while not done.is_set() and time.monotonic() < deadline:
-            self.producer.poll(0.05)
-        if not done.is_set() or errors[0] is not None:
-            problem = errors[0].str() if errors and errors[0] is not None else "no acknowledgement"
+        problem = deliver(self.producer, self.topic, json.dumps(body).encode(), body["task-id"],
+                          self.timeout)
+        if problem:
             raise UnreachableError(f"Kafka did not accept task {body['task-id']}: {problem}")
         return str(body["task-id"])
 

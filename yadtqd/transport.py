@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 import zlib
 from collections.abc import Iterable, Mapping
@@ -198,6 +199,34 @@ def end_offset(consumer: Consumer, topic: str, partition: int, timeout: float = 
 def assign(consumer: Consumer, positions: Mapping[tuple[str, int], int]) -> None:
     """Assign exactly these partitions, each to start at the given offset."""
     consumer.assign([TopicPartition(t, p, off) for (t, p), off in positions.items()])
+
+
+def send(producer: Producer, topic: str, value: bytes, key: str, partition: int = -1) -> None:
+    """Queue a message for delivery, waiting for room when the local queue is full."""
+    while True:
+        try:
+            producer.produce(topic, value, key=key.encode(), partition=partition)
+            return
+        except BufferError:
+            producer.poll(0.1)  # the local queue is full: let deliveries drain it
+
+
+def deliver(producer: Producer, topic: str, value: bytes, key: str, timeout: float) -> str | None:
+    """Produce one message and wait until Kafka acknowledged it; returns the problem, if any."""
+    done = threading.Event()
+    errors: list[KafkaError | None] = []
+
+    def delivered(err: KafkaError | None, _msg: object) -> None:
+        errors.append(err)
+        done.set()
+
+    producer.produce(topic, value, key=key.encode(), on_delivery=delivered)
+    deadline = time.monotonic() + timeout
+    while not done.is_set() and time.monotonic() < deadline:
+        producer.poll(0.05)
+    if not done.is_set():
+        return f"no acknowledgement within {timeout:g} s"
+    return errors[0].str() if errors[0] is not None else None
 
 
 def read_batch(consumer: Consumer, timeout: float, limit: int) -> list[Message]:

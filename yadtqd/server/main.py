@@ -176,12 +176,7 @@ class Server:
 
     def _produce(self, producer: Producer, worker: str, value: bytes) -> None:
         partition = transport.partition_for(worker, self.dispatch_partitions)
-        while True:
-            try:
-                producer.produce(self.dispatch_topic, value, key=worker.encode(), partition=partition)
-                return
-            except BufferError:
-                producer.poll(0.1)  # the local queue is full: let deliveries drain it
+        transport.send(producer, self.dispatch_topic, value, worker, partition)
 
     # ------------------------------------------------------------ reporting
 

@@ -15,10 +15,10 @@ from collections.abc import Callable
 from typing import Any
 
 import msgspec
-from confluent_kafka import KafkaError, Producer
+from confluent_kafka import Producer
 
 from yadtqd import messages as m
-from yadtqd import protocol
+from yadtqd import protocol, transport
 from yadtqd.store import Store
 
 log = logging.getLogger("yadtqd.server")
@@ -66,30 +66,13 @@ class Submitter:
         if intake.outcome == "new":
             log.info("task %s received: %s (socket)", sub.task_id, sub.task,
                      extra={"task_id": sub.task_id, "event": "task_received"})
-            problem = self._produce(sub)
+            problem = transport.deliver(self.producer, self.topic, m.encode(sub), sub.task_id,
+                                        self.timeout)
             if problem:
                 return protocol.error("unavailable", f"Kafka did not accept task {sub.task_id}:"
                                       f" {problem}; it is recorded as queued and will run")
         return {"ok": True, "task-id": sub.task_id, "status": "queued",
                 "created": intake.outcome == "new"}
-
-    def _produce(self, sub: m.Submission) -> str | None:
-        done = threading.Event()
-        outcome: list[KafkaError | None] = []
-
-        def delivered(err: KafkaError | None, _msg: object) -> None:
-            outcome.append(err)
-            done.set()
-
-        self.producer.produce(self.topic, m.encode(sub), key=sub.task_id.encode(),
-                              on_delivery=delivered)
-        deadline = time.monotonic() + self.timeout
-        while not done.is_set() and time.monotonic() < deadline:
-            self.producer.poll(0.05)
-        if not done.is_set():
-            return f"no acknowledgement within {self.timeout:.0f} s"
-        err = outcome[0]
-        return err.str() if err is not None else None
 
 
 class Queries:

@@ -300,10 +300,5 @@ class Worker:
 
     def _send(self, message: msgspec.Struct) -> None:
         assert self.producer is not None
-        while True:
-            try:
-                self.producer.produce(self.config.topic("events"), m.encode(message),
-                                      key=self.worker_id.encode(), partition=self.events_partition)
-                return
-            except BufferError:
-                self.producer.poll(0.1)  # the local queue is full: let deliveries drain it
+        transport.send(self.producer, self.config.topic("events"), m.encode(message),
+                       self.worker_id, self.events_partition)
