@@ -55,6 +55,7 @@ def start(directory: Path) -> int:
     ctl = f"{Path(sys.executable).parent / 'yadtqctl'} --socket {socket_path}"
     print(f"""
 The cluster keeps running. Try:
+  {ctl} monitor            (a live view; submit more tasks from another terminal)
   {ctl} submit add 2 3 --wait
   {ctl} workers
   {ctl} tasks --status failed
