@@ -1,4 +1,5 @@
-"""The result backend: SQLite in WAL mode. Every SQL statement of YADTQ lives in this module.
+"""The result backend: SQLite in WAL mode. Every query of YADTQ lives in this module (the schema
+beside it, in ``schema.sql``).
 
 The task state machine (DESIGN sections 3 and 4) is a set of named transitions, each one
 conditional UPDATE that states the status it expects, so correctness never depends on the
@@ -6,7 +7,7 @@ caller being single-threaded::
 
     intake ──▶ queued ──grant──▶ assigned ──start──▶ processing ──finish──▶ success | failed
                  ▲                   │                    │
-                 └── retry / requeue_epoch / hand_back ───┘
+                 └──── retry / declare_dead / hand_back ──┘
 
 A transition that matches no row did not happen; the caller treats the event as stale.
 Offsets consumed from Kafka are saved in the same transaction as the changes they cause

@@ -95,7 +95,7 @@ def test_wedged_worker_stops_heartbeating_and_is_declared_dead(cluster: Cluster)
     cluster.stop("wedged", signal.SIGKILL)  # a wedged loop does not act on SIGTERM
 
 
-def test_frozen_worker_is_fenced_and_its_late_result_is_stale(cluster: Cluster, tmp_path: Path) -> None:
+def test_frozen_worker_is_fenced_and_its_late_result_never_applied(cluster: Cluster, tmp_path: Path) -> None:
     _fast(cluster)
     cluster.start_server()
     frozen = cluster.start_worker("w1")
@@ -112,8 +112,9 @@ def test_frozen_worker_is_fenced_and_its_late_result_is_stale(cluster: Cluster, 
     finally:
         os.killpg(frozen.pid, signal.SIGCONT)
     cluster.wait_for(lambda: cluster.epochs("w1", live=True) - old_epochs, "w1 to register anew")
-    cluster.wait_for(lambda: cluster.client.stats()["counters"].get("stale_events", 0) >= 1,
-                     "w1's late events to be counted stale")
+    # Whether w1 sends anything under its old epoch after waking (a heartbeat, the finished
+    # event) depends on which it reads first, its pool's pipe or the fence; if it does, the event
+    # is stale. The partition test, where the late events are sent for sure, asserts the count.
     assert "fenced by the server" in cluster.log("w1")
     assert cluster.client.result(task_id)["worker"] == "w2"
     ledger.check_contract(cluster, book, {task_id: "once"})
