@@ -50,10 +50,6 @@ class BadMessage(YadtqError):
         self.task_id = task_id
 
 
-class Conflict(YadtqError):
-    """A task id was submitted again with a different payload."""
-
-
 class RequestError(YadtqError):
     """A socket request was refused; ``code`` is the protocol's error code."""
 
@@ -61,10 +57,6 @@ class RequestError(YadtqError):
         super().__init__(message)
         self.code = code
         self.exit_code = UsageError.exit_code if code in CLIENT_ERROR_CODES else 1
-
-
-class PluginError(YadtqError):
-    """A plugin could not be loaded or registered a task wrongly."""
 
 
 #: Socket error codes that mean the request itself was wrong (exit code 2 in yadtqctl).

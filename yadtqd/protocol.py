@@ -43,7 +43,6 @@ import json
 import sqlite3
 from typing import Any
 
-MAX_LINE = 1024 * 1024
 VISIBLE_STATUS = {"queued": "queued", "assigned": "queued", "processing": "processing",
                   "success": "success", "failed": "failed"}
 

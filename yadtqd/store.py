@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import importlib.resources
 import sqlite3
-import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,12 +29,6 @@ import msgspec
 
 from yadtqd import messages as m
 
-def schema() -> str:
-    """The schema script, ``yadtqd/schema.sql`` (idempotent statements)."""
-    return (importlib.resources.files("yadtqd") / "schema.sql").read_text()
-
-ACTIVE = ("assigned", "processing")
-TERMINAL = ("success", "failed")
 WORKER_LOST = "WorkerLost"
 
 
@@ -64,6 +57,11 @@ class Grant:
     epoch: str
     attempt: int
     payload: str
+
+
+def schema() -> str:
+    """The schema script, ``yadtqd/schema.sql`` (idempotent statements)."""
+    return (importlib.resources.files("yadtqd") / "schema.sql").read_text()
 
 
 def connect(path: str | Path, readonly: bool = False) -> sqlite3.Connection:
@@ -153,15 +151,6 @@ class Store:
             (now, *names, limit),
         )
         return [Waiting(r["id"], r["name"]) for r in rows]
-
-    def next_run_after(self, now: float) -> float | None:
-        """The earliest time a queued task held back by a retry backoff becomes runnable."""
-        row = self.db.execute(
-            "SELECT min(run_after) AS t FROM tasks WHERE status = 'queued' AND run_after > ?",
-            (now,),
-        ).fetchone()
-        earliest: float | None = row["t"]
-        return earliest
 
     def grant(self, task_id: str, worker: str, epoch: str, now: float) -> Grant | None:
         """Grant the next attempt of a queued task to a worker epoch, atomically.
@@ -416,8 +405,3 @@ def _tasks(ev: m.Hello) -> dict[str, dict[str, str]]:
 
 def _json(value: Any) -> str:
     return msgspec.json.encode(value).decode()
-
-
-def now() -> float:
-    """Wall-clock time as stored in the database."""
-    return time.time()

@@ -23,9 +23,13 @@ pytestmark = pytest.mark.kafka
 WORKERS = ("w1", "w2", "w3")
 
 
-def _chaos_config(cluster: Cluster) -> None:
+def _start(cluster: Cluster, workers: tuple[str, ...]) -> None:
+    """Chaos settings (fast detection, room for many losses), a server and the workers."""
     cluster.write_config(server={"heartbeat_timeout": 2.0, "max_attempts": 20},
                          worker={"heartbeat_interval": 0.25, "slots": 2})
+    cluster.start_server()
+    for w in workers:
+        cluster.start_worker(w)
 
 
 def _submit(cluster: Cluster, book: Path, count: int, rng: random.Random, start: int) -> dict[str, int]:
@@ -39,10 +43,7 @@ def _busy_worker(cluster: Cluster, expected: dict[str, int]) -> str | None:
 
 
 def test_scenario_1_twenty_worker_kills_mid_task(cluster: Cluster, tmp_path: Path) -> None:
-    _chaos_config(cluster)
-    cluster.start_server()
-    for w in WORKERS:
-        cluster.start_worker(w)
+    _start(cluster, WORKERS)
     rng = random.Random(1)
     book = tmp_path / "ledger"
     expected = _submit(cluster, book, 300, rng, 0)
@@ -62,10 +63,7 @@ def test_scenario_1_twenty_worker_kills_mid_task(cluster: Cluster, tmp_path: Pat
 
 
 def test_scenario_2_server_killed_three_times_while_submissions_continue(cluster: Cluster, tmp_path: Path) -> None:
-    _chaos_config(cluster)
-    cluster.start_server()
-    for w in WORKERS[:2]:
-        cluster.start_worker(w)
+    _start(cluster, WORKERS[:2])
     book = tmp_path / "ledger"
     expected: dict[str, int] = {}
     done = threading.Event()
@@ -98,10 +96,7 @@ def test_scenario_2_server_killed_three_times_while_submissions_continue(cluster
 def test_scenario_3_broker_stopped_and_started_during_a_run(own_cluster: Cluster, own_broker: Broker,
                                                              tmp_path: Path) -> None:
     cluster = own_cluster
-    _chaos_config(cluster)
-    cluster.start_server()
-    for w in WORKERS[:2]:
-        cluster.start_worker(w)
+    _start(cluster, WORKERS[:2])
     book = tmp_path / "ledger"
     expected = _submit(cluster, book, 150, random.Random(3), 0)
     cluster.wait_for(lambda: cluster.client.stats()["tasks"].get("success", 0) >= 20, "a running start")
@@ -114,10 +109,7 @@ def test_scenario_3_broker_stopped_and_started_during_a_run(own_cluster: Cluster
 
 
 def test_scenario_5_graceful_stop_of_busy_workers(cluster: Cluster, tmp_path: Path) -> None:
-    _chaos_config(cluster)
-    cluster.start_server()
-    for w in WORKERS:
-        cluster.start_worker(w)
+    _start(cluster, WORKERS)
     rng = random.Random(5)
     book = tmp_path / "ledger"
     expected = _submit(cluster, book, 200, rng, 0)
