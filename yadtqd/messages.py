@@ -156,7 +156,8 @@ class Hello(Struct, kw_only=True, tag_field="type", tag="hello"):
     host: str
     pid: int
     slots: Annotated[int, Meta(ge=1)]
-    prefetch: Count = 0
+    #: Grants to hold beyond the slots; -1 asks the server for an adaptive number.
+    prefetch: Annotated[int, Meta(ge=-1)] = 0
     tasks: dict[str, TaskInfo]
     version: str
     v: int = 1

@@ -49,6 +49,14 @@ class Waiting:
 
 
 @dataclass(frozen=True)
+class Held:
+    """A granted, unfinished task as the scheduler restores it."""
+
+    task_id: str
+    name: str
+
+
+@dataclass(frozen=True)
 class Grant:
     """A granted attempt, with what the worker needs to run it."""
 
@@ -157,14 +165,14 @@ class Store:
 
         Precondition: the task is ``queued``. Returns None when it is not (someone else won).
         """
-        cur = self.db.execute(
+        row = self.db.execute(
             "UPDATE tasks SET status = 'assigned', worker = ?, epoch = ?, attempt = attempt + 1,"
-            " assigned_at = ?, started_at = NULL WHERE id = ? AND status = 'queued'",
+            " assigned_at = ?, started_at = NULL WHERE id = ? AND status = 'queued'"
+            " RETURNING attempt, payload",
             (worker, epoch, now, task_id),
-        )
-        if cur.rowcount != 1:
+        ).fetchone()
+        if row is None:
             return None
-        row = self.db.execute("SELECT attempt, payload FROM tasks WHERE id = ?", (task_id,)).fetchone()
         return Grant(task_id, worker, epoch, row["attempt"], row["payload"])
 
     def pending_grants(self) -> list[Grant]:
@@ -175,13 +183,15 @@ class Store:
         )
         return [Grant(r["id"], r["worker"], r["epoch"], r["attempt"], r["payload"]) for r in rows]
 
-    def outstanding(self) -> dict[str, int]:
-        """How many granted, unfinished tasks each epoch holds."""
+    def held(self) -> dict[str, list[Held]]:
+        """The granted, unfinished tasks each epoch holds."""
         rows = self.db.execute(
-            "SELECT epoch, count(*) AS n FROM tasks WHERE status IN ('assigned', 'processing')"
-            " GROUP BY epoch"
+            "SELECT epoch, id, name FROM tasks WHERE status IN ('assigned', 'processing')"
         )
-        return {r["epoch"]: r["n"] for r in rows}
+        out: dict[str, list[Held]] = {}
+        for r in rows:
+            out.setdefault(r["epoch"], []).append(Held(r["id"], r["name"]))
+        return out
 
     # ------------------------------------------------------------ worker events (invariant 3)
 
@@ -302,6 +312,9 @@ class Store:
         """Declare a live (or leaving) epoch dead: its unfinished tasks are re-queued or, past
         ``max_attempts`` losses, failed with a ``WorkerLost`` error. Records the failure.
 
+        Only a task that had started counts a loss: a grant the epoch never started (its
+        prefetch) goes back to ``queued`` as it was.
+
         Precondition: the epoch is live; otherwise nothing changes and [] is returned.
         """
         row = self.db.execute(
@@ -315,11 +328,12 @@ class Store:
             f" (last: {reason})"))
         self.db.execute(
             "UPDATE tasks SET status = 'failed', lost = lost + 1, error = ?, finished_at = ?"
-            " WHERE epoch = ? AND status IN ('assigned', 'processing') AND lost + 1 >= ?",
+            " WHERE epoch = ? AND status = 'processing' AND lost + 1 >= ?",
             (_json(lost), now, epoch, max_attempts),
         )
         requeued = [r["id"] for r in self.db.execute(
-            "UPDATE tasks SET status = 'queued', lost = lost + 1, worker = NULL, epoch = NULL"
+            "UPDATE tasks SET status = 'queued', lost = lost + (status = 'processing'),"
+            " worker = NULL, epoch = NULL"
             " WHERE epoch = ? AND status IN ('assigned', 'processing') RETURNING id", (epoch,)
         )]
         self.db.execute(

@@ -45,6 +45,25 @@ def test_thousand_tasks_over_three_workers_balance(cluster: Cluster) -> None:
         assert abs(n - mean) <= 0.1 * mean, f"{worker} ran {n} of 1000: {dict(shares)}"
 
 
+def test_no_task_waits_behind_a_long_one_while_another_worker_could_run_it(cluster: Cluster) -> None:
+    """DESIGN 5 with mixed task lengths, under the default (adaptive) prefetch: short tasks whose
+    pipeline runs deep do not queue up in a worker busy with a long task."""
+    cluster.start_server()
+    for w in ("w1", "w2"):
+        cluster.start_worker(w, slots=1)
+    warm = [cluster.client.submit("add", i, 1) for i in range(40)]
+    cluster.wait_terminal(warm)
+    long_id = cluster.client.submit("sleep", 60)
+    cluster.wait_for(lambda: cluster.status([long_id])[long_id]["status"] == "processing",
+                     "the long task to start")
+    busy = cluster.status([long_id])[long_id]["worker"]
+    ids = [cluster.client.submit("add", i, 1) for i in range(40)]
+    statuses = cluster.wait_terminal(ids)
+    assert {v["status"] for v in statuses.values()} == {"success"}
+    assert busy not in {v["worker"] for v in statuses.values()}
+    assert cluster.status([long_id])[long_id]["status"] == "processing"
+
+
 def test_cli_submit_wait_prints_result_and_exit_codes(cluster: Cluster) -> None:
     cluster.start_server()
     cluster.start_worker("w1")

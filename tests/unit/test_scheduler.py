@@ -1,4 +1,5 @@
-"""The grant plan: most free capacity first, ties to the least recently granted, routing."""
+"""The grant plan: most free capacity first, ties to the least recently granted, routing; the
+adaptive prefetch window."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ from collections import Counter
 from pathlib import Path
 
 from yadtqd import messages as m
-from yadtqd.server.scheduler import Member, Scheduler
+from yadtqd.server.scheduler import (ADAPTIVE, LONG_TASK, PREFETCH_HORIZON, PREFETCH_PER_SLOT,
+                                      Member, Scheduler)
 from yadtqd.store import Store
 
 
@@ -17,11 +19,17 @@ def _store(tmp_path: Path, names: list[str]) -> Store:
     return store
 
 
+def _held(member: Member, count: int, name: str = "add") -> Member:
+    for i in range(count):
+        member.hold(f"held{i}", name, None)
+    return member
+
+
 def test_equal_workers_share_grants_evenly(tmp_path: Path) -> None:
     store = _store(tmp_path, ["add"] * 12)
     sched = Scheduler()
     for w in ("a", "b", "c"):
-        sched.join(Member(epoch=w, worker=w, capacity=4, tasks=frozenset({"add"}), partition=0))
+        sched.join(Member(epoch=w, worker=w, slots=4, prefetch=0, tasks=frozenset({"add"}), partition=0))
     grants = sched.plan(store, 100.0)
     assert Counter(g.worker for g in grants) == {"a": 4, "b": 4, "c": 4}
     assert [g.worker for g in grants[:3]] == ["a", "b", "c"]  # round robin on ties
@@ -30,10 +38,10 @@ def test_equal_workers_share_grants_evenly(tmp_path: Path) -> None:
 def test_the_worker_with_most_room_gets_the_task(tmp_path: Path) -> None:
     store = _store(tmp_path, ["add"])
     sched = Scheduler()
-    sched.join(Member(epoch="busy", worker="busy", capacity=4, tasks=frozenset({"add"}), partition=0,
-                      outstanding=3))
-    sched.join(Member(epoch="idle", worker="idle", capacity=4, tasks=frozenset({"add"}), partition=0,
-                      outstanding=1))
+    sched.join(_held(Member(epoch="busy", worker="busy", slots=4, prefetch=0, tasks=frozenset({"add"}),
+                            partition=0), 3))
+    sched.join(_held(Member(epoch="idle", worker="idle", slots=4, prefetch=0, tasks=frozenset({"add"}),
+                            partition=0), 1))
     (grant,) = sched.plan(store, 100.0)
     assert grant.worker == "idle"
 
@@ -41,8 +49,8 @@ def test_the_worker_with_most_room_gets_the_task(tmp_path: Path) -> None:
 def test_tasks_go_only_to_workers_that_advertise_them(tmp_path: Path) -> None:
     store = _store(tmp_path, ["sleep", "add", "sleep", "nobody"])
     sched = Scheduler()
-    sched.join(Member(epoch="a", worker="a", capacity=10, tasks=frozenset({"add"}), partition=0))
-    sched.join(Member(epoch="d", worker="d", capacity=10, tasks=frozenset({"sleep"}), partition=0))
+    sched.join(Member(epoch="a", worker="a", slots=10, prefetch=0, tasks=frozenset({"add"}), partition=0))
+    sched.join(Member(epoch="d", worker="d", slots=10, prefetch=0, tasks=frozenset({"sleep"}), partition=0))
     grants = {g.task_id: g.worker for g in sched.plan(store, 100.0)}
     assert grants == {"t0": "d", "t1": "a", "t2": "d"}
     assert store.task_rows(["t3"])["t3"]["status"] == "queued"
@@ -51,10 +59,103 @@ def test_tasks_go_only_to_workers_that_advertise_them(tmp_path: Path) -> None:
 def test_no_grants_beyond_capacity_or_to_leaving_workers(tmp_path: Path) -> None:
     store = _store(tmp_path, ["add"] * 5)
     sched = Scheduler()
-    sched.join(Member(epoch="a", worker="a", capacity=2, tasks=frozenset({"add"}), partition=0))
-    sched.join(Member(epoch="l", worker="l", capacity=9, tasks=frozenset({"add"}), partition=0,
+    sched.join(Member(epoch="a", worker="a", slots=2, prefetch=0, tasks=frozenset({"add"}), partition=0))
+    sched.join(Member(epoch="l", worker="l", slots=9, prefetch=0, tasks=frozenset({"add"}), partition=0,
                       accepting=False))
-    assert len(sched.plan(store, 100.0)) == 2
+    first = sched.plan(store, 100.0)
+    assert len(first) == 2
     assert sched.plan(store, 100.0) == []
-    sched.released("a")
+    sched.finished("a", first[0].task_id)
     assert [g.task_id for g in sched.plan(store, 100.0)] == ["t2"]
+
+
+def _adaptive(epoch: str = "a", slots: int = 2) -> Member:
+    return Member(epoch=epoch, worker=epoch, slots=slots, prefetch=ADAPTIVE,
+                  tasks=frozenset({"add", "sleep"}), partition=0)
+
+
+def _learn(sched: Scheduler, name: str, seconds: float) -> None:
+    sched.estimates.add(name, seconds)
+
+
+def test_fixed_prefetch_holds_that_many_beyond_the_slots(tmp_path: Path) -> None:
+    store = _store(tmp_path, ["add"] * 10)
+    sched = Scheduler()
+    sched.join(Member(epoch="a", worker="a", slots=2, prefetch=3, tasks=frozenset({"add"}), partition=0))
+    _learn(sched, "add", 0.0001)
+    assert len(sched.plan(store, 100.0)) == 5
+
+
+def test_adaptive_epoch_holds_nothing_behind_tasks_of_unknown_length(tmp_path: Path) -> None:
+    store = _store(tmp_path, ["add"] * 10)
+    sched = Scheduler()
+    sched.join(_adaptive(slots=3))
+    assert len(sched.plan(store, 100.0)) == 3
+
+
+def test_adaptive_epoch_holds_a_deep_pipeline_of_tiny_tasks(tmp_path: Path) -> None:
+    store = _store(tmp_path, ["add"] * 200)
+    sched = Scheduler()
+    sched.join(_adaptive())
+    _learn(sched, "add", PREFETCH_HORIZON / PREFETCH_PER_SLOT / 10)
+    assert len(sched.plan(store, 100.0)) == 2 * (1 + PREFETCH_PER_SLOT)
+
+
+def test_adaptive_epoch_holds_about_the_horizon_of_middling_tasks(tmp_path: Path) -> None:
+    store = _store(tmp_path, ["add"] * 100)
+    sched = Scheduler()
+    sched.join(_adaptive())
+    _learn(sched, "add", PREFETCH_HORIZON / 4)
+    # it takes grants while the work it holds is at most 2 slots x the horizon: 8 tasks' worth
+    assert len(sched.plan(store, 100.0)) == 9
+
+
+def test_nothing_waits_behind_a_task_known_to_be_long(tmp_path: Path) -> None:
+    store = _store(tmp_path, ["sleep", "add", "add", "add", "add"])
+    sched = Scheduler()
+    sched.join(_adaptive("a", slots=1))
+    sched.join(_adaptive("b", slots=1))
+    _learn(sched, "sleep", 5.0)
+    _learn(sched, "add", 0.0001)
+    grants = [(g.task_id, g.worker) for g in sched.plan(store, 100.0)]
+    assert grants == [("t0", "a"), ("t1", "b"), ("t2", "b"), ("t3", "b"), ("t4", "b")]
+
+
+def test_a_task_running_long_stops_prefetch_before_it_ends(tmp_path: Path) -> None:
+    store = _store(tmp_path, ["add"] * 10)
+    sched = Scheduler()
+    sched.join(_adaptive("a", slots=1))
+    _learn(sched, "add", 0.0001)
+    (first, *rest) = sched.plan(store, 100.0)
+    sched.started("a", first.task_id)
+    member = sched.members["a"]
+    member.running[first.task_id] -= LONG_TASK * 2  # as if it started a while ago
+    for g in rest:
+        sched.handed_back("a", [g.task_id])
+    assert sched.plan(store, 100.0) == []
+
+
+def test_finished_tasks_teach_their_names_estimate(tmp_path: Path) -> None:
+    store = _store(tmp_path, ["add"] * 100)
+    sched = Scheduler()
+    sched.join(_adaptive())
+    first = sched.plan(store, 100.0)
+    assert len(first) == 2
+    for g in first:
+        sched.started("a", g.task_id)
+        sched.finished("a", g.task_id)
+    estimate = sched.estimates.get("add")
+    assert estimate is not None and estimate < LONG_TASK
+    assert sched.members["a"].outstanding == 0
+    assert len(sched.plan(store, 100.0)) > 2
+
+
+def test_free_slots_come_before_prefetch_and_unknown_lengths_stop_it(tmp_path: Path) -> None:
+    store = _store(tmp_path, ["add"] * 12)
+    sched = Scheduler()
+    sched.join(_adaptive("a"))
+    sched.join(_adaptive("b"))
+    _held(sched.members["b"], 1)  # b holds one grant of unknown length from before a restart
+    _learn(sched, "add", 0.0001)
+    grants = Counter(g.worker for g in sched.plan(store, 100.0))
+    assert grants == {"a": 11, "b": 1}

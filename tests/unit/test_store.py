@@ -156,6 +156,7 @@ def test_declare_dead_requeues_then_fails_after_max_attempts(store: Store) -> No
         epoch = f"e{life}"
         hello(store, epoch=epoch)
         store.grant("t1", "w", epoch, 2.0)
+        store.start(started("t1", life, epoch=epoch), 2.5)
         requeued = store.declare_dead(epoch, "no heartbeat", 3.0, max_attempts=3)
         if life < 3:
             assert requeued == ["t1"] and status(store, "t1") == "queued"
@@ -165,6 +166,17 @@ def test_declare_dead_requeues_then_fails_after_max_attempts(store: Store) -> No
     failures = store.failure_rows()
     assert len(failures) == 3
     assert failures[0]["reason"] == "no heartbeat"
+
+
+def test_declare_dead_requeues_unstarted_grants_without_counting_a_loss(store: Store) -> None:
+    store.intake(sub(), 1.0)
+    for life in range(1, 6):
+        epoch = f"e{life}"
+        hello(store, epoch=epoch)
+        store.grant("t1", "w", epoch, 2.0)
+        assert store.declare_dead(epoch, "no heartbeat", 3.0, max_attempts=3) == ["t1"]
+    row = store.task_rows(["t1"])["t1"]
+    assert (row["status"], row["lost"], row["attempt"]) == ("queued", 0, 5)
 
 
 def test_declare_dead_only_once_and_dead_epochs_are_fenced(store: Store) -> None:

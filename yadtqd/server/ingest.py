@@ -118,7 +118,7 @@ class Ingest:
         member = self.scheduler.members.get(ev.epoch)
         if member is not None and self.store.readvertise(ev):
             member.tasks = frozenset(ev.tasks)
-            member.capacity = ev.slots + ev.prefetch
+            member.slots, member.prefetch = ev.slots, ev.prefetch
             log.info("worker %s now provides: %s", ev.worker, ", ".join(sorted(ev.tasks)) or "none",
                      extra={"worker_id": ev.worker, "event": "worker_reloaded"})
             return
@@ -127,7 +127,7 @@ class Ingest:
             self._stale(ev, "hello from a known epoch")
             return
         self.scheduler.join(Member(
-            epoch=ev.epoch, worker=ev.worker, capacity=ev.slots + ev.prefetch,
+            epoch=ev.epoch, worker=ev.worker, slots=ev.slots, prefetch=ev.prefetch,
             tasks=frozenset(ev.tasks), partition=partition_for(ev.worker, self.events_partitions)))
         log.info("worker %s joined: epoch %s on %s pid %d, %d slots, tasks %s", ev.worker,
                  ev.epoch, ev.host, ev.pid, ev.slots, ", ".join(sorted(ev.tasks)) or "none",
@@ -148,6 +148,7 @@ class Ingest:
         if not self.store.start(ev, now):
             self._stale(ev, f"started {ev.task_id} attempt {ev.attempt} is not the current grant")
             return
+        self.scheduler.started(ev.epoch, ev.task_id)
         # the worker logs "started" at info for the task's trail; here it would say it twice
         log.debug("task %s attempt %d started on %s", ev.task_id, ev.attempt, ev.worker,
                  extra={"task_id": ev.task_id, "worker_id": ev.worker, "event": "task_started"})
@@ -157,7 +158,7 @@ class Ingest:
         if outcome == "stale":
             self._stale(ev, f"finished {ev.task_id} attempt {ev.attempt} is not the current grant")
             return
-        self.scheduler.released(ev.epoch)
+        self.scheduler.finished(ev.epoch, ev.task_id)
         extra = {"task_id": ev.task_id, "worker_id": ev.worker, "event": f"task_{outcome}"}
         if outcome == "success":
             log.info("task %s succeeded on %s", ev.task_id, ev.worker, extra=extra)
@@ -181,7 +182,7 @@ class Ingest:
             log.info("worker %s leaving: epoch %s handed back %d tasks", ev.worker, ev.epoch,
                      len(ev.handed_back), extra={"worker_id": ev.worker, "event": "worker_leaving"})
         back = self.store.hand_back(ev.epoch, ev.handed_back)
-        self.scheduler.released(ev.epoch, len(back))
+        self.scheduler.handed_back(ev.epoch, back)
         for task_id in back:
             log.info("task %s re-queued: handed back by %s", task_id, ev.worker,
                      extra={"task_id": task_id, "event": "task_requeued"})

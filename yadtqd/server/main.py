@@ -103,7 +103,7 @@ class Server:
         live = store.live_workers()
         partition_of = {r["worker"]: transport.partition_for(r["worker"], self.events_partitions)
                         for r in live}
-        self.scheduler.load(live, store.outstanding(), partition_of)
+        self.scheduler.load(live, store.held(), partition_of)
         pending = store.pending_grants()
         self._send_runs(producer, pending)
         if live or pending:

@@ -1,9 +1,19 @@
 """Who runs what (DESIGN section 5): the live worker epochs and the grant plan.
 
-A queued task, oldest first, goes to the live epoch that (a) advertises the task's name and
-(b) has the most free capacity (``slots + prefetch`` minus what it holds), ties going to the
+A queued task, oldest first, goes to a live epoch that advertises the task's name and may take
+one more grant; of those, to the one with the most free slots (its slots minus the grants it
+holds: below zero while some wait in it), then the least expected work held, ties going to the
 epoch granted least recently. Every grant is the store's conditional update; the scheduler only
 chooses. It is the server's in-memory view, rebuilt from the store at start.
+
+An epoch with a free slot may always take a grant. Beyond its slots it holds *prefetched*
+grants, which start as soon as a slot frees, so the round trip between two grants does not
+leave a slot idle. A worker's ``prefetch`` is a fixed number or :data:`ADAPTIVE` (the default).
+An adaptive epoch takes a grant beyond its slots only while the work it already holds is
+expected to end within :data:`PREFETCH_HORIZON` per slot, judged from how long recent tasks of
+the same names held a slot (from applying their ``started`` to applying their ``finished``).
+Tiny tasks so get a deep pipeline; nothing waits behind a task whose length is unknown or that
+is known to be long, so no task waits in a busy worker while another could run it.
 """
 
 from __future__ import annotations
@@ -15,7 +25,35 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from yadtqd.store import Grant, Store
+from yadtqd.store import Grant, Held, Store
+
+#: The ``prefetch`` a worker advertises to ask for an adaptive window.
+ADAPTIVE = -1
+#: Seconds of expected work per slot an adaptive epoch may hold before it takes no more.
+PREFETCH_HORIZON = 0.05
+#: The most grants an adaptive epoch holds beyond each slot.
+PREFETCH_PER_SLOT = 32
+#: A task running longer than this is long, whatever its name's estimate says: its epoch takes
+#: no prefetched grants until it ends. (Below it, its ``finished`` may simply be unread yet.)
+LONG_TASK = 0.5
+#: Weight of the newest time in a task name's moving average.
+SMOOTHING = 0.25
+
+
+class Estimates:
+    """How long tasks of each name hold a slot: a moving average of the recent ones."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def get(self, name: str) -> float | None:
+        """The estimate for a task name, or None while none of its tasks has ended."""
+        return self.seconds.get(name)
+
+    def add(self, name: str, sample: float) -> None:
+        """One task of this name held its slot ``sample`` seconds."""
+        average = self.seconds.get(name)
+        self.seconds[name] = sample if average is None else average + SMOOTHING * (sample - average)
 
 
 @dataclass
@@ -24,35 +62,91 @@ class Member:
 
     epoch: str
     worker: str
-    capacity: int
+    slots: int
+    prefetch: int
     tasks: frozenset[str]
     partition: int
-    outstanding: int = 0
     accepting: bool = True
     last_granted: int = 0
     last_heartbeat: float = field(default_factory=time.monotonic)
+    #: The grants it holds: task id → (task name, estimated seconds when granted, None = unknown).
+    held: dict[str, tuple[str, float | None]] = field(default_factory=dict)
+    #: Task id → when its ``started`` was applied (monotonic), for the tasks running now.
+    running: dict[str, float] = field(default_factory=dict)
+    #: Sum of the known estimates of the held grants, and how many have none.
+    work: float = 0.0
+    unknown: int = 0
+    #: Whether a running task has been running longer than :data:`LONG_TASK` (see :meth:`refresh`).
+    long_running: bool = False
 
     @property
-    def room(self) -> int:
-        """How many more grants this epoch may hold now."""
-        return self.capacity - self.outstanding if self.accepting else 0
+    def outstanding(self) -> int:
+        """Grants held: granted, not yet finished or handed back."""
+        return len(self.held)
+
+    @property
+    def free(self) -> int:
+        """Slots not taken by the grants it holds; negative while some wait in it."""
+        return self.slots - len(self.held)
+
+    def may_take(self) -> bool:
+        """Whether one more grant may go to this epoch now."""
+        held = len(self.held)
+        if not self.accepting:
+            return False
+        if held < self.slots:
+            return True
+        if self.prefetch != ADAPTIVE:
+            return held < self.slots + self.prefetch
+        return (held < self.slots * (1 + PREFETCH_PER_SLOT) and self.unknown == 0
+                and not self.long_running and self.work <= PREFETCH_HORIZON * self.slots)
+
+    def refresh(self, mono: float) -> None:
+        """Note whether a running task has turned out long (call before planning)."""
+        self.long_running = any(mono - began > LONG_TASK for began in self.running.values())
+
+    def hold(self, task_id: str, name: str, estimate: float | None) -> None:
+        """A grant now held."""
+        self.held[task_id] = (name, estimate)
+        if estimate is None:
+            self.unknown += 1
+        else:
+            self.work += estimate
+
+    def release(self, task_id: str) -> str | None:
+        """A held grant finished or was handed back; returns its task name."""
+        self.running.pop(task_id, None)
+        entry = self.held.pop(task_id, None)
+        if entry is None:
+            return None
+        name, estimate = entry
+        if estimate is None:
+            self.unknown -= 1
+        else:
+            self.work = max(0.0, self.work - estimate) if self.held else 0.0
+        return name
 
 
 class Scheduler:
-    """The set of live epochs and the choice of grants."""
+    """The set of live epochs, the task time estimates, and the choice of grants."""
 
     def __init__(self) -> None:
         self.members: dict[str, Member] = {}
+        self.estimates = Estimates()
         self._order = itertools.count(1)
 
-    def load(self, rows: Iterable[sqlite3.Row], outstanding: dict[str, int], partition_of: dict[str, int]) -> None:
-        """Rebuild the view from the store after a restart."""
+    def load(self, rows: Iterable[sqlite3.Row], held: dict[str, list[Held]],
+             partition_of: dict[str, int]) -> None:
+        """Rebuild the view from the store after a restart (held grants count as of unknown
+        length until they end)."""
         for row in rows:
             member = Member(
-                epoch=row["epoch"], worker=row["worker"], capacity=row["slots"] + row["prefetch"],
+                epoch=row["epoch"], worker=row["worker"], slots=row["slots"], prefetch=row["prefetch"],
                 tasks=frozenset(json.loads(row["tasks"])), partition=partition_of[row["worker"]],
-                outstanding=outstanding.get(row["epoch"], 0), accepting=row["state"] == "live",
+                accepting=row["state"] == "live",
             )
+            for grant in held.get(member.epoch, []):
+                member.hold(grant.task_id, grant.name, None)
             self.members[member.epoch] = member
 
     def join(self, member: Member) -> None:
@@ -68,12 +162,15 @@ class Scheduler:
         return {n for mb in self.members.values() if mb.accepting for n in mb.tasks}
 
     def plan(self, store: Store, now: float) -> list[Grant]:
-        """Grant as many queued tasks as there is room for; call inside a transaction."""
-        with_room = [mb for mb in self.members.values() if mb.room > 0]
-        if not with_room:
+        """Grant as many queued tasks as the epochs may take; call inside a transaction."""
+        mono = time.monotonic()
+        for mb in self.members.values():
+            mb.refresh(mono)
+        takers = [mb for mb in self.members.values() if mb.may_take()]
+        if not takers:
             return []
-        names = {n for mb in with_room for n in mb.tasks}
-        limit = sum(mb.room for mb in with_room)
+        names = {n for mb in takers for n in mb.tasks}
+        limit = sum(self._room(mb) for mb in takers)
         grants = []
         for waiting in store.waiting(names, limit, now):
             member = self._pick(waiting.name)
@@ -81,22 +178,45 @@ class Scheduler:
                 continue
             grant = store.grant(waiting.task_id, member.worker, member.epoch, now)
             if grant is not None:
-                member.outstanding += 1
+                member.hold(waiting.task_id, waiting.name, self.estimates.get(waiting.name))
                 member.last_granted = next(self._order)
                 grants.append(grant)
         return grants
 
+    @staticmethod
+    def _room(member: Member) -> int:
+        """The most grants the epoch could take in this round (its window's count limit)."""
+        extra = member.prefetch if member.prefetch != ADAPTIVE else member.slots * PREFETCH_PER_SLOT
+        return max(0, member.slots + extra - member.outstanding)
+
     def _pick(self, name: str) -> Member | None:
         best: Member | None = None
         for mb in self.members.values():
-            if mb.room <= 0 or name not in mb.tasks:
+            if name not in mb.tasks or not mb.may_take():
                 continue
-            if best is None or (mb.room, -mb.last_granted) > (best.room, -best.last_granted):
+            if best is None or (mb.free, -mb.work, -mb.last_granted) > (best.free, -best.work, -best.last_granted):
                 best = mb
         return best
 
-    def released(self, epoch: str | None, count: int = 1) -> None:
-        """Tasks held by an epoch finished or were handed back."""
-        member = self.members.get(epoch or "")
+    def started(self, epoch: str, task_id: str) -> None:
+        """A task granted to an epoch took a slot."""
+        member = self.members.get(epoch)
+        if member is not None and task_id in member.held:
+            member.running[task_id] = time.monotonic()
+
+    def finished(self, epoch: str, task_id: str) -> None:
+        """A task held by an epoch ended: its time updates its name's estimate."""
+        member = self.members.get(epoch)
+        if member is None:
+            return
+        began = member.running.get(task_id)
+        name = member.release(task_id)
+        if name is not None and began is not None:
+            self.estimates.add(name, time.monotonic() - began)
+
+    def handed_back(self, epoch: str, task_ids: Iterable[str]) -> None:
+        """Unstarted grants held by an epoch went back to the queue."""
+        member = self.members.get(epoch)
         if member is not None:
-            member.outstanding = max(0, member.outstanding - count)
+            for task_id in task_ids:
+                member.release(task_id)

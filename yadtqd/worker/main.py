@@ -131,7 +131,7 @@ class Worker:
         tasks = {name: m.TaskInfo(**info) for name, info in advertised.items()}
         self._send(m.Hello(worker=self.worker_id, epoch=self.epoch, ts=time.time(),
                            host=socket.gethostname(), pid=os.getpid(),
-                           slots=self.pool.size, prefetch=self.config.worker.prefetch_count,
+                           slots=self.pool.size, prefetch=self.config.worker.prefetch,
                            tasks=tasks, version=yadtqd.__version__))
         log.info("epoch %s (%s) advertises %d tasks: %s", self.epoch, why, len(tasks),
                  ", ".join(sorted(tasks)) or "none",
