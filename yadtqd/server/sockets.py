@@ -2,7 +2,8 @@
 
 The socket file is created with mode 0660 by binding under a tight umask: there is no window in
 which it exists with looser permissions (no chmod after bind). Each connection is served by a
-thread of its own with a read-only store connection of its own.
+thread of its own with a read-only store connection of its own, taken from a few kept open
+between connections (most clients make one request per connection).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from yadtqd.store import Store
 log = logging.getLogger("yadtqd.server")
 
 CLOSING_CODES = {"bad_request", "too_large", "unknown_op"}
+#: Read-only store connections kept open for the next connections.
+IDLE_STORES = 8
 
 
 class SocketServer:
@@ -36,6 +39,8 @@ class SocketServer:
         self.max_line = max_line
         self.listener: socket.socket | None = None
         self._stopping = threading.Event()
+        self._idle: list[Store] = []
+        self._idle_lock = threading.Lock()
 
     def start(self) -> None:
         """Bind (mode 0660), listen and start accepting."""
@@ -62,6 +67,10 @@ class SocketServer:
             self.listener.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
+        with self._idle_lock:
+            idle, self._idle = self._idle, []
+        for store in idle:
+            store.close()
 
     def _remove_stale(self) -> None:
         if not os.path.exists(self.path):
@@ -85,8 +94,23 @@ class SocketServer:
                 return
             threading.Thread(target=self._serve, args=(conn,), name="yadtq-conn", daemon=True).start()
 
+    def _take_store(self) -> Store:
+        with self._idle_lock:
+            if self._idle:
+                return self._idle.pop()
+        return Store(self.db_path, readonly=True)
+
+    def _give_back(self, store: Store) -> None:
+        if store.db.in_transaction:
+            store.db.execute("ROLLBACK")  # a read left open would pin the WAL
+        with self._idle_lock:
+            if len(self._idle) < IDLE_STORES and not self._stopping.is_set():
+                self._idle.append(store)
+                return
+        store.close()
+
     def _serve(self, conn: socket.socket) -> None:
-        store = Store(self.db_path, readonly=True)
+        store = self._take_store()
         try:
             with conn, conn.makefile("rb") as reader:
                 while not self._stopping.is_set():
@@ -107,7 +131,7 @@ class SocketServer:
         except Exception:
             log.exception("socket connection failed")
         finally:
-            store.close()
+            self._give_back(store)
 
     def _close_gently(self, conn: socket.socket) -> None:
         """End the connection so the client still reads the error reply: closing with unread
