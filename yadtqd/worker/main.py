@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import logging
 import os
+import selectors
 import signal
 import socket
 import time
 import uuid
 from collections import deque
-from multiprocessing.connection import wait
+from collections.abc import Sequence
 
 import msgspec
 from confluent_kafka import Consumer, Message, Producer
@@ -43,6 +44,30 @@ SEEN_LIMIT = 1_000_000
 #: Test-only fault switch: when set to a task name, a ``run`` of that task wedges the main loop
 #: for good, so tests can watch the heartbeat and the watchdog stop. Never set it in production.
 WEDGE_ENV = "YADTQ_TEST_WEDGE_ON_TASK"
+
+
+class Waiter:
+    """Waits on the pool's pipes and the inbox with one epoll selector, built anew only when
+    that set changes (a slot was replaced); ``multiprocessing.connection.wait`` would build
+    and fill a selector at every turn of the loop."""
+
+    def __init__(self) -> None:
+        self._selector = selectors.DefaultSelector()
+        self._watched: list[object] = []
+
+    def wait(self, objects: Sequence[object], timeout: float) -> list[object]:
+        """The objects ready to read, after at most ``timeout`` seconds."""
+        if len(objects) != len(self._watched) or any(a is not b for a, b in zip(objects, self._watched)):
+            self._selector.close()
+            self._selector = selectors.DefaultSelector()
+            for obj in objects:
+                self._selector.register(obj, selectors.EVENT_READ)  # type: ignore[arg-type]
+            self._watched = list(objects)
+        return [key.fileobj for key, _ in self._selector.select(timeout)]
+
+    def close(self) -> None:
+        """Release the selector."""
+        self._selector.close()
 
 
 class Worker:
@@ -154,9 +179,16 @@ class Worker:
     # ------------------------------------------------------------ the loop
 
     def _loop(self, inbox: Inbox) -> None:
+        waiter = Waiter()
+        try:
+            self._turns(inbox, waiter)
+        finally:
+            waiter.close()
+
+    def _turns(self, inbox: Inbox, waiter: Waiter) -> None:
         stop_announced = False
         while True:
-            ready = wait([*self.pool.waitables(), inbox.reader], self._timeout())
+            ready = waiter.wait([*self.pool.waitables(), inbox.reader], self._timeout())
             self.last_progress = time.time()
             if self.stopping and not stop_announced:
                 stop_announced = True
