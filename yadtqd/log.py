@@ -112,7 +112,7 @@ def setup(level: str, file: str, role: str, worker_id: str = "") -> None:
     # Per-task lines are logged at thousands a second: skip what no handler here uses, as the
     # logging HOWTO's "Optimization" section describes. Looking up the caller's file and line
     # alone was 37 % of the cost of a record.
-    logging._srcfile = None  # type: ignore[attr-defined]
+    logging._srcfile = None
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
