@@ -49,15 +49,18 @@ class Changes:
 class Submitter:
     """The write path of socket submits: one write connection and one producer."""
 
-    def __init__(self, db_path: str, producer: Producer, topic: str, timeout: float = 30.0) -> None:
+    def __init__(self, db_path: str, producer: Producer, topic: str, timeout: float = 30.0,
+                 on_recorded: Callable[[], None] = lambda: None) -> None:
         self.store = Store(db_path)
         self.lock = threading.Lock()
         self.producer = producer
         self.topic = topic
         self.timeout = timeout
+        self.on_recorded = on_recorded
 
     def submit(self, sub: m.Submission) -> Reply:
-        """Record, then produce; reply once Kafka accepted the task."""
+        """Record (and tell the main loop, which may grant it at once), then produce; reply
+        once Kafka accepted the task."""
         with self.lock, self.store.transaction():
             intake = self.store.intake(sub, time.time())
         if intake.outcome == "conflict":
@@ -66,6 +69,7 @@ class Submitter:
         if intake.outcome == "new":
             log.info("task %s received: %s (socket)", sub.task_id, sub.task,
                      extra={"task_id": sub.task_id, "event": "task_received"})
+            self.on_recorded()
             problem = transport.deliver(self.producer, self.topic, m.encode(sub), sub.task_id,
                                         self.timeout)
             if problem:

@@ -33,9 +33,9 @@ from yadtqd import messages as m
 from yadtqd import transport
 from yadtqd.config import Config
 from yadtqd.errors import BadMessage
+from yadtqd.inbox import Inbox
 from yadtqd.systemd import Notifier
 from yadtqd.worker.child import Job, Outcome
-from yadtqd.worker.inbox import Inbox
 from yadtqd.worker.pool import Pool
 
 log = logging.getLogger("yadtqd.worker")
