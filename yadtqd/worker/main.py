@@ -26,7 +26,7 @@ from collections import deque
 from collections.abc import Sequence
 
 import msgspec
-from confluent_kafka import Consumer, Message, Producer
+from confluent_kafka import Consumer, Message
 
 import yadtqd
 from yadtqd import messages as m
@@ -36,6 +36,7 @@ from yadtqd.errors import BadMessage
 from yadtqd.inbox import Inbox
 from yadtqd.systemd import Notifier
 from yadtqd.worker.child import Job, Outcome
+from yadtqd.worker.outbox import Outbox
 from yadtqd.worker.pool import Pool
 
 log = logging.getLogger("yadtqd.worker")
@@ -92,7 +93,7 @@ class Worker:
         self.pool = Pool(config.worker.slot_count, config.worker.max_result_bytes,
                          config.worker.plugins)
         self.pool.ping_interval = config.worker.heartbeat_interval
-        self.producer: Producer | None = None
+        self.outbox: Outbox | None = None
         self.events_partition = 0
         self.wedge_on = os.environ.get(WEDGE_ENV, "")
 
@@ -102,12 +103,11 @@ class Worker:
         """Run until SIGTERM and the drain that follows; returns the exit status."""
         self.pool.start()
         self.pool.wait_ready()
-        producer, _ = transport.make_producer(self.config, "worker")
         consumer, _ = transport.make_consumer(self.config, "worker")
-        self.producer = producer
         inbox = Inbox(consumer)
         self._install_signals(inbox)
         self._assign_dispatch(consumer)
+        self.outbox = outbox = Outbox(self.config, self.worker_id, self.events_partition)
         inbox.start()
         self._register("start")
         self.notifier.ready(self._status())
@@ -116,7 +116,7 @@ class Worker:
         finally:
             inbox.stop()
             self.pool.close()
-            transport.flush(producer, 10)
+            outbox.flush(10)
             consumer.close()
         return 0
 
@@ -157,7 +157,7 @@ class Worker:
         self._send(m.Hello(worker=self.worker_id, epoch=self.epoch, ts=time.time(),
                            host=socket.gethostname(), pid=os.getpid(),
                            slots=self.pool.size, prefetch=self.config.worker.prefetch,
-                           tasks=tasks, version=yadtqd.__version__))
+                           tasks=tasks, version=yadtqd.__version__), urgent=True)
         log.info("epoch %s (%s) advertises %d tasks: %s", self.epoch, why, len(tasks),
                  ", ".join(sorted(tasks)) or "none",
                  extra={"worker_id": self.worker_id, "event": "worker_registered"})
@@ -201,8 +201,8 @@ class Worker:
             self._reload()
             self.pool.ping()
             self._beat()
-            assert self.producer is not None
-            self.producer.poll(0)
+            assert self.outbox is not None
+            self.outbox.poll()
             if self.stopping and (self.pool.busy == 0 or time.monotonic() >= self.stop_deadline):
                 self._end_stop()
                 return
@@ -277,7 +277,8 @@ class Worker:
         self._send(m.Finished(worker=self.worker_id, epoch=outcome.epoch, ts=time.time(),
                               task_id=outcome.task_id, attempt=outcome.attempt,
                               status="success" if outcome.status == "success" else "failed",
-                              result=msgspec.Raw(outcome.result.encode()), error=error))
+                              result=msgspec.Raw(outcome.result.encode()), error=error),
+                   urgent=self._quiet())
         level = logging.INFO if outcome.status == "success" else logging.WARNING
         log.log(level, "task %s attempt %d %s%s", outcome.task_id, outcome.attempt, outcome.status,
                 f": {error.type}: {error.message}" if error else "",
@@ -322,7 +323,8 @@ class Worker:
 
     def _send_bye(self, runs: list[m.Run]) -> None:
         refs = [m.TaskRef(task_id=r.task_id, attempt=r.attempt) for r in runs]
-        self._send(m.Bye(worker=self.worker_id, epoch=self.epoch, ts=time.time(), handed_back=refs))
+        self._send(m.Bye(worker=self.worker_id, epoch=self.epoch, ts=time.time(), handed_back=refs),
+                   urgent=True)
 
     def _end_stop(self) -> None:
         left = self.pool.busy
@@ -330,7 +332,10 @@ class Worker:
             log.warning("stop timeout: %d tasks still running are abandoned to the server", left)
         log.info("stopped", extra={"worker_id": self.worker_id, "event": "worker_left"})
 
-    def _send(self, message: msgspec.Struct) -> None:
-        assert self.producer is not None
-        transport.send(self.producer, self.config.topic("events"), m.encode(message),
-                       self.worker_id, self.events_partition)
+    def _quiet(self) -> bool:
+        """No task running or waiting: the worker has time to push an event out at once."""
+        return not self.pending and self.pool.busy == 0
+
+    def _send(self, message: msgspec.Struct, urgent: bool = False) -> None:
+        assert self.outbox is not None
+        self.outbox.send(message, urgent)
