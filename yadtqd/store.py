@@ -224,10 +224,11 @@ class Store:
         result = bytes(ev.result).decode() if ev.status == "success" else None
         error = _json(ev.error) if ev.status == "failed" else None
         cur = self.db.execute(
-            "UPDATE tasks SET status = ?, result = ?, error = ?, finished_at = ?"
+            "UPDATE tasks SET status = ?, result = ?, error = ?, finished_at = ?,"
+            " started_at = coalesce(started_at, ?)"
             " WHERE id = ? AND attempt = ? AND worker = ? AND epoch = ?"
             " AND status IN ('assigned', 'processing')",
-            (ev.status, result, error, now, *grant),
+            (ev.status, result, error, now, now, *grant),
         )
         if cur.rowcount != 1:
             return "stale"

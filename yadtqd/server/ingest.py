@@ -51,14 +51,27 @@ class Ingest:
         self.events_partitions = events_partitions
 
     def apply(self, batch: list[Message], now: float) -> Effects:
-        """Apply a batch and save its offsets; call inside a transaction."""
+        """Apply a batch and save its offsets; call inside a transaction.
+
+        A ``started`` whose ``finished`` is in the same batch is not applied on its own: the
+        task goes from ``assigned`` to its end in one update (nobody could have seen it
+        ``processing`` in between), and ``started_at`` is set with the end.
+        """
         effects = Effects()
         positions = effects.positions
-        for msg in batch:
-            if msg.topic() == self.tasks_topic:
+        events = [self._parse_event(msg) if msg.topic() != self.tasks_topic else None for msg in batch]
+        ended = {(ev.task_id, ev.attempt, ev.epoch) for ev in events if isinstance(ev, m.Finished)}
+        for msg, ev in zip(batch, events):
+            if ev is None:
                 self._submission(msg, now)
+            elif isinstance(ev, BadMessage):
+                self.store.bump("bad_messages")
+                log.warning("skipped bad event at %s[%d]@%d: %s", msg.topic(), msg.partition(),
+                            msg.offset(), ev, extra={"event": "bad_message"})
+            elif isinstance(ev, m.Started) and (ev.task_id, ev.attempt, ev.epoch) in ended:
+                self.scheduler.started(ev.epoch, ev.task_id)
             else:
-                self._event(msg, now, effects)
+                self._event(ev, now, effects)
             topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
             assert topic is not None and partition is not None and offset is not None
             positions[(topic, partition)] = offset + 1
@@ -95,14 +108,14 @@ class Ingest:
 
     # ------------------------------------------------------------ events
 
-    def _event(self, msg: Message, now: float, effects: Effects) -> None:
+    @staticmethod
+    def _parse_event(msg: Message) -> m.Event | BadMessage:
         try:
-            ev = m.parse_event(msg.value())
+            return m.parse_event(msg.value())
         except BadMessage as exc:
-            self.store.bump("bad_messages")
-            log.warning("skipped bad event at %s[%d]@%d: %s", msg.topic(), msg.partition(),
-                        msg.offset(), exc, extra={"event": "bad_message"})
-            return
+            return exc
+
+    def _event(self, ev: m.Event, now: float, effects: Effects) -> None:
         if isinstance(ev, m.Hello):
             self._hello(ev, now, effects)
         elif isinstance(ev, m.Heartbeat):

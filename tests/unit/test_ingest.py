@@ -1,0 +1,85 @@
+"""Applying batches of Kafka messages: submissions, events and their offsets, in one transaction."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import msgspec
+import pytest
+from confluent_kafka import Message
+
+from yadtqd import messages as m
+from yadtqd.config import Config
+from yadtqd.server.ingest import Ingest
+from yadtqd.server.scheduler import Scheduler
+from yadtqd.store import Store
+
+PREFIX = "yadtq"
+_offsets = itertools.count()
+
+
+@pytest.fixture
+def ingest(tmp_path: Path) -> Ingest:
+    store = Store(tmp_path / "db.sqlite", create=True)
+    return Ingest(store, Scheduler(), Config(kafka={}), events_partitions=1)
+
+
+def _msg(topic: str, body: msgspec.Struct | bytes) -> Message:
+    value = body if isinstance(body, bytes) else m.encode(body)
+    return Message(topic=f"{PREFIX}.{topic}", partition=0, offset=next(_offsets), value=value)
+
+
+def _apply(ingest: Ingest, *messages: Message) -> None:
+    with ingest.store.transaction():
+        ingest.apply(list(messages), 10.0)
+
+
+def _granted(ingest: Ingest) -> None:
+    hello = m.Hello(worker="w", epoch="e1", ts=0, host="h", pid=1, slots=2, prefetch=-1,
+                    tasks={"add": m.TaskInfo(plugin="arith")}, version="0")
+    _apply(ingest, _msg("tasks", m.Submission(task_id="t1", task="add", args=[1, 2])),
+           _msg("events", hello))
+    with ingest.store.transaction():
+        (grant,) = ingest.scheduler.plan(ingest.store, 11.0)
+    assert grant.task_id == "t1"
+
+
+def _started() -> m.Started:
+    return m.Started(worker="w", epoch="e1", ts=0, task_id="t1", attempt=1)
+
+
+def _finished() -> m.Finished:
+    return m.Finished(worker="w", epoch="e1", ts=0, task_id="t1", attempt=1, status="success",
+                      result=msgspec.Raw(b"3"))
+
+
+def test_started_then_finished_in_separate_batches(ingest: Ingest) -> None:
+    _granted(ingest)
+    _apply(ingest, _msg("events", _started()))
+    assert ingest.store.task_rows(["t1"])["t1"]["status"] == "processing"
+    _apply(ingest, _msg("events", _finished()))
+    row = ingest.store.task_rows(["t1"])["t1"]
+    assert (row["status"], row["result"]) == ("success", "3")
+    assert row["started_at"] is not None
+    assert ingest.scheduler.members["e1"].outstanding == 0
+
+
+def test_started_and_finished_in_one_batch_end_the_task_with_its_start_recorded(ingest: Ingest) -> None:
+    _granted(ingest)
+    _apply(ingest, _msg("events", _started()), _msg("events", _finished()))
+    row = ingest.store.task_rows(["t1"])["t1"]
+    assert (row["status"], row["result"]) == ("success", "3")
+    assert row["started_at"] is not None
+    assert ingest.store.counter_values().get("stale_events", 0) == 0
+    assert ingest.scheduler.members["e1"].outstanding == 0
+    assert ingest.scheduler.estimates.get("add") is not None
+
+
+def test_offsets_of_every_message_are_saved_bad_ones_included(ingest: Ingest) -> None:
+    _apply(ingest, _msg("tasks", b"not json"), _msg("events", b"{}"),
+           _msg("tasks", m.Submission(task_id="t9", task="add")))
+    saved = ingest.store.offsets()
+    assert set(saved) == {(f"{PREFIX}.tasks", 0), (f"{PREFIX}.events", 0)}
+    assert ingest.store.counter_values()["bad_messages"] == 2
+    assert ingest.store.task_rows(["t9"])["t9"]["status"] == "queued"
