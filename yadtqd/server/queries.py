@@ -193,7 +193,7 @@ class Queries:
             "totals": {**totals, "submitted": sum(counts.values())},
             "queued": {"count": totals["queued"], "tasks": [
                 {"task-id": r["id"], "task": r["name"], "age": round(now - r["submitted_at"], 3),
-                 "waiting": _waiting(r, provided, now) or f"granted to {r['worker']}"} for r in queued]},
+                 "waiting": _waiting(r, provided, now)} for r in queued]},
             "running": {"count": totals["processing"], "tasks": [
                 {"task-id": r["id"], "task": r["name"], "worker": r["worker"], "attempt": r["attempt"],
                  "started_at": protocol.iso(r["started_at"]),
@@ -249,6 +249,8 @@ def _provided(store: Store) -> set[str]:
 
 def _waiting(row: Any, provided: set[str], now: float) -> str | None:
     """Why a queued task waits, in words for the operator."""
+    if row is not None and row["status"] == "assigned":
+        return f"granted to {row['worker']}; starts when one of its slots is free"
     if row is None or row["status"] != "queued":
         return None
     if row["name"] not in provided:
