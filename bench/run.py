@@ -1,11 +1,13 @@
 """YADTQ benchmarks: one command, one table.
 
     .venv/bin/python bench/run.py [--tasks 10000] [--runs 3] [--latency 500] [--kills 10] [--warmup 40000]
+                                  [--scale 1000000]
 
 Throughput (first submit to last result readable) with 1, 2 and 4 workers and the submit rate
 alone; sequential latency; the raw-Kafka limit through the same hops on the same broker, and
-YADTQ as a ratio of it; failover. Each figure is the median of ``--runs`` runs with min and
-max. Uses ``YADTQ_TEST_BOOTSTRAP`` if set, else starts a broker of its own. Logging is at the
+YADTQ as a ratio of it; failover; with ``--scale N``, the server's rate with 100 simulated
+workers and its database and memory after N tasks. Each figure is the median of ``--runs``
+runs with min and max. Uses ``YADTQ_TEST_BOOTSTRAP`` if set, else starts a broker of its own. Logging is at the
 default level (info), as deployed. First, ``--warmup`` tasks go through YADTQ and as many
 messages through the raw hops, unreported: a fresh broker's JIT takes tens of thousands of
 messages to settle (its CPU per task fell from 630 to 130 us over the first 60,000 here).
@@ -59,6 +61,8 @@ def main() -> int:
     parser.add_argument("--latency", type=int, default=500)
     parser.add_argument("--kills", type=int, default=10, help="failover kills (0 to skip)")
     parser.add_argument("--warmup", type=int, default=40_000, help="unreported tasks first (0 to skip)")
+    parser.add_argument("--scale", type=int, default=0,
+                        help="server scale: tasks through 100 simulated workers (0 to skip)")
     args = parser.parse_args()
     rows = []
     with broker() as bootstrap:
@@ -99,6 +103,17 @@ def main() -> int:
                          f"{min(restarts):.2f}..{max(restarts):.2f})"])
             rows.append(["failover: result readable", "s",
                          f"{summary(readable)[0]:.2f} (p99 {percentile(readable, 0.99):.2f})"])
+        if args.scale:
+            import scale
+
+            step = max(1, args.scale // 10)
+            points = scale.steps(bootstrap, 100, args.scale, step)
+            rates = [rate for _, rate, _, _ in points]
+            rows.append([f"server scale: grants/s with 100 simulated workers, per {step:,}-task step",
+                         "tasks/s", fmt(rates)])
+            rows.append([f"server scale: database after {args.scale:,} tasks", "MiB", f"{points[-1][2]:,.1f}"])
+            rows.append([f"server scale: server RSS after {points[0][0]:,} / {args.scale:,} tasks", "MiB",
+                         f"{points[0][3]:,.1f} / {points[-1][3]:,.1f}"])
     print(f"\nYADTQ benchmarks on {platform.node()} ({platform.machine()}, Python "
           f"{platform.python_version()}), median of {args.runs} runs (min..max)\n")
     print(tabulate(rows, headers=["figure", "unit", "value"]))

@@ -18,6 +18,7 @@ import threading
 import time
 import uuid
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -109,28 +110,42 @@ def rss_mib(pid: int) -> float:
     return 0.0
 
 
+def steps(bootstrap: str, workers: int, tasks: int, step: int,
+          report: Callable[[int, float, float, float], None] | None = None) -> list[tuple[int, float, float, float]]:
+    """Submit ``tasks`` in steps to a server with ``workers`` simulated workers; after each step,
+    (tasks so far, tasks/s in the step, database MiB, server RSS MiB)."""
+    out = []
+    with cluster(bootstrap, 0) as c:
+        sim = Simulator(bootstrap, c.prefix, workers)
+        c.wait_for(lambda: len(c.live_workers()) == workers, "the simulated workers")
+        server_pid = c.processes["server"].pid
+        done = 0
+        while done < tasks:
+            size = min(step, tasks - done)
+            start = time.perf_counter()
+            submit_all(bootstrap, c.prefix, size)
+            done += size
+            wait_done(c, done, timeout=3600)
+            rate = size / (time.perf_counter() - start)
+            db = sum(p.stat().st_size for p in Path(c.database).parent.glob("yadtq.db*")) / 2**20
+            out.append((done, rate, db, rss_mib(server_pid)))
+            if report:
+                report(*out[-1])
+        sim.close()
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=100)
     parser.add_argument("--tasks", type=int, default=1_000_000)
     parser.add_argument("--step", type=int, default=100_000)
     args = parser.parse_args()
-    with broker() as bootstrap, cluster(bootstrap, 0) as c:
-        sim = Simulator(bootstrap, c.prefix, args.workers)
-        c.wait_for(lambda: len(c.live_workers()) == args.workers, "the simulated workers")
-        server_pid = c.processes["server"].pid
-        done = 0
-        print(f"{'tasks':>10} {'tasks/s':>9} {'db MiB':>8} {'server RSS MiB':>15}", flush=True)
-        while done < args.tasks:
-            step = min(args.step, args.tasks - done)
-            start = time.perf_counter()
-            submit_all(bootstrap, c.prefix, step)
-            done += step
-            wait_done(c, done, timeout=3600)
-            rate = step / (time.perf_counter() - start)
-            size = sum(p.stat().st_size for p in Path(c.database).parent.glob("yadtq.db*")) / 2**20
-            print(f"{done:>10,} {rate:>9,.0f} {size:>8,.1f} {rss_mib(server_pid):>15,.1f}", flush=True)
-        sim.close()
+    print(f"{'tasks':>10} {'tasks/s':>9} {'db MiB':>8} {'server RSS MiB':>15}", flush=True)
+    with broker() as bootstrap:
+        steps(bootstrap, args.workers, args.tasks, args.step,
+              lambda done, rate, db, rss: print(f"{done:>10,} {rate:>9,.0f} {db:>8,.1f} {rss:>15,.1f}",
+                                                flush=True))
     return 0
 
 

@@ -4,10 +4,9 @@ The main loop, in order: take what the inbox thread read from Kafka → apply it
 in one transaction (:mod:`yadtqd.server.ingest`) → declare dead the epochs whose heartbeats
 stopped → grant queued tasks in one transaction (:mod:`yadtqd.server.scheduler`) → produce the
 ``run`` and ``fenced`` messages (:mod:`yadtqd.server.dispatch`). Runs are produced only after
-the grants are committed; after a
-restart, grants not yet started are sent again (workers drop duplicates by invariant 5). A task
-submitted on the socket is recorded by the socket's thread, which wakes the loop to grant it at
-once rather than when its copy comes back from ``tasks``.
+the grants are committed; after a restart, grants not yet started are sent again (workers drop
+duplicates by invariant 5). A task submitted on the socket is recorded by the socket's thread,
+which wakes the loop to grant it at once rather than when its copy comes back from ``tasks``.
 """
 
 from __future__ import annotations
