@@ -66,8 +66,11 @@ def main(conn: Connection, max_result_bytes: int, only: tuple[str, ...]) -> None
     tasks = {name: {"plugin": e.plugin, "version": e.version} for name, e in registry.tasks.items()}
     inbox.send(msgspec.json.encode(Ready(tasks=tasks, problems=registry.problems)))
     threading.Thread(target=inbox.read, daemon=True).start()
-    while (job := inbox.take()) is not None:
-        inbox.send(msgspec.json.encode(run(registry, job, max_result_bytes)))
+    try:
+        while (job := inbox.take()) is not None:
+            inbox.send(msgspec.json.encode(run(registry, job, max_result_bytes)))
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the worker closed the pipe (it stopped, or gave this task up at its stop timeout)
 
 
 class _Inbox:
@@ -91,8 +94,11 @@ class _Inbox:
             except (EOFError, OSError):
                 raw = b""
             if raw == b"ping":
-                self.send(b"pong")
-                continue
+                try:
+                    self.send(b"pong")
+                    continue
+                except (BrokenPipeError, ConnectionResetError):
+                    raw = b""  # the worker is gone: as if it had closed the pipe
             with self.cond:
                 if raw:
                     self.jobs.append(_job.decode(raw))

@@ -203,7 +203,7 @@ class Worker:
             self._beat()
             assert self.outbox is not None
             self.outbox.poll()
-            if self.stopping and (self.pool.busy == 0 or time.monotonic() >= self.stop_deadline):
+            if stop_announced and (self.pool.busy == 0 or time.monotonic() >= self.stop_deadline):
                 self._end_stop()
                 return
 
