@@ -89,17 +89,22 @@ class Member:
         """Slots not taken by the grants it holds; negative while some wait in it."""
         return self.slots - len(self.held)
 
+    @property
+    def most(self) -> int:
+        """The most grants it may ever hold: slots plus the fixed prefetch, or plus the adaptive
+        one's cap."""
+        extra = self.slots * PREFETCH_PER_SLOT if self.prefetch == ADAPTIVE else self.prefetch
+        return self.slots + extra
+
     def may_take(self) -> bool:
         """Whether one more grant may go to this epoch now."""
         held = len(self.held)
-        if not self.accepting:
+        if not self.accepting or held >= self.most:
             return False
-        if held < self.slots:
+        if held < self.slots or self.prefetch != ADAPTIVE:
             return True
-        if self.prefetch != ADAPTIVE:
-            return held < self.slots + self.prefetch
-        return (held < self.slots * (1 + PREFETCH_PER_SLOT) and self.unknown == 0
-                and not self.long_running and self.work <= PREFETCH_HORIZON * self.slots)
+        return (self.unknown == 0 and not self.long_running
+                and self.work <= PREFETCH_HORIZON * self.slots)
 
     def refresh(self, mono: float) -> None:
         """Note whether a running task has turned out long (call before planning)."""
@@ -170,7 +175,7 @@ class Scheduler:
         if not takers:
             return []
         names = {n for mb in takers for n in mb.tasks}
-        limit = sum(self._room(mb) for mb in takers)
+        limit = sum(mb.most - mb.outstanding for mb in takers)
         grants = []
         for waiting in store.waiting(names, limit, now):
             member = self._pick(waiting.name)
@@ -182,12 +187,6 @@ class Scheduler:
                 member.last_granted = next(self._order)
                 grants.append(grant)
         return grants
-
-    @staticmethod
-    def _room(member: Member) -> int:
-        """The most grants the epoch could take in this round (its window's count limit)."""
-        extra = member.prefetch if member.prefetch != ADAPTIVE else member.slots * PREFETCH_PER_SLOT
-        return max(0, member.slots + extra - member.outstanding)
 
     def _pick(self, name: str) -> Member | None:
         best: Member | None = None
