@@ -1,5 +1,5 @@
 """The result backend: SQLite in WAL mode. Every query of YADTQ lives in this module (the schema
-beside it, in ``schema.sql``).
+beside it, in ``schema/``: one numbered script per version, applied in order).
 
 The task state machine (DESIGN sections 3 and 4) is a set of named transitions, each one
 conditional UPDATE that states the status it expects, so correctness never depends on the
@@ -11,7 +11,11 @@ caller being single-threaded::
 
 A transition that matches no row did not happen; the caller treats the event as stale.
 Offsets consumed from Kafka are saved in the same transaction as the changes they cause
-(invariant 6). The server's main loop is the one writer of events; socket submits write
+(invariant 6). The writer runs with ``synchronous=FULL``: a grant's ``run`` leaves the process
+right after its commit, so the commit must survive a power loss (docs/design.md, "Server").
+
+The schema is versioned (``PRAGMA user_version``): a server migrates an older database forward
+at start, in one transaction, and refuses one newer than itself. The server's main loop is the one writer of events; socket submits write
 through connections of their own; queries read through their own connections beside them.
 """
 
@@ -28,6 +32,7 @@ from typing import Any
 import msgspec
 
 from yadtqd import messages as m
+from yadtqd.errors import ConfigError
 
 WORKER_LOST = "WorkerLost"
 
@@ -65,11 +70,39 @@ class Grant:
     epoch: str
     attempt: int
     payload: str
+    grant_no: int = 0
 
 
-def schema() -> str:
-    """The schema script, ``yadtqd/schema.sql`` (idempotent statements)."""
-    return (importlib.resources.files("yadtqd") / "schema.sql").read_text()
+def migrations() -> list[str]:
+    """The schema scripts, in order: script *i* takes a database from version *i* to *i + 1*."""
+    folder = importlib.resources.files("yadtqd") / "schema"
+    names = sorted(p.name for p in folder.iterdir() if p.name.endswith(".sql"))
+    return [(folder / name).read_text() for name in names]
+
+
+def schema_version() -> int:
+    """The schema version this code writes and reads."""
+    return len(migrations())
+
+
+def migrate(db: sqlite3.Connection, path: str) -> int:
+    """Bring the database to this code's schema version in one transaction; return the version
+    it had. A database newer than the code is refused (:class:`ConfigError`, exit 78)."""
+    scripts = migrations()
+    found = int(db.execute("PRAGMA user_version").fetchone()[0])
+    if found > len(scripts):
+        raise ConfigError(f"{path}: the database has schema version {found}, newer than this"
+                          f" yadtqd's ({len(scripts)}): run a newer yadtqd, or restore an older"
+                          " database")
+    if found < len(scripts):
+        body = "\n".join(scripts[found:])
+        try:
+            db.executescript(f"BEGIN IMMEDIATE;\n{body}\nPRAGMA user_version = {len(scripts)};\nCOMMIT;")
+        except sqlite3.Error:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+    return found
 
 
 def connect(path: str | Path, readonly: bool = False) -> sqlite3.Connection:
@@ -80,7 +113,7 @@ def connect(path: str | Path, readonly: bool = False) -> sqlite3.Connection:
     else:
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
         conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA synchronous=FULL")
     conn.row_factory = sqlite3.Row
     return conn
 
@@ -93,11 +126,8 @@ class Store:
         if create:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self.db = connect(self.path, readonly)
-        if create:
-            self.db.executescript(schema())
-            self.db.execute(  # a database from before the triggers: count once
-                "INSERT INTO status_counts (status, n) SELECT status, count(*) FROM tasks"
-                " WHERE NOT EXISTS (SELECT 1 FROM status_counts) GROUP BY status")
+        #: The schema version the database had when opened (before any migration).
+        self.found_version = migrate(self.db, self.path) if create else schema_version()
 
     def close(self) -> None:
         """Close the connection."""
@@ -148,40 +178,54 @@ class Store:
     # ------------------------------------------------------------ grants (invariant 2)
 
     def waiting(self, names: Iterable[str], limit: int, now: float) -> list[Waiting]:
-        """Queued tasks that may run now and that some live worker provides, oldest first."""
-        names = list(names)
-        if not names or limit <= 0:
-            return []
-        marks = ",".join("?" * len(names))
-        rows = self.db.execute(
-            f"SELECT id, name FROM tasks WHERE status = 'queued' AND run_after <= ?"
-            f" AND name IN ({marks}) ORDER BY seq LIMIT ?",
-            (now, *names, limit),
-        )
-        return [Waiting(r["id"], r["name"]) for r in rows]
+        """Queued tasks that may run now and that some live worker provides, oldest first.
 
-    def grant(self, task_id: str, worker: str, epoch: str, now: float) -> Grant | None:
-        """Grant the next attempt of a queued task to a worker epoch, atomically.
+        One indexed query per name, merged: queued tasks of names nobody provides are never
+        read, however many there are.
+        """
+        found: list[tuple[int, str, str]] = []
+        for name in set(names):
+            found += [(r["seq"], r["id"], name) for r in self.db.execute(
+                "SELECT seq, id FROM tasks WHERE status = 'queued' AND name = ? AND run_after <= ?"
+                " ORDER BY seq LIMIT ?", (name, now, limit))]
+        found.sort()
+        return [Waiting(task_id, name) for _, task_id, name in found[:max(limit, 0)]]
+
+    def grant(self, task_id: str, worker: str, epoch: str, now: float, grant_no: int = 0) -> Grant | None:
+        """Grant the next attempt of a queued task to a worker epoch, atomically; ``grant_no``
+        numbers the grants of one epoch (the caller keeps the count, see :meth:`count_grants`).
 
         Precondition: the task is ``queued``. Returns None when it is not (someone else won).
         """
         row = self.db.execute(
             "UPDATE tasks SET status = 'assigned', worker = ?, epoch = ?, attempt = attempt + 1,"
-            " assigned_at = ?, started_at = NULL WHERE id = ? AND status = 'queued'"
+            " assigned_at = ?, started_at = NULL, grant_no = ? WHERE id = ? AND status = 'queued'"
             " RETURNING attempt, payload",
-            (worker, epoch, now, task_id),
+            (worker, epoch, now, grant_no, task_id),
         ).fetchone()
         if row is None:
             return None
-        return Grant(task_id, worker, epoch, row["attempt"], row["payload"])
+        return Grant(task_id, worker, epoch, row["attempt"], row["payload"], grant_no)
+
+    def count_grants(self, counts: Mapping[str, int]) -> None:
+        """Save how many grants each epoch has had (epoch → count), with the grants."""
+        self.db.executemany("UPDATE workers SET grants = ? WHERE epoch = ? AND grants < ?",
+                            [(n, epoch, n) for epoch, n in counts.items()])
 
     def pending_grants(self) -> list[Grant]:
         """Grants not yet started, oldest first: re-sent after a server restart."""
         rows = self.db.execute(
-            "SELECT id, worker, epoch, attempt, payload FROM tasks WHERE status = 'assigned'"
-            " ORDER BY seq"
+            "SELECT id, worker, epoch, attempt, payload, grant_no FROM tasks"
+            " WHERE status = 'assigned' ORDER BY seq"
         )
-        return [Grant(r["id"], r["worker"], r["epoch"], r["attempt"], r["payload"]) for r in rows]
+        return [Grant(r["id"], r["worker"], r["epoch"], r["attempt"], r["payload"], r["grant_no"])
+                for r in rows]
+
+    def is_assigned(self, task_id: str, epoch: str, attempt: int) -> bool:
+        """Whether this grant is still current and unstarted (a ``run`` worth sending again)."""
+        return self.db.execute(
+            "SELECT 1 FROM tasks WHERE id = ? AND epoch = ? AND attempt = ? AND status = 'assigned'",
+            (task_id, epoch, attempt)).fetchone() is not None
 
     def held(self) -> dict[str, list[Held]]:
         """The granted, unfinished tasks each epoch holds."""
@@ -237,8 +281,10 @@ class Store:
 
     # ------------------------------------------------------------ workers
 
-    def hello(self, ev: m.Hello, now: float) -> list[str] | None:
-        """Register a new worker epoch as live; returns older live epochs of the same worker id.
+    def hello(self, ev: m.Hello, now: float, dispatch_partition: int,
+              events_partition: int) -> list[str] | None:
+        """Register a new worker epoch as live, reading and writing the partitions given;
+        returns older live epochs of the same worker id.
 
         Precondition: the epoch is new. A hello from a known epoch changes nothing (None).
         """
@@ -251,12 +297,23 @@ class Store:
             (ev.worker, ev.epoch),
         )]
         self.db.execute(
-            "INSERT INTO workers (epoch, worker, host, pid, slots, prefetch, tasks,"
-            " version, state, joined_at, last_heartbeat) VALUES (?,?,?,?,?,?,?,?,'live',?,?)",
+            "INSERT INTO workers (epoch, worker, host, pid, slots, prefetch, tasks, version,"
+            " state, joined_at, last_heartbeat, boot, dispatch_partition, events_partition)"
+            " VALUES (?,?,?,?,?,?,?,?,'live',?,?,?,?,?)",
             (ev.epoch, ev.worker, ev.host, ev.pid, ev.slots, ev.prefetch, _json(_tasks(ev)),
-             ev.version, now, now),
+             ev.version, now, now, ev.boot, dispatch_partition, events_partition),
         )
         return older
+
+    def holders(self, worker: str) -> list[sqlite3.Row]:
+        """The live (or leaving) epochs of a worker id."""
+        return list(self.db.execute(
+            "SELECT * FROM workers WHERE worker = ? AND state IN ('live', 'leaving')", (worker,)))
+
+    def worker_row(self, epoch: str) -> sqlite3.Row | None:
+        """One epoch's row, whatever its state."""
+        row: sqlite3.Row | None = self.db.execute("SELECT * FROM workers WHERE epoch = ?", (epoch,)).fetchone()
+        return row
 
     def readvertise(self, ev: m.Hello) -> bool:
         """A live epoch said ``hello`` again (after reloading its plugins): update what it
@@ -271,9 +328,9 @@ class Store:
     def heartbeat(self, ev: m.Heartbeat, now: float) -> bool:
         """Note a live epoch's heartbeat; False when the epoch is not live (a stale event)."""
         cur = self.db.execute(
-            "UPDATE workers SET last_heartbeat = ?, busy = ?, done = ?, failed = ?"
-            " WHERE epoch = ? AND state IN ('live', 'leaving')",
-            (now, ev.busy, ev.done, ev.failed, ev.epoch),
+            "UPDATE workers SET last_heartbeat = ?, busy = ?, done = ?, failed = ?,"
+            " undelivered = ? WHERE epoch = ? AND state IN ('live', 'leaving')",
+            (now, ev.busy, ev.done, ev.failed, ev.undelivered, ev.epoch),
         )
         return cur.rowcount == 1
 

@@ -25,7 +25,7 @@ def sub(task_id: str = "t1", task: str = "add", args: list | None = None, **opti
 def hello(store: Store, worker: str = "w", epoch: str = "e1") -> list[str] | None:
     ev = m.Hello(worker=worker, epoch=epoch, ts=0, host="h", pid=1, slots=2, prefetch=2,
                  tasks={"add": m.TaskInfo(plugin="arith")}, version="0")
-    return store.hello(ev, 1.0)
+    return store.hello(ev, 1.0, 0, 0)
 
 
 def started(task_id: str, attempt: int, worker: str = "w", epoch: str = "e1") -> m.Started:
@@ -249,3 +249,36 @@ def test_status_counts_follow_every_transition(store: Store) -> None:
     assert store.counts() == truth() == {"queued": 2, "assigned": 1, "success": 1, "failed": 1}
     store.declare_dead("e1", "gone", 5.0, 3)
     assert store.counts() == truth() == {"queued": 3, "success": 1, "failed": 1}
+
+
+def test_waiting_never_reads_the_queued_tasks_of_names_nobody_provides(store: Store) -> None:
+    """300,000 queued tasks no live worker can run must not be rescanned at every planning
+    turn (issue 11, defect 11): the work is counted in SQLite VM steps, not in time."""
+    with store.transaction():
+        store.db.executemany(
+            "INSERT INTO tasks (id, name, payload, status, submitted_at) VALUES (?, 'orphan', '[]',"
+            " 'queued', 0)", [(f"o{i}",) for i in range(300_000)])
+        store.intake(sub("mine", "add"), 1.0)
+    steps = 0
+
+    def count() -> int:
+        nonlocal steps
+        steps += 1
+        return 0
+
+    store.db.set_progress_handler(count, 100)
+    found = store.waiting(["add"], 10, now=2.0)
+    store.db.set_progress_handler(None, 0)
+    assert [w.task_id for w in found] == ["mine"]
+    assert steps < 10  # about 1,000 VM steps; a scan of the orphans takes millions
+
+
+def test_grant_numbers_are_saved_and_resent_with_pending_grants(store: Store) -> None:
+    hello(store)
+    with store.transaction():
+        store.intake(sub("a"), 1.0)
+        grant = store.grant("a", "w", "e1", 2.0, grant_no=7)
+        store.count_grants({"e1": 7})
+    assert grant is not None and grant.grant_no == 7
+    assert [g.grant_no for g in store.pending_grants()] == [7]
+    assert store.live_workers()[0]["grants"] == 7

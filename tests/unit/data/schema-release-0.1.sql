@@ -1,5 +1,5 @@
--- The result backend's schema (SQLite, WAL). Applied at every server start: every statement
--- is idempotent. All queries live in yadtqd/store.py.
+-- The schema of release 0.1.0 (before schema versions: user_version 0), kept to test the
+-- upgrade from a database that release made (tests/unit/test_migrations.py).
 CREATE TABLE IF NOT EXISTS tasks (
     seq           INTEGER PRIMARY KEY AUTOINCREMENT,
     id            TEXT NOT NULL UNIQUE,

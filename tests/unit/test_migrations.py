@@ -1,0 +1,81 @@
+"""Schema versions: a database made by the previous release is migrated forward at start, in
+one transaction, with its rows kept; a database newer than the code is refused (exit 78)."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from yadtqd.errors import ConfigError
+from yadtqd.store import Store, schema_version
+
+OLD_SCHEMA = Path(__file__).parent / "data" / "schema-release-0.1.sql"
+
+
+def _release_0_1_database(path: Path) -> None:
+    db = sqlite3.connect(path)
+    db.executescript(OLD_SCHEMA.read_text())
+    db.execute("INSERT INTO tasks (id, name, payload, status, submitted_at, finished_at, result,"
+               " attempt) VALUES ('done-1', 'add', '[]', 'success', 1.0, 2.0, '3', 1)")
+    db.execute("INSERT INTO tasks (id, name, payload, status, submitted_at)"
+               " VALUES ('waiting-1', 'add', '[]', 'queued', 3.0)")
+    db.execute("INSERT INTO offsets VALUES ('yadtq.tasks', 0, 7)")
+    db.commit()
+    db.close()
+
+
+def test_a_release_0_1_database_is_migrated_and_keeps_its_rows(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    _release_0_1_database(path)
+    store = Store(path, create=True)
+    assert store.found_version == 0
+    assert store.db.execute("PRAGMA user_version").fetchone()[0] == schema_version() >= 2
+    assert store.offsets() == {("yadtq.tasks", 0): 7}
+    assert store.counts() == {"success": 1, "queued": 1}
+    assert [w.task_id for w in store.waiting(["add"], 10, now=10.0)] == ["waiting-1"]
+    columns = {r["name"] for r in store.db.execute("PRAGMA table_info(workers)")}
+    assert {"grants", "boot", "dispatch_partition", "events_partition", "undelivered"} <= columns
+    store.close()
+    again = Store(path, create=True)  # a second start finds nothing to do
+    assert again.found_version == schema_version()
+    again.close()
+
+
+def test_a_fresh_database_gets_the_current_schema(tmp_path: Path) -> None:
+    store = Store(tmp_path / "new.db", create=True)
+    assert store.found_version == 0
+    assert store.db.execute("PRAGMA user_version").fetchone()[0] == schema_version()
+
+
+def test_a_database_newer_than_the_code_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "future.db"
+    Store(path, create=True).close()
+    db = sqlite3.connect(path)
+    db.execute(f"PRAGMA user_version = {schema_version() + 1}")
+    db.close()
+    with pytest.raises(ConfigError, match="newer than this yadtqd") as caught:
+        Store(path, create=True)
+    assert caught.value.exit_code == 78
+
+
+def test_a_failed_migration_changes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "old.db"
+    _release_0_1_database(path)
+    from yadtqd import store as store_module
+
+    real = store_module.migrations()
+    monkeypatch.setattr(store_module, "migrations", lambda: [*real, "ALTER TABLE nope ADD x INT;"])
+    with pytest.raises(sqlite3.OperationalError):
+        Store(path, create=True)
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 0
+    assert "grants" not in {r[1] for r in db.execute("PRAGMA table_info(workers)")}
+
+
+def test_the_writer_commits_with_synchronous_full(tmp_path: Path) -> None:
+    """A grant's run leaves the process right after its commit: NORMAL could lose the commit
+    to a power loss while the run is out (issue 11, defect 4)."""
+    store = Store(tmp_path / "db", create=True)
+    assert store.db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
