@@ -7,9 +7,13 @@ the field and the problem (``Expected `int`, got `str` - at `$.attempt```).
 Topics and their messages:
 
 - ``tasks``: :class:`Submission` (the seed's ``{"task-id": ..., "task": ..., "args": [...]}``).
-- ``dispatch``: :class:`Run` and :class:`Fenced`, tagged by ``"type"``.
+- ``dispatch``: :class:`Run`, :class:`Fenced`, :class:`Alive` and :class:`Refused`, tagged by
+  ``"type"``.
 - ``events``: :class:`Hello`, :class:`Heartbeat`, :class:`Started`, :class:`Finished` and
-  :class:`Bye`, tagged by ``"type"``.
+  :class:`Bye` from workers, and the server's own :class:`Mark`, tagged by ``"type"``.
+
+Fields added after the first release are optional with a default that means "not sent", so a
+message from an older peer still parses (see docs/design.md, "Liveness" and "Grants").
 """
 
 from __future__ import annotations
@@ -20,6 +24,14 @@ import msgspec
 from msgspec import Meta, Raw, Struct, field
 
 from yadtqd.errors import BadMessage
+
+#: The most bytes of an error's message, and of its traceback, that an event carries.
+ERROR_TEXT_LIMIT = 16 * 1024
+#: Room for everything around a task's payload or result in the message that carries it (the
+#: other fields, and a failed task's capped message and traceback).
+ENVELOPE_BYTES = 64 * 1024
+#: librdkafka's own default ``message.max.bytes``.
+PRODUCER_DEFAULT_MAX = 1_000_000
 
 TASK_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
 TaskId = Annotated[str, Meta(pattern=TASK_ID_PATTERN)]
@@ -48,6 +60,8 @@ class Submission(Struct, kw_only=True, omit_defaults=True):
     kwargs: dict[str, Any] = {}
     options: Options = Options()
     submitted_at: float | str | None = None
+    #: "socket" on the copy a server produces of a socket submit it recorded already.
+    via: str = ""
     v: int = 1
 
     def payload(self) -> str:
@@ -98,7 +112,18 @@ class Run(Struct, kw_only=True, tag_field="type", tag="run"):
     args: list[Any] = []
     kwargs: dict[str, Any] = {}
     options: Options = Options()
+    #: The server's ``heartbeat_timeout``: the worker starts this run only while it can prove
+    #: its epoch was not declared dead (docs/design.md, "Liveness"). None from older servers.
+    lease: Annotated[float, Meta(gt=0)] | None = None
+    #: The grant's number within the epoch (1, 2, ...): a re-sent run repeats it, so the worker
+    #: drops repeats exactly with bounded memory. None from older servers.
+    grant: Annotated[int, Meta(ge=1)] | None = None
     v: int = 1
+
+
+#: The ``reason`` of a fence sent because a newer epoch of the same worker id said ``hello``: a
+#: live worker that receives it knows another process holds its id.
+NEWER_EPOCH = "a newer epoch of the same worker said hello"
 
 
 class Fenced(Struct, kw_only=True, tag_field="type", tag="fenced"):
@@ -110,7 +135,26 @@ class Fenced(Struct, kw_only=True, tag_field="type", tag="fenced"):
     v: int = 1
 
 
-Dispatch = Run | Fenced
+class Alive(Struct, kw_only=True, tag_field="type", tag="alive"):
+    """The answer to a heartbeat that asked (``probe``): the epoch was live when the server
+    applied it. A worker whose proof of liveness lapsed starts tasks again only after this."""
+
+    worker: str
+    epoch: str
+    probe: Annotated[int, Meta(ge=1)]
+    v: int = 1
+
+
+class Refused(Struct, kw_only=True, tag_field="type", tag="refused"):
+    """A ``hello`` the server will not register: another live process holds the worker id."""
+
+    worker: str
+    epoch: str
+    reason: str
+    v: int = 1
+
+
+Dispatch = Run | Fenced | Alive | Refused
 _dispatch: msgspec.json.Decoder[Dispatch] = msgspec.json.Decoder(Dispatch)
 
 
@@ -146,6 +190,25 @@ class ErrorInfo(Struct, kw_only=True, omit_defaults=True):
     message: str
     traceback: str = ""
 
+    def capped(self) -> ErrorInfo:
+        """The same error with its type, message and traceback cut to
+        :data:`ERROR_TEXT_LIMIT` bytes each, the cut marked (see :func:`cap`)."""
+        return ErrorInfo(type=cap(self.type, 200), message=cap(self.message, ERROR_TEXT_LIMIT),
+                         traceback=cap(self.traceback, ERROR_TEXT_LIMIT, keep_end=True))
+
+
+def cap(text: str, limit: int, keep_end: bool = False) -> str:
+    """``text`` if it fits in ``limit`` UTF-8 bytes; else its start (or, with ``keep_end``, its
+    end: a traceback's last lines say the most), marked ``[... N bytes cut ...]``."""
+    raw = text.encode()
+    if len(raw) <= limit:
+        return text
+    room = max(0, limit - 40)
+    marker = f"[... {len(raw) - room} bytes cut ...]"
+    if keep_end:
+        return marker + "\n" + raw[-room:].decode(errors="ignore")
+    return raw[:room].decode(errors="ignore") + " " + marker
+
 
 class Hello(Struct, kw_only=True, tag_field="type", tag="hello"):
     """A worker epoch announces itself and what it can run."""
@@ -160,6 +223,10 @@ class Hello(Struct, kw_only=True, tag_field="type", tag="hello"):
     prefetch: Annotated[int, Meta(ge=-1)] = 0
     tasks: dict[str, TaskInfo]
     version: str
+    #: The machine's boot id: with ``host``, tells a restart from a second process with the id.
+    boot: str = ""
+    #: The ``dispatch`` partition this epoch reads (-1 from older workers: the server hashes).
+    dispatch_partition: Annotated[int, Meta(ge=-1)] = -1
     v: int = 1
 
 
@@ -175,6 +242,10 @@ class Heartbeat(Struct, kw_only=True, tag_field="type", tag="heartbeat"):
     done: Count = 0
     failed: Count = 0
     last_progress: float = 0.0
+    #: Non-zero asks the server for an :class:`Alive` answer carrying this number.
+    probe: Count = 0
+    #: Events this epoch's producer failed to deliver (and sent again), so far.
+    undelivered: Count = 0
     v: int = 1
 
 
@@ -200,6 +271,8 @@ class Finished(Struct, kw_only=True, tag_field="type", tag="finished", omit_defa
     status: Literal["success", "failed"]
     result: Raw = Raw(b"null")
     error: ErrorInfo | None = None
+    #: Seconds the execution ran, measured by the worker (None from older workers).
+    runtime: Annotated[float, Meta(ge=0)] | None = None
     v: int = 1
 
 
@@ -213,7 +286,19 @@ class Bye(Struct, kw_only=True, tag_field="type", tag="bye"):
     v: int = 1
 
 
-Event = Hello | Heartbeat | Started | Finished | Bye
+class Mark(Struct, kw_only=True, tag_field="type", tag="mark"):
+    """A marker the server writes to each ``events`` partition and reads back: proof that the
+    partition is readable and that everything before it has been applied (docs/design.md,
+    "Failure detection"). Only the server instance named in ``server`` acts on it."""
+
+    server: str
+    seq: Annotated[int, Meta(ge=1)]
+    ts: float
+    v: int = 1
+
+
+Event = Hello | Heartbeat | Started | Finished | Bye | Mark
+WorkerEvent = Hello | Heartbeat | Started | Finished | Bye
 _event: msgspec.json.Decoder[Event] = msgspec.json.Decoder(Event)
 
 
