@@ -14,19 +14,16 @@ import logging
 import threading
 import time
 import zlib
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
-from confluent_kafka.cimpl import NewTopic
 
 from yadtqd.config import Config
 from yadtqd.errors import UnreachableError
 
 log = logging.getLogger("yadtqd.kafka")
 
-TOPICS = ("tasks", "dispatch", "events")
 STATS_INTERVAL_MS = 1000
 _DOWN_CODES = {KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT, KafkaError._RESOLVE}
 
@@ -99,10 +96,13 @@ def producer_settings(config: Config, client: str, monitor: ConnectionMonitor) -
 
 
 def consumer_settings(config: Config, client: str, monitor: ConnectionMonitor) -> dict[str, object]:
-    """librdkafka settings of a consumer: the user's, with offset commits forced off."""
+    """librdkafka settings of a consumer: the user's, with offset commits forced off and an
+    offset that fell out of retention read from the earliest one left (librdkafka's default,
+    ``latest``, would skip every message still in the partition)."""
     settings = _base(config, client, monitor)
     settings.setdefault("group.id", f"{config.topic_prefix}.{client}")
-    settings.update({"enable.auto.commit": False, "enable.auto.offset.store": False})
+    settings.update({"enable.auto.commit": False, "enable.auto.offset.store": False,
+                     "auto.offset.reset": "earliest"})
     settings.setdefault("fetch.wait.max.ms", 100)
     settings.setdefault("enable.partition.eof", False)
     return settings
@@ -128,41 +128,6 @@ def make_consumer(config: Config, client: str) -> tuple[Consumer, ConnectionMoni
 def make_admin(config: Config) -> AdminClient:
     """An admin client with the same connection settings."""
     return AdminClient(dict(config.kafka))
-
-
-@dataclass(frozen=True)
-class TopicSpec:
-    """A topic the server makes sure exists."""
-
-    name: str
-    partitions: int
-    replication: int
-
-
-def topic_specs(config: Config) -> list[TopicSpec]:
-    """The project's topics with the partition count and replication from the config."""
-    return [TopicSpec(config.topic(t), config.server.partitions, config.server.replication)
-            for t in TOPICS]
-
-
-def ensure_topics(admin: AdminClient, specs: Iterable[TopicSpec], timeout: float = 30.0) -> list[str]:
-    """Create the topics that are missing; an existing topic is left as it is.
-
-    Returns the names of the topics this call created.
-    """
-    wanted = {s.name: NewTopic(s.name, s.partitions, s.replication) for s in specs}
-    futures = admin.create_topics(list(wanted.values()), operation_timeout=timeout,
-                                  request_timeout=timeout)
-    created = []
-    for name, future in futures.items():
-        try:
-            future.result(timeout)
-            created.append(name)
-            log.info("created topic %s", name)
-        except KafkaException as exc:
-            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
-                raise UnreachableError(f"cannot create topic {name}: {exc.args[0].str()}") from None
-    return created
 
 
 def partition_count(client: Consumer | Producer | AdminClient, topic: str, timeout: float = 30.0) -> int:
@@ -201,14 +166,48 @@ def assign(consumer: Consumer, positions: Mapping[tuple[str, int], int]) -> None
     consumer.assign([TopicPartition(t, p, off) for (t, p), off in positions.items()])
 
 
-def send(producer: Producer, topic: str, value: bytes, key: str, partition: int = -1) -> None:
-    """Queue a message for delivery, waiting for room when the local queue is full."""
+OnDelivery = Callable[[KafkaError | None, Message], None]
+#: The name of librdkafka's error for a message over ``message.max.bytes`` (in :func:`send`'s
+#: problems): such a message can never be sent.
+TOO_LARGE = "MSG_SIZE_TOO_LARGE"
+
+
+def send(producer: Producer, topic: str, value: bytes, key: str, partition: int = -1,
+         on_delivery: OnDelivery | None = None) -> str | None:
+    """Queue a message for delivery, waiting for room when the local queue is full.
+
+    Returns None once queued, or why the message can never be sent (too large for the
+    producer, an unknown partition): the caller decides what that means, the daemon goes on.
+    ``on_delivery`` gets librdkafka's delivery report, from a later ``poll`` or ``flush``.
+    """
     while True:
         try:
-            producer.produce(topic, value, key=key.encode(), partition=partition)
-            return
+            if on_delivery is None:
+                producer.produce(topic, value, key=key.encode(), partition=partition)
+            else:
+                producer.produce(topic, value, key=key.encode(), partition=partition,
+                                 on_delivery=on_delivery)
+            return None
         except BufferError:
             producer.poll(0.1)  # the local queue is full: let deliveries drain it
+        except KafkaException as exc:
+            return f"{exc.args[0].name()}: {exc.args[0].str()}"
+
+
+def low_offset(consumer: Consumer, topic: str, partition: int, timeout: float = 30.0) -> int:
+    """The partition's low watermark: the oldest offset still kept; waits for the broker (and
+    for a topic just created to get its leaders) up to ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            low, _ = consumer.get_watermark_offsets(TopicPartition(topic, partition),
+                                                    timeout=max(0.1, deadline - time.monotonic()))
+            return int(low)
+        except KafkaException as exc:
+            if time.monotonic() >= deadline:
+                raise UnreachableError(f"cannot read the start of {topic}[{partition}]:"
+                                       f" {exc.args[0].str()}") from None
+        time.sleep(0.2)  # leaders of a new topic propagating; there is no event to wait on
 
 
 def deliver(producer: Producer, topic: str, value: bytes, key: str, timeout: float) -> str | None:

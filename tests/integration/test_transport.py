@@ -11,7 +11,7 @@ import pytest
 from confluent_kafka import TopicPartition
 
 from yadtqd import config as configuration
-from yadtqd import transport
+from yadtqd import topics, transport
 from yadtqd.testing.broker import Broker
 
 pytestmark = pytest.mark.kafka
@@ -27,9 +27,9 @@ def _config(bootstrap: str, **kafka: object) -> configuration.Config:
 def test_topics_are_created_once_with_configured_partitions(bootstrap: str) -> None:
     config = _config(bootstrap)
     admin = transport.make_admin(config)
-    created = transport.ensure_topics(admin, transport.topic_specs(config))
+    created = topics.ensure_topics(admin, topics.topic_specs(config))
     assert sorted(created) == sorted(config.topic(t) for t in ("tasks", "dispatch", "events"))
-    assert transport.ensure_topics(admin, transport.topic_specs(config)) == []
+    assert topics.ensure_topics(admin, topics.topic_specs(config)) == []
     consumer, _ = transport.make_consumer(config, "test")
     assert transport.partition_count(consumer, config.topic("events")) == 2
     consumer.close()
@@ -37,7 +37,7 @@ def test_topics_are_created_once_with_configured_partitions(bootstrap: str) -> N
 
 def test_idempotent_producer_and_manual_assignment_from_an_offset(bootstrap: str) -> None:
     config = _config(bootstrap)
-    transport.ensure_topics(transport.make_admin(config), transport.topic_specs(config))
+    topics.ensure_topics(transport.make_admin(config), topics.topic_specs(config))
     producer, _ = transport.make_producer(config, "test")
     topic = config.topic("tasks")
     for i in range(10):
@@ -60,7 +60,7 @@ def test_idempotent_producer_and_manual_assignment_from_an_offset(bootstrap: str
 def test_connection_loss_and_return_are_logged(own_broker: Broker, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="yadtqd.kafka")
     config = _config(own_broker.bootstrap, reconnect_backoff_max_ms=500)
-    transport.ensure_topics(transport.make_admin(config), transport.topic_specs(config))
+    topics.ensure_topics(transport.make_admin(config), topics.topic_specs(config))
     producer, link = transport.make_producer(config, "test")
 
     def poll_until(state: str) -> None:

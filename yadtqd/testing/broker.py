@@ -1,4 +1,6 @@
-"""A real, single-node Apache Kafka broker (KRaft) for development and tests.
+"""A real Apache Kafka broker (KRaft) for development and tests: one node that is both broker
+and controller, or (:class:`BrokerCluster`) a controller and several brokers on loopback, for
+tests that need replication or a broker failure.
 
 The broker's jars come from Maven Central (``mvn dependency:copy-dependencies`` on the small POM
 beside this module) into a cache, ``$YADTQ_CACHE`` or ``~/.cache/yadtq``, and are fetched only
@@ -84,11 +86,19 @@ def free_port() -> int:
 
 
 class Broker:
-    """One broker process with its own directory, ports and log."""
+    """One Kafka process with its own directory, ports and log: by default a single node that
+    is broker and controller; with ``roles`` and ``quorum``, one node of a :class:`BrokerCluster`."""
 
-    def __init__(self, directory: Path, version: str = KAFKA_VERSION) -> None:
+    def __init__(self, directory: Path, version: str = KAFKA_VERSION, node_id: int = 1,
+                 roles: str = "broker,controller", quorum: str = "", cluster_id: str = "",
+                 replicas: int = 1) -> None:
         self.directory = Path(directory)
         self.version = version
+        self.node_id = node_id
+        self.roles = roles
+        self.quorum = quorum
+        self.cluster_id = cluster_id
+        self.replicas = replicas
         self.port = 0
         self.controller_port = 0
         self.process: subprocess.Popen[bytes] | None = None
@@ -99,12 +109,23 @@ class Broker:
         return f"127.0.0.1:{self.port}"
 
     @property
+    def controller(self) -> str:
+        """The controller listener's address (nodes with the controller role)."""
+        return f"127.0.0.1:{self.controller_port}"
+
+    @property
     def log_path(self) -> Path:
         """The broker's own log file."""
         return self.directory / "broker.log"
 
     def start(self, timeout: float = 120.0) -> None:
         """Start the broker (formatting its storage the first time) and wait until it serves."""
+        offset = self.launch()
+        self.wait_ready(offset, timeout)
+
+    def launch(self) -> int:
+        """Start the process without waiting; returns where its log stood (for
+        :meth:`wait_ready`)."""
         libs = fetch(self.version)
         self.directory.mkdir(parents=True, exist_ok=True)
         if not self.port:
@@ -122,7 +143,7 @@ class Broker:
                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
             )
         self._write_state()
-        self._wait_ready(offset, timeout)
+        return offset
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop the broker by its PID: SIGTERM, then SIGKILL if it does not exit in time."""
@@ -150,21 +171,28 @@ class Broker:
 
     def _write_config(self) -> Path:
         props = self.directory / "server.properties"
+        listeners = []
+        if "broker" in self.roles:
+            listeners.append(f"PLAINTEXT://127.0.0.1:{self.port}")
+        if "controller" in self.roles:
+            listeners.append(f"CONTROLLER://127.0.0.1:{self.controller_port}")
+        replicas, isr = str(self.replicas), str(min(2, self.replicas))
         settings = {
-            "process.roles": "broker,controller",
-            "node.id": "1",
-            "controller.quorum.bootstrap.servers": f"127.0.0.1:{self.controller_port}",
-            "listeners": f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
-            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
+            "process.roles": self.roles,
+            "node.id": str(self.node_id),
+            "controller.quorum.bootstrap.servers": self.quorum or self.controller,
+            "listeners": ",".join(listeners),
+            "advertised.listeners": ",".join(listeners),
             "controller.listener.names": "CONTROLLER",
-            "inter.broker.listener.name": "PLAINTEXT",
+            **({"inter.broker.listener.name": "PLAINTEXT"} if "broker" in self.roles else {}),
             "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
             "log.dirs": str(self.directory / "data"),
-            "offsets.topic.replication.factor": "1",
-            "transaction.state.log.replication.factor": "1",
-            "transaction.state.log.min.isr": "1",
-            "share.coordinator.state.topic.replication.factor": "1",
-            "share.coordinator.state.topic.min.isr": "1",
+            "default.replication.factor": replicas,
+            "offsets.topic.replication.factor": replicas,
+            "transaction.state.log.replication.factor": replicas,
+            "transaction.state.log.min.isr": isr,
+            "share.coordinator.state.topic.replication.factor": replicas,
+            "share.coordinator.state.topic.min.isr": isr,
             "group.initial.rebalance.delay.ms": "0",
             "num.network.threads": "2",
             "num.io.threads": "4",
@@ -176,16 +204,17 @@ class Broker:
         return props
 
     def _format(self, classpath: str, props: Path) -> None:
-        tool = ["java", "-cp", classpath, "kafka.tools.StorageTool"]
-        cluster = subprocess.run([*tool, "random-uuid"], capture_output=True, text=True, check=True)
+        cluster_id = self.cluster_id or random_cluster_id(classpath)
+        quorum = "--no-initial-controllers" if self.roles == "broker" else "--standalone"
         done = subprocess.run(
-            [*tool, "format", "--standalone", "-t", cluster.stdout.strip(), "-c", str(props)],
-            capture_output=True, text=True,
+            ["java", "-cp", classpath, "kafka.tools.StorageTool", "format", quorum, "-t", cluster_id,
+             "-c", str(props)], capture_output=True, text=True,
         )
         if done.returncode != 0:
             raise BrokerError(f"formatting KRaft storage failed:\n{done.stdout}{done.stderr}")
 
-    def _wait_ready(self, offset: int, timeout: float) -> None:
+    def wait_ready(self, offset: int, timeout: float = 120.0) -> None:
+        """Wait until the process logged that it started and its port accepts connections."""
         assert self.process is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -205,8 +234,9 @@ class Broker:
             return READY_LINE.encode() in f.read()
 
     def _port_open(self) -> bool:
+        port = self.port if "broker" in self.roles else self.controller_port
         try:
-            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
             return True
         except OSError:
             return False
@@ -216,6 +246,56 @@ class Broker:
         state = {"pid": self.process.pid, "bootstrap": self.bootstrap, "port": self.port,
                  "controller_port": self.controller_port}
         (self.directory / "broker.json").write_text(json.dumps(state))
+
+
+def random_cluster_id(classpath: str) -> str:
+    """A new KRaft cluster id, from Kafka's own tool."""
+    done = subprocess.run(["java", "-cp", classpath, "kafka.tools.StorageTool", "random-uuid"],
+                          capture_output=True, text=True, check=True)
+    return done.stdout.strip()
+
+
+class BrokerCluster:
+    """A KRaft controller and ``size`` brokers on loopback, each with its own ports, directory
+    and log: topics replicate across the brokers, and a test can stop or kill any of them."""
+
+    def __init__(self, directory: Path, size: int = 3, version: str = KAFKA_VERSION) -> None:
+        self.directory = Path(directory)
+        self.size = size
+        self.version = version
+        self.controller: Broker | None = None
+        self.brokers: list[Broker] = []
+
+    @property
+    def bootstrap(self) -> str:
+        """``bootstrap.servers`` naming every broker."""
+        return ",".join(b.bootstrap for b in self.brokers)
+
+    def start(self, timeout: float = 180.0) -> None:
+        """Start the controller, then the brokers side by side, and wait for all of them."""
+        cluster_id = random_cluster_id(f"{fetch(self.version)}/*")
+        # in KRaft the controller decides what a topic created with replication -1 gets: it
+        # needs the cluster's default.replication.factor too
+        self.controller = Broker(self.directory / "controller", self.version, node_id=100,
+                                 roles="controller", cluster_id=cluster_id, replicas=self.size)
+        self.controller.wait_ready(self.controller.launch(), timeout)
+        self.brokers = [Broker(self.directory / f"broker-{n}", self.version, node_id=n,
+                               roles="broker", quorum=self.controller.controller,
+                               cluster_id=cluster_id, replicas=self.size)
+                        for n in range(1, self.size + 1)]
+        offsets = [b.launch() for b in self.brokers]
+        for broker, offset in zip(self.brokers, offsets):
+            broker.wait_ready(offset, timeout)
+
+    def stop(self) -> None:
+        """Stop every process (brokers first)."""
+        for node in [*self.brokers, *([self.controller] if self.controller else [])]:
+            node.stop()
+
+    def log_tail(self, lines: int = 40, min_level: str = "WARN") -> str:
+        """The tails of every node's log."""
+        nodes = [*self.brokers, *([self.controller] if self.controller else [])]
+        return "\n".join(f"--- node {n.node_id}\n{n.log_tail(lines, min_level)}" for n in nodes)
 
 
 def _stop_dir(directory: Path) -> None:
