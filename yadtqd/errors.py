@@ -56,8 +56,15 @@ class RequestError(YadtqError):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
-        self.exit_code = UsageError.exit_code if code in CLIENT_ERROR_CODES else 1
+        if code in CLIENT_ERROR_CODES:
+            self.exit_code = UsageError.exit_code
+        elif code in UNAVAILABLE_CODES:
+            self.exit_code = UnreachableError.exit_code
+        else:
+            self.exit_code = 1
 
 
 #: Socket error codes that mean the request itself was wrong (exit code 2 in yadtqctl).
 CLIENT_ERROR_CODES = frozenset({"bad_request", "too_large", "unknown_op", "conflict", "bad_task"})
+#: Socket error codes that mean the server or Kafka cannot take the request now (exit code 3).
+UNAVAILABLE_CODES = frozenset({"busy", "unavailable"})

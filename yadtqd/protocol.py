@@ -33,7 +33,9 @@ newest ``items``) and ``counters``.
 Error codes: ``bad_request`` (not JSON, not an object, wrong fields), ``too_large`` (line over
 the limit), ``unknown_op``, ``bad_task`` (a submit whose task is malformed), ``conflict`` (the
 id was submitted before with another payload), ``unavailable`` (Kafka did not accept the
-task in time; it is recorded and will run), ``internal``.
+task in time; it is recorded and will run), ``busy`` (the server serves its most connections
+already; sent right after connecting, then the connection is closed), ``internal``. ``limit``
+is at most 10,000; a connection idle (no request) for ``[server] idle_timeout`` is closed.
 """
 
 from __future__ import annotations
@@ -91,6 +93,7 @@ def worker_view(row: sqlite3.Row) -> dict[str, Any]:
         "worker": row["worker"], "epoch": row["epoch"], "state": row["state"],
         "host": row["host"], "pid": row["pid"], "slots": row["slots"], "busy": row["busy"],
         "executed": row["executed"], "done": row["done"], "failed": row["failed"],
+        "undelivered": row["undelivered"],
         "joined_at": iso(row["joined_at"]), "last_heartbeat": iso(row["last_heartbeat"]),
         "left_at": iso(row["left_at"]), "tasks": json.loads(row["tasks"]), "version": row["version"],
     }

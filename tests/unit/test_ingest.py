@@ -11,6 +11,7 @@ from confluent_kafka import Message
 
 from yadtqd import messages as m
 from yadtqd.config import Config
+from yadtqd.server.evidence import Evidence
 from yadtqd.server.ingest import Ingest
 from yadtqd.server.scheduler import Scheduler
 from yadtqd.store import Store
@@ -22,7 +23,7 @@ _offsets = itertools.count()
 @pytest.fixture
 def ingest(tmp_path: Path) -> Ingest:
     store = Store(tmp_path / "db.sqlite", create=True)
-    return Ingest(store, Scheduler(), Config(kafka={}), events_partitions=1)
+    return Ingest(store, Scheduler(), Config(kafka={}), Evidence("n", 5.0, 0.0), dispatch_partitions=1)
 
 
 def _msg(topic: str, body: msgspec.Struct | bytes) -> Message:

@@ -159,7 +159,13 @@ def _stats(client: Client, args: argparse.Namespace, as_json: bool) -> int:
         rows += [{"figure": "live workers", "value": stats["workers_live"]},
                  {"figure": "slots", "value": stats["slots"]}]
         rows += [{"figure": k.replace("_", " "), "value": v} for k, v in sorted(stats["counters"].items())]
+        rows += [{"figure": "undelivered (server and live workers)", "value": stats.get("undelivered", 0)}]
+        rows += [{"figure": f"topic {t['topic']}",
+                  "value": f"{t['replicas']} replicas, min.insync.replicas {t['min_insync']}"}
+                 for t in stats.get("topics", [])]
         output.emit_table(rows, ["figure", "value"], "no figures")
+        for warning in stats.get("warnings", []):
+            output.fail(f"warning: {warning}")
     return 0
 
 

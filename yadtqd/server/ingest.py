@@ -16,9 +16,13 @@ from confluent_kafka import Message
 from yadtqd import messages as m
 from yadtqd.config import Config
 from yadtqd.errors import BadMessage
+from yadtqd.server.evidence import Evidence
 from yadtqd.server.scheduler import Member, Scheduler
 from yadtqd.store import Store
 from yadtqd.transport import partition_for
+
+#: Seconds between two ``fenced`` answers to the heartbeats of one epoch that is not live.
+REFENCE_EVERY = 2.0
 
 log = logging.getLogger("yadtqd.server")
 
@@ -30,6 +34,19 @@ class Fence:
     worker: str
     epoch: str
     reason: str
+    #: The ``dispatch`` partition the epoch reads (-1: the hash of its worker id).
+    partition: int = -1
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A dispatch message answering an event: ``alive`` (``probe`` set) or ``refused``."""
+
+    worker: str
+    epoch: str
+    partition: int
+    probe: int = 0
+    reason: str = ""
 
 
 @dataclass
@@ -37,18 +54,23 @@ class Effects:
     """What a batch changed beyond the store."""
 
     fences: list[Fence] = field(default_factory=list)
+    answers: list[Answer] = field(default_factory=list)
     positions: dict[tuple[str, int], int] = field(default_factory=dict)
 
 
 class Ingest:
     """Applies batches of Kafka messages to the store and the scheduler's view."""
 
-    def __init__(self, store: Store, scheduler: Scheduler, config: Config, events_partitions: int) -> None:
+    def __init__(self, store: Store, scheduler: Scheduler, config: Config, evidence: Evidence,
+                 dispatch_partitions: int) -> None:
         self.store = store
         self.scheduler = scheduler
         self.config = config
+        self.evidence = evidence
         self.tasks_topic = config.topic("tasks")
-        self.events_partitions = events_partitions
+        #: The partition count of ``dispatch``, for workers too old to say which one they read.
+        self.dispatch_partitions = dispatch_partitions
+        self._refenced: dict[str, float] = {}
 
     def apply(self, batch: list[Message], now: float) -> Effects:
         """Apply a batch and save its offsets; call inside a transaction.
@@ -68,10 +90,13 @@ class Ingest:
                 self.store.bump("bad_messages")
                 log.warning("skipped bad event at %s[%d]@%d: %s", msg.topic(), msg.partition(),
                             msg.offset(), ev, extra={"event": "bad_message"})
+            elif isinstance(ev, m.Mark):
+                if ev.server == self.evidence.nonce:
+                    self.evidence.read_back(msg.partition() or 0, ev.seq)
             elif isinstance(ev, m.Started) and (ev.task_id, ev.attempt, ev.epoch) in ended:
                 self.scheduler.started(ev.epoch, ev.task_id)
             else:
-                self._event(ev, now, effects)
+                self._event(ev, msg.partition() or 0, now, effects)
             topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
             assert topic is not None and partition is not None and offset is not None
             positions[(topic, partition)] = offset + 1
@@ -90,6 +115,8 @@ class Ingest:
         if intake.outcome == "new":
             log.info("task %s received: %s", sub.task_id, sub.task,
                      extra={"task_id": sub.task_id, "event": "task_received"})
+        elif intake.outcome == "duplicate" and sub.via != "socket":
+            self.store.bump("duplicates")  # a resubmit, or a message read twice
         elif intake.outcome == "conflict":
             self.store.bump("conflicts")
             log.warning("task %s rejected: the id was submitted before with another payload",
@@ -115,11 +142,11 @@ class Ingest:
         except BadMessage as exc:
             return exc
 
-    def _event(self, ev: m.Event, now: float, effects: Effects) -> None:
+    def _event(self, ev: m.WorkerEvent, partition: int, now: float, effects: Effects) -> None:
         if isinstance(ev, m.Hello):
-            self._hello(ev, now, effects)
+            self._hello(ev, partition, now, effects)
         elif isinstance(ev, m.Heartbeat):
-            self._heartbeat(ev, now)
+            self._heartbeat(ev, now, effects)
         elif isinstance(ev, m.Started):
             self._started(ev, now)
         elif isinstance(ev, m.Finished):
@@ -127,7 +154,7 @@ class Ingest:
         else:
             self._bye(ev, now)
 
-    def _hello(self, ev: m.Hello, now: float, effects: Effects) -> None:
+    def _hello(self, ev: m.Hello, partition: int, now: float, effects: Effects) -> None:
         member = self.scheduler.members.get(ev.epoch)
         if member is not None and self.store.readvertise(ev):
             member.tasks = frozenset(ev.tasks)
@@ -135,27 +162,72 @@ class Ingest:
             log.info("worker %s now provides: %s", ev.worker, ", ".join(sorted(ev.tasks)) or "none",
                      extra={"worker_id": ev.worker, "event": "worker_reloaded"})
             return
-        older = self.store.hello(ev, now)
+        holder = self._other_holder(ev)
+        if holder is not None:
+            reason = (f"worker id {ev.worker!r} is held by a live process on host {holder['host']}"
+                      f" (pid {holder['pid']}): give this worker another [worker] id")
+            log.error("hello of worker %s from %s refused: %s", ev.worker, ev.host, reason,
+                      extra={"worker_id": ev.worker, "event": "worker_refused"})
+            effects.answers.append(Answer(ev.worker, ev.epoch, ev.dispatch_partition, reason=reason))
+            return
+        dispatch = (ev.dispatch_partition if ev.dispatch_partition >= 0
+                    else partition_for(ev.worker, self.dispatch_partitions))
+        older = self.store.hello(ev, now, dispatch, partition)
         if older is None:
             self._stale(ev, "hello from a known epoch")
             return
         self.scheduler.join(Member(
             epoch=ev.epoch, worker=ev.worker, slots=ev.slots, prefetch=ev.prefetch,
-            tasks=frozenset(ev.tasks), partition=partition_for(ev.worker, self.events_partitions)))
+            tasks=frozenset(ev.tasks), partition=partition, dispatch=dispatch))
         log.info("worker %s joined: epoch %s on %s pid %d, %d slots, tasks %s", ev.worker,
                  ev.epoch, ev.host, ev.pid, ev.slots, ", ".join(sorted(ev.tasks)) or "none",
                  extra={"worker_id": ev.worker, "event": "worker_joined"})
         for epoch in older:
-            reason = "a newer epoch of the same worker said hello"
+            reason = m.NEWER_EPOCH
+            gone = self.scheduler.members.get(epoch)
             self.declare_dead(epoch, reason, now)
-            effects.fences.append(Fence(ev.worker, epoch, reason))
+            effects.fences.append(Fence(ev.worker, epoch, reason, gone.dispatch if gone else -1))
 
-    def _heartbeat(self, ev: m.Heartbeat, now: float) -> None:
+    def _other_holder(self, ev: m.Hello) -> dict[str, object] | None:
+        """A live epoch of the same worker id in *another* process that is still heartbeating
+        (another host, or the same host name after another boot), if any: that hello is refused.
+        The same host and boot is a restart, which takes over at once. "Still heartbeating"
+        means this server process applied a fresh heartbeat of it within the timeout: an epoch
+        restored from the store after a restart (its host may have rebooted meanwhile) is not
+        taken for a live holder until it is heard from."""
+        mono = time.monotonic()
+        for row in self.store.holders(ev.worker):
+            member = self.scheduler.members.get(row["epoch"])
+            if member is None or mono - member.heard > self.config.server.heartbeat_timeout:
+                continue
+            if row["host"] != ev.host or (row["boot"] and ev.boot and row["boot"] != ev.boot):
+                return {"host": row["host"], "pid": row["pid"]}
+        return None
+
+    def _heartbeat(self, ev: m.Heartbeat, now: float, effects: Effects) -> None:
         member = self.scheduler.members.get(ev.epoch)
         if member is None or not self.store.heartbeat(ev, now):
             self._stale(ev, "heartbeat from an epoch that is not live")
+            self._refence(ev, effects)
             return
         member.last_heartbeat = time.monotonic()
+        if time.time() - ev.ts < 2 * self.config.server.heartbeat_timeout:
+            member.heard = member.last_heartbeat
+        if ev.probe:
+            effects.answers.append(Answer(ev.worker, ev.epoch, member.dispatch, probe=ev.probe))
+
+    def _refence(self, ev: m.Heartbeat, effects: Effects) -> None:
+        """A heartbeat from an epoch that is not live (declared dead, its ``fenced`` lost, or
+        unknown to this database): tell it again, so the worker registers anew."""
+        mono = time.monotonic()
+        if mono - self._refenced.get(ev.epoch, float("-inf")) < REFENCE_EVERY:
+            return
+        if len(self._refenced) > 10_000:
+            self._refenced = {e: t for e, t in self._refenced.items() if mono - t < REFENCE_EVERY}
+        self._refenced[ev.epoch] = mono
+        row = self.store.worker_row(ev.epoch)
+        effects.fences.append(Fence(ev.worker, ev.epoch, "this epoch is not live: register anew",
+                                    row["dispatch_partition"] if row else -1))
 
     def _started(self, ev: m.Started, now: float) -> None:
         if not self.store.start(ev, now):
@@ -171,7 +243,7 @@ class Ingest:
         if outcome == "stale":
             self._stale(ev, f"finished {ev.task_id} attempt {ev.attempt} is not the current grant")
             return
-        self.scheduler.finished(ev.epoch, ev.task_id)
+        self.scheduler.finished(ev.epoch, ev.task_id, ev.runtime)
         extra = {"task_id": ev.task_id, "worker_id": ev.worker, "event": f"task_{outcome}"}
         if outcome == "success":
             log.info("task %s succeeded on %s", ev.task_id, ev.worker, extra=extra)
@@ -221,7 +293,7 @@ class Ingest:
                      extra={"task_id": task_id, "event": "task_requeued"})
         return requeued
 
-    def _stale(self, ev: m.Event, why: str) -> None:
+    def _stale(self, ev: m.WorkerEvent, why: str) -> None:
         self.store.bump("stale_events")
         task_id = getattr(ev, "task_id", None)
         log.info("stale event from %s epoch %s: %s", ev.worker, ev.epoch, why,

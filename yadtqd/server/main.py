@@ -1,12 +1,14 @@
 """The server role: read ``tasks`` and ``events``, keep the store, grant, detect deaths, serve.
 
 The main loop, in order: take what the inbox thread read from Kafka → apply it and its offsets
-in one transaction (:mod:`yadtqd.server.ingest`) → declare dead the epochs whose heartbeats
-stopped → grant queued tasks in one transaction (:mod:`yadtqd.server.scheduler`) → produce the
-``run`` and ``fenced`` messages (:mod:`yadtqd.server.dispatch`). Runs are produced only after
-the grants are committed; after a restart, grants not yet started are sent again (workers drop
-duplicates by invariant 5). A task submitted on the socket is recorded by the socket's thread,
-which wakes the loop to grant it at once rather than when its copy comes back from ``tasks``.
+in one transaction (:mod:`yadtqd.server.ingest`) → declare dead the epochs proven silent
+(:mod:`yadtqd.server.evidence`) → grant queued tasks in one transaction
+(:mod:`yadtqd.server.scheduler`) → produce the ``run``, ``fenced`` and answer messages and the
+markers (:mod:`yadtqd.server.dispatch`), and send again what failed to deliver. Runs are
+produced only after the grants are committed; after a restart, grants not yet started are sent
+again (workers drop duplicates by invariant 5). A task submitted on the socket is recorded by
+the socket's thread, which wakes the loop to grant it at once rather than when its copy comes
+back from ``tasks``.
 """
 
 from __future__ import annotations
@@ -15,14 +17,17 @@ import logging
 import select
 import signal
 import time
+import uuid
 
 from confluent_kafka import Consumer
 
-from yadtqd import transport
+from yadtqd import topics, transport
 from yadtqd.config import Config
+from yadtqd.errors import UnreachableError
 from yadtqd.inbox import Inbox
 from yadtqd.server.dispatch import Dispatcher
-from yadtqd.server.ingest import Fence, Ingest
+from yadtqd.server.evidence import Evidence
+from yadtqd.server.ingest import Effects, Fence, Ingest
 from yadtqd.server.queries import Changes, Queries, Submitter
 from yadtqd.server.scheduler import Scheduler
 from yadtqd.server.sockets import SocketServer
@@ -42,9 +47,11 @@ class Server:
         self.scheduler = Scheduler()
         self.changes = Changes()
         self.events_topic = config.topic("events")
-        self.dispatch_partitions = 1
-        self.events_partitions = 1
-        self.positions: dict[tuple[str, int], int] = {}
+        self.counts: dict[str, int] = {}
+        self.nonce = uuid.uuid4().hex
+        self.evidence = Evidence(self.nonce, config.server.heartbeat_timeout, time.monotonic())
+        self.topic_health: list[topics.TopicHealth] = []
+        self.unproven: set[int] = set()
         self.last_status = 0.0
         self.last_watchdog = 0.0
 
@@ -52,20 +59,26 @@ class Server:
         """Serve until SIGTERM; returns the exit status."""
         store = Store(self.config.server.database, create=True)
         admin = transport.make_admin(self.config)
-        transport.ensure_topics(admin, transport.topic_specs(self.config))
-        consumer, consumer_link = transport.make_consumer(self.config, "server")
+        specs = topics.topic_specs(self.config)
+        topics.ensure_topics(admin, specs)
+        topics.check_message_sizes(admin, self.config)
+        self.topic_health = topics.health(admin, [s.name for s in specs])
+        consumer, _ = transport.make_consumer(self.config, "server")
         self._assign(consumer, store)
-        dispatcher = Dispatcher(self.config, self.dispatch_partitions)
+        self.evidence.watch(range(self.counts[self.events_topic]))
+        dispatcher = Dispatcher(self.config, self.counts[self.config.topic("dispatch")], self.evidence)
         inbox = Inbox(consumer, self.config.server.batch_size,
-                      watch=[(self.events_topic, p) for p in range(self.events_partitions)])
-        ingest = Ingest(store, self.scheduler, self.config, self.events_partitions)
+                      follow={t: n for t, n in self.counts.items() if t != self.config.topic("dispatch")})
+        ingest = Ingest(store, self.scheduler, self.config, self.evidence, dispatcher.partitions)
         self._restore(store, dispatcher)
         socket_producer, _ = transport.make_producer(self.config, "server-socket", linger_ms=0)
         submitter = Submitter(self.config.server.database, socket_producer, self.config.topic("tasks"),
                               on_recorded=inbox.wake)
-        sockets = SocketServer(self.config.server.socket, Queries(submitter, self.changes,
-                               self.config.server.max_task_bytes), self.config.server.database,
-                               self.config.server.max_request_bytes)
+        queries = Queries(submitter, self.changes, self.config.server.max_task_bytes,
+                          [h.view() for h in self.topic_health])
+        sockets = SocketServer(self.config.server.socket, queries, self.config.server.database,
+                               self.config.server.max_request_bytes,
+                               self.config.server.max_connections, self.config.server.idle_timeout)
         sockets.start()
         signal.set_wakeup_fd(inbox.wakeup_fd, warn_on_full_buffer=False)
         signal.signal(signal.SIGTERM, self._on_sigterm)
@@ -76,7 +89,7 @@ class Server:
                  self.config.server.database)
         try:
             while not self.stopping:
-                self._turn(store, ingest, inbox, dispatcher, consumer_link)
+                self._turn(store, ingest, inbox, dispatcher)
         finally:
             self.notifier.stopping()
             sockets.close()
@@ -92,84 +105,130 @@ class Server:
         self.stopping = True  # the main loop acts on it
 
     def _assign(self, consumer: Consumer, store: Store) -> None:
-        """Read ``tasks`` and ``events`` from the offsets saved in the store (invariant 6)."""
+        """Read ``tasks`` and ``events`` from the offsets saved in the store (invariant 6); an
+        offset that fell out of retention is logged at error with the count of messages lost."""
         saved = store.offsets()
         positions: dict[tuple[str, int], int] = {}
+        for name in ("tasks", "events", "dispatch"):
+            topic = self.config.topic(name)
+            self.counts[topic] = transport.partition_count(consumer, topic)
+        lost = 0
         for topic in (self.config.topic("tasks"), self.events_topic):
-            count = transport.partition_count(consumer, topic)
-            for p in range(count):
-                positions[(topic, p)] = saved.get((topic, p), 0)
-        self.events_partitions = transport.partition_count(consumer, self.events_topic)
-        self.dispatch_partitions = transport.partition_count(consumer, self.config.topic("dispatch"))
+            for p in range(self.counts[topic]):
+                low = transport.low_offset(consumer, topic, p)
+                position = saved.get((topic, p))
+                if position is not None and position < low:
+                    lost += low - position
+                    log.error("%s[%d]: offsets %d to %d were deleted before this server read"
+                              " them (retention): %d messages lost", topic, p, position, low - 1,
+                              low - position, extra={"event": "offsets_lost"})
+                elif position is None and low > 0:
+                    log.warning("%s[%d]: a new database starts at offset %d, the oldest kept",
+                                topic, p, low)
+                positions[(topic, p)] = max(position or 0, low)
+        if lost:
+            with store.transaction():
+                store.bump("offsets_lost", lost)
         transport.assign(consumer, positions)
-        self.positions = positions
 
     def _restore(self, store: Store, dispatcher: Dispatcher) -> None:
         """Rebuild the scheduler's view; re-send grants not known to have started."""
         live = store.live_workers()
-        partition_of = {r["worker"]: transport.partition_for(r["worker"], self.events_partitions)
-                        for r in live}
-        self.scheduler.load(live, store.held(), partition_of)
+        self.scheduler.load(live, store.held(), self.counts[self.events_topic], dispatcher.partitions)
         pending = store.pending_grants()
-        dispatcher.runs(pending)
+        dispatcher.runs(pending, self.scheduler.routes())
         if live or pending:
             log.info("restored %d live workers; re-sent %d grants not yet started",
                      len(live), len(pending))
 
     # ------------------------------------------------------------ the loop
 
-    def _turn(self, store: Store, ingest: Ingest, inbox: Inbox, dispatcher: Dispatcher,
-              link: transport.ConnectionMonitor) -> None:
+    def _turn(self, store: Store, ingest: Ingest, inbox: Inbox, dispatcher: Dispatcher) -> None:
         select.select([inbox.reader], [], [], 0.1)
+        if not inbox.alive:
+            raise UnreachableError("the thread reading Kafka died (see the log above); stopping")
         batch = inbox.take()
         now = time.time()
-        fences: list[Fence] = []
+        effects = Effects()
         if batch:
             with store.transaction():
                 effects = ingest.apply(batch, now)
             self.changes.signal()  # results are readable now, before the next grants
-            fences += effects.fences
-            self.positions.update(effects.positions)
-        fences += self._check_deaths(store, ingest, inbox, link, now)
+        fences = effects.fences + self._check_deaths(store, ingest, now)
         with store.transaction():
             grants = self.scheduler.plan(store, now)
         # a grant into a free slot starts on arrival: send it at once; one that waits in a
         # worker's prefetch anyway may wait for a batch
         urgent = {mb.epoch for g in grants if (mb := self.scheduler.members.get(g.epoch))
                   and mb.outstanding <= mb.slots}
-        dispatcher.runs(grants, urgent)
+        dispatcher.runs(grants, self.scheduler.routes(), urgent)
         for fence in fences:
-            dispatcher.fence(fence.worker, fence.epoch, fence.reason)
-        dispatcher.poll()
+            dispatcher.fence(fence.worker, fence.epoch, fence.partition, fence.reason)
+        for answer in effects.answers:
+            if answer.probe:
+                dispatcher.alive(answer.worker, answer.epoch, answer.partition, answer.probe)
+            else:
+                dispatcher.refuse(answer.worker, answer.epoch, answer.partition, answer.reason)
+        self._follow(inbox)
+        dispatcher.poll()  # delivery reports first: a slow turn is not a slow broker
+        mono = time.monotonic()
+        for partition in self.evidence.due(mono):
+            dispatcher.mark(partition, self.nonce, mono)
+        self._resend(store, dispatcher)
+        self._warn_unproven(dispatcher, mono)
         if grants or fences:
             self.changes.signal()
         self._report(store)
 
-    def _check_deaths(self, store: Store, ingest: Ingest, inbox: Inbox,
-                      link: transport.ConnectionMonitor, now: float) -> list[Fence]:
-        """Declare dead the epochs silent for ``heartbeat_timeout`` — but only while the server
-        has read their ``events`` partition to its end, so its own lag is never taken for a
-        death, and only once its broker connection has been up for a ``heartbeat_timeout``
-        (after a start or an outage, heartbeats held up in workers get time to arrive)."""
-        mono = time.monotonic()
+    def _check_deaths(self, store: Store, ingest: Ingest, now: float) -> list[Fence]:
+        """Declare dead the epochs *proven* silent for ``heartbeat_timeout``: a marker sent that
+        long after their last heartbeat (and after their partition's last trouble) was read back
+        from their ``events`` partition. The server's own lag, a frozen broker or a partition
+        without a leader is never taken for a death (DESIGN section 6)."""
         timeout = self.config.server.heartbeat_timeout
-        if not link.up or mono - link.changed_at < timeout:
-            return []
-        silent = [mb for mb in self.scheduler.members.values() if mono - mb.last_heartbeat > timeout]
         fences = []
-        for member in silent:
-            if not self._caught_up(inbox, member.partition):
+        for member in list(self.scheduler.members.values()):
+            silence = self.evidence.silence(member.partition, member.last_heartbeat)
+            if silence <= timeout:
                 continue
-            reason = f"no heartbeat for {mono - member.last_heartbeat:.1f} s"
+            reason = f"no heartbeat for {silence:.1f} s"
             with store.transaction():
                 ingest.declare_dead(member.epoch, reason, now)
-            fences.append(Fence(member.worker, member.epoch, reason))
+            fences.append(Fence(member.worker, member.epoch, reason, member.dispatch))
         return fences
 
-    def _caught_up(self, inbox: Inbox, partition: int) -> bool:
-        """True when every message in the partition (as of the last fetch) has been applied."""
-        high = inbox.highs.get((self.events_topic, partition), -1)
-        return high >= 0 and self.positions.get((self.events_topic, partition), 0) >= high
+    def _follow(self, inbox: Inbox) -> None:
+        """Follow partitions added to ``events``: markers for them too. (Growth of ``dispatch``
+        needs nothing: each epoch says which partition it reads, and keeps reading it.)"""
+        events = inbox.counts.get(self.events_topic, 0)
+        if events > self.counts[self.events_topic]:
+            self.counts[self.events_topic] = events
+            self.evidence.watch(range(events))
+
+    def _warn_unproven(self, dispatcher: Dispatcher, mono: float) -> None:
+        """Say so (once per episode) when an events partition goes unproven for three timeouts:
+        meanwhile no worker writing to it can be declared dead."""
+        limit = 3 * self.config.server.heartbeat_timeout
+        unproven = dict(self.evidence.unproven(mono, limit))
+        for partition, seconds in unproven.items():
+            if partition not in self.unproven:
+                log.warning("%s[%d]: no marker read back for %.0f s, so no worker writing to it can"
+                            " be declared dead (the broker is away, or the server may not write to"
+                            " the topic; last problem: %s)", self.events_topic, partition, seconds,
+                            dispatcher.marker_problem or "none", extra={"event": "unproven"})
+        for partition in self.unproven - unproven.keys():
+            log.info("%s[%d]: markers read back again", self.events_topic, partition)
+        self.unproven = set(unproven)
+
+    def _resend(self, store: Store, dispatcher: Dispatcher) -> None:
+        def still_granted(task_id: str, epoch: str, attempt: int) -> bool:
+            return store.is_assigned(task_id, epoch, attempt)
+
+        dispatcher.resend(still_granted)
+        failed = dispatcher.take_undelivered()
+        if failed:
+            with store.transaction():
+                store.bump("undelivered", failed)
 
     # ------------------------------------------------------------ reporting
 

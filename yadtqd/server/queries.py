@@ -24,6 +24,8 @@ from yadtqd.store import Store
 log = logging.getLogger("yadtqd.server")
 Reply = dict[str, Any]
 MAX_WAIT = 3600.0
+#: The most rows one request may ask for.
+MAX_LIMIT = 10_000
 
 
 class Changes:
@@ -82,10 +84,13 @@ class Submitter:
 class Queries:
     """Runs one request against a read-only store."""
 
-    def __init__(self, submitter: Submitter, changes: Changes, max_task_bytes: int) -> None:
+    def __init__(self, submitter: Submitter, changes: Changes, max_task_bytes: int,
+                 topics: list[dict[str, Any]] | None = None) -> None:
         self.submitter = submitter
         self.changes = changes
         self.max_task_bytes = max_task_bytes
+        #: The topics' replicas and min.insync.replicas as read at start (yadtqd.topics).
+        self.topics = topics or []
         self.ops: dict[str, Callable[[Store, dict[str, Any]], Reply]] = {
             "submit": self.submit, "status": self.status, "result": self.result,
             "tasks": self.tasks, "workers": self.workers, "failures": self.failures,
@@ -112,8 +117,8 @@ class Queries:
             sub = msgspec.convert(req.get("task"), m.Submission)
         except msgspec.ValidationError as exc:
             return protocol.error("bad_task", f"invalid task: {exc}")
-        if sub.submitted_at is None:
-            sub = msgspec.structs.replace(sub, submitted_at=time.time())
+        at = time.time() if sub.submitted_at is None else sub.submitted_at
+        sub = msgspec.structs.replace(sub, submitted_at=at, via="socket")
         return self.submitter.submit(sub)
 
     def status(self, store: Store, req: dict[str, Any]) -> Reply:
@@ -144,7 +149,7 @@ class Queries:
     def tasks(self, store: Store, req: dict[str, Any]) -> Reply:
         statuses = _strings(req, "status", required=False)
         wanted = [s for st in statuses for s in (("queued", "assigned") if st == "queued" else (st,))]
-        limit = int(_number(req, "limit", 100))
+        limit = _limit(req, 100)
         provided = _provided(store)
         now = time.time()
         rows = store.list_tasks(wanted, limit)
@@ -155,7 +160,7 @@ class Queries:
         return {"ok": True, "workers": [protocol.worker_view(r) for r in store.all_workers()]}
 
     def failures(self, store: Store, req: dict[str, Any]) -> Reply:
-        limit = int(_number(req, "limit", 100))
+        limit = _limit(req, 100)
         return {"ok": True, "failures": [protocol.failure_view(r) for r in store.failure_rows(limit)]}
 
     def stats(self, store: Store, req: dict[str, Any]) -> Reply:
@@ -165,9 +170,13 @@ class Queries:
             key = protocol.VISIBLE_STATUS[status]
             visible[key] = visible.get(key, 0) + n
         live = [r for r in store.live_workers() if r["state"] == "live"]
+        counters = store.counter_values()
+        undelivered = counters.get("undelivered", 0) + sum(r["undelivered"] for r in live)
         return {"ok": True, "stats": {"tasks": visible, "workers_live": len(live),
                                       "slots": sum(r["slots"] for r in live),
-                                      "counters": store.counter_values()}}
+                                      "counters": counters, "undelivered": undelivered,
+                                      "topics": self.topics,
+                                      "warnings": [t["warning"] for t in self.topics if t["warning"]]}}
 
     def plugins(self, store: Store, req: dict[str, Any]) -> Reply:
         tasks: dict[str, list[dict[str, str]]] = {}
@@ -179,7 +188,7 @@ class Queries:
 
     def snapshot(self, store: Store, req: dict[str, Any]) -> Reply:
         """Everything the live monitor shows, read from the store in one go."""
-        limit = int(_number(req, "limit", 50))
+        limit = _limit(req, 50)
         now = time.time()
         provided = _provided(store)
         counts = store.counts()
@@ -209,7 +218,7 @@ class Queries:
         """Send a snapshot every ``interval`` seconds until the client goes away."""
         try:
             interval = max(0.1, _number(req, "interval", 1.0))
-            _number(req, "limit", 50)
+            _limit(req, 50)
         except _BadRequest as exc:
             send(protocol.error("bad_request", str(exc)))
             return
@@ -240,6 +249,13 @@ def _number(req: dict[str, Any], key: str, default: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
         raise _BadRequest(f"{key!r} must be a number >= 0")
     return float(value)
+
+
+def _limit(req: dict[str, Any], default: int) -> int:
+    value = _number(req, "limit", default)
+    if value > MAX_LIMIT:
+        raise _BadRequest(f"'limit' must be at most {MAX_LIMIT}, got {value:g}")
+    return int(value)
 
 
 def _provided(store: Store) -> set[str]:

@@ -26,6 +26,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from yadtqd.store import Grant, Held, Store
+from yadtqd.transport import partition_for
 
 #: The ``prefetch`` a worker advertises to ask for an adaptive window.
 ADAPTIVE = -1
@@ -65,10 +66,18 @@ class Member:
     slots: int
     prefetch: int
     tasks: frozenset[str]
+    #: The ``events`` partition it writes to and the ``dispatch`` partition it reads.
     partition: int
+    dispatch: int = -1
     accepting: bool = True
+    #: Grants made to it so far: the next one is numbered ``grants + 1``.
+    grants: int = 0
     last_granted: int = 0
     last_heartbeat: float = field(default_factory=time.monotonic)
+    #: When this server process last applied a *fresh* heartbeat of it (one sent less than two
+    #: timeouts ago by the worker's clock), -inf until then: a holder restored from the store,
+    #: or only heard of through a backlog, is not known to be alive.
+    heard: float = float("-inf")
     #: The grants it holds: task id → (task name, estimated seconds when granted, None = unknown).
     held: dict[str, tuple[str, float | None]] = field(default_factory=dict)
     #: Task id → when its ``started`` was applied (monotonic), for the tasks running now.
@@ -141,14 +150,17 @@ class Scheduler:
         self._order = itertools.count(1)
 
     def load(self, rows: Iterable[sqlite3.Row], held: dict[str, list[Held]],
-             partition_of: dict[str, int]) -> None:
+             events_partitions: int, dispatch_partitions: int) -> None:
         """Rebuild the view from the store after a restart (held grants count as of unknown
-        length until they end)."""
+        length until they end). Epochs registered before the store kept their partitions get
+        the hash of their worker id over the partition counts given."""
         for row in rows:
             member = Member(
                 epoch=row["epoch"], worker=row["worker"], slots=row["slots"], prefetch=row["prefetch"],
-                tasks=frozenset(json.loads(row["tasks"])), partition=partition_of[row["worker"]],
-                accepting=row["state"] == "live",
+                tasks=frozenset(json.loads(row["tasks"])),
+                partition=_or_hash(row["events_partition"], row["worker"], events_partitions),
+                dispatch=_or_hash(row["dispatch_partition"], row["worker"], dispatch_partitions),
+                accepting=row["state"] == "live", grants=row["grants"],
             )
             for grant in held.get(member.epoch, []):
                 member.hold(grant.task_id, grant.name, None)
@@ -161,6 +173,10 @@ class Scheduler:
     def remove(self, epoch: str) -> Member | None:
         """An epoch left or was declared dead."""
         return self.members.pop(epoch, None)
+
+    def routes(self) -> dict[str, int]:
+        """The ``dispatch`` partition of each epoch."""
+        return {epoch: mb.dispatch for epoch, mb in self.members.items()}
 
     def provided(self) -> set[str]:
         """Every task name some live, accepting epoch advertises."""
@@ -177,15 +193,19 @@ class Scheduler:
         names = {n for mb in takers for n in mb.tasks}
         limit = sum(mb.most - mb.outstanding for mb in takers)
         grants = []
+        counts: dict[str, int] = {}
         for waiting in store.waiting(names, limit, now):
             member = self._pick(waiting.name)
             if member is None:
                 continue
-            grant = store.grant(waiting.task_id, member.worker, member.epoch, now)
+            grant = store.grant(waiting.task_id, member.worker, member.epoch, now, member.grants + 1)
             if grant is not None:
+                member.grants += 1
+                counts[member.epoch] = member.grants
                 member.hold(waiting.task_id, waiting.name, self.estimates.get(waiting.name))
                 member.last_granted = next(self._order)
                 grants.append(grant)
+        store.count_grants(counts)
         return grants
 
     def _pick(self, name: str) -> Member | None:
@@ -203,15 +223,21 @@ class Scheduler:
         if member is not None and task_id in member.held:
             member.running[task_id] = time.monotonic()
 
-    def finished(self, epoch: str, task_id: str) -> None:
-        """A task held by an epoch ended: its time updates its name's estimate."""
+    def finished(self, epoch: str, task_id: str, runtime: float | None = None) -> None:
+        """A task held by an epoch ended: its time updates its name's estimate. ``runtime`` is
+        the worker's own measure; without it (older workers), the time between applying its
+        ``started`` and its ``finished``, which a backlog or a replay squeezes."""
         member = self.members.get(epoch)
         if member is None:
             return
         began = member.running.get(task_id)
         name = member.release(task_id)
-        if name is not None and began is not None:
-            self.estimates.add(name, time.monotonic() - began)
+        if name is None:
+            return
+        if runtime is None and began is not None:
+            runtime = time.monotonic() - began
+        if runtime is not None:
+            self.estimates.add(name, runtime)
 
     def handed_back(self, epoch: str, task_ids: Iterable[str]) -> None:
         """Unstarted grants held by an epoch went back to the queue."""
@@ -219,3 +245,7 @@ class Scheduler:
         if member is not None:
             for task_id in task_ids:
                 member.release(task_id)
+
+
+def _or_hash(stored: int, worker: str, count: int) -> int:
+    return stored if stored >= 0 else partition_for(worker, count)

@@ -4,6 +4,10 @@ The socket file is created with mode 0660 by binding under a tight umask: there 
 which it exists with looser permissions (no chmod after bind). Each connection is served by a
 thread of its own with a read-only store connection of its own, taken from a few kept open
 between connections (most clients make one request per connection).
+
+No client can exhaust the server: at most ``max_connections`` are served at once (one more is
+told ``busy`` and closed), and a connection that sends no request for ``idle_timeout`` seconds
+is closed (a ``result`` wait or a ``watch`` is not idle: the server is the one writing).
 """
 
 from __future__ import annotations
@@ -32,11 +36,15 @@ IDLE_STORES = 8
 class SocketServer:
     """Accepts connections on a thread; serves each on a thread."""
 
-    def __init__(self, path: str, queries: Queries, db_path: str, max_line: int) -> None:
+    def __init__(self, path: str, queries: Queries, db_path: str, max_line: int,
+                 max_connections: int = 64, idle_timeout: float = 30.0) -> None:
         self.path = path
         self.queries = queries
         self.db_path = db_path
         self.max_line = max_line
+        self.idle_timeout = idle_timeout
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self.max_connections = max_connections
         self.listener: socket.socket | None = None
         self._stopping = threading.Event()
         self._idle: list[Store] = []
@@ -92,7 +100,28 @@ class SocketServer:
                 conn, _ = self.listener.accept()
             except OSError:
                 return
-            threading.Thread(target=self._serve, args=(conn,), name="yadtq-conn", daemon=True).start()
+            if not self._slots.acquire(blocking=False):
+                self._refuse(conn)
+                continue
+            threading.Thread(target=self._serve_counted, args=(conn,), name="yadtq-conn",
+                             daemon=True).start()
+
+    def _refuse(self, conn: socket.socket) -> None:
+        """Over the connection cap: say so and close (never blocking the accepting thread)."""
+        with conn:
+            conn.setblocking(False)
+            with contextlib.suppress(OSError):
+                conn.send(protocol.encode(protocol.error(
+                    "busy", f"the server is serving {self.max_connections} connections already;"
+                    " try again")))
+        log.warning("socket connection refused: %d connections open already",
+                    self.max_connections, extra={"event": "socket_busy"})
+
+    def _serve_counted(self, conn: socket.socket) -> None:
+        try:
+            self._serve(conn)
+        finally:
+            self._slots.release()
 
     def _take_store(self) -> Store:
         with self._idle_lock:
@@ -111,6 +140,7 @@ class SocketServer:
 
     def _serve(self, conn: socket.socket) -> None:
         store = self._take_store()
+        conn.settimeout(self.idle_timeout)
         try:
             with conn, conn.makefile("rb") as reader:
                 while not self._stopping.is_set():
