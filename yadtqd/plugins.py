@@ -2,7 +2,7 @@
 collect the tasks they register through a callback that validates each name.
 
 Loading happens in :func:`load`, never at import time. One broken plugin (an import error, an
-exception while registering, a duplicate or bad name) is reported by name in
+exception or ``sys.exit()`` while importing or registering, a duplicate or bad name) is reported by name in
 :attr:`Registry.problems` and in the log; the others load.
 """
 
@@ -84,7 +84,7 @@ def load(only: Iterable[str] = (), extra: Iterable[tuple[str, object]] = ()) -> 
         try:
             manager.register(ep.load(), name=ep.name)
             versions[ep.name] = version
-        except Exception as exc:  # a broken plugin must not stop the worker
+        except BaseException as exc:  # noqa: B036 a broken plugin (even one calling sys.exit()) must not stop the worker
             registry._problem(ep.name, f"failed to load {ep.value}: {type(exc).__name__}: {exc}")
     for name, module in extra:
         manager.register(module, name=name)
@@ -98,5 +98,5 @@ def load(only: Iterable[str] = (), extra: Iterable[tuple[str, object]] = ()) -> 
 def _call(registry: Registry, impl: pluggy.HookImpl, version: str) -> None:
     try:
         impl.function(register=registry.register_for(impl.plugin_name, version))
-    except Exception as exc:  # a broken plugin must not stop the worker
+    except BaseException as exc:  # noqa: B036 a broken plugin (even one calling sys.exit()) must not stop the worker
         registry._problem(impl.plugin_name, f"yadtq_register_tasks raised {type(exc).__name__}: {exc}")

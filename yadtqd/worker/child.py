@@ -13,6 +13,7 @@ import json
 import logging
 import signal
 import threading
+import time
 import traceback
 from multiprocessing.connection import Connection
 from typing import Any
@@ -20,6 +21,7 @@ from typing import Any
 import msgspec
 
 from yadtqd import context, plugins
+from yadtqd import messages as m
 
 
 class Job(msgspec.Struct, kw_only=True):
@@ -50,6 +52,8 @@ class Outcome(msgspec.Struct, kw_only=True, omit_defaults=True):
     status: str
     result: str = "null"
     error: dict[str, str] | None = None
+    #: Seconds the task function ran (None when it never ran).
+    runtime: float | None = None
 
 
 _job = msgspec.json.Decoder(Job)
@@ -121,13 +125,24 @@ def run(registry: plugins.Registry, job: Job, max_result_bytes: int) -> Outcome:
     if entry is None:
         return _failed(job, "UnknownTask", f"no installed plugin provides task {job.task!r}")
     context._set(context.TaskContext(job.task_id, job.attempt, job.worker, job.epoch))
+    began = time.monotonic()
     try:
         value = entry.function(*job.args, **job.kwargs)
     except (Exception, SystemExit) as exc:  # a task's failure is a result, not a crash of this process
-        return _failed(job, _type_name(exc), str(exc), traceback.format_exc())
+        outcome = _failed(job, _type_name(exc), _text(exc), traceback.format_exc())
+    else:
+        outcome = _encode_result(job, value, max_result_bytes)
     finally:
         context._set(None)
-    return _encode_result(job, value, max_result_bytes)
+    outcome.runtime = time.monotonic() - began
+    return outcome
+
+
+def _text(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except Exception as inner:  # a __str__ that raises must not lose the outcome
+        return f"(str() of the exception raised {type(inner).__name__})"
 
 
 def _encode_result(job: Job, value: Any, limit: int) -> Outcome:
@@ -143,9 +158,12 @@ def _encode_result(job: Job, value: Any, limit: int) -> Outcome:
 
 
 def _failed(job: Job, kind: str, message: str, tb: str = "") -> Outcome:
-    error = {"type": kind, "message": message}
-    if tb:
-        error["traceback"] = tb
+    """A failed outcome; the message and traceback are capped (a 2 MB exception message must
+    not make an event Kafka refuses)."""
+    info = m.ErrorInfo(type=kind, message=message, traceback=tb).capped()
+    error = {"type": info.type, "message": info.message}
+    if info.traceback:
+        error["traceback"] = info.traceback
     return Outcome(task_id=job.task_id, attempt=job.attempt, epoch=job.epoch, status="failed",
                    error=error)
 

@@ -6,9 +6,15 @@ inbox and signals), so its heartbeat proves that the loop turns. Rules from DESI
 
 - a new epoch (a fresh UUID) at every start and after being fenced; the ``dispatch`` partition
   is read from its end offset taken *before* ``hello``;
-- a ``run`` is executed only if addressed to the current epoch, and at most once per
-  ``(task-id, attempt)`` in this process's lifetime (invariant 5);
-- heartbeats (and systemd watchdog pings) only while the pool's processes answer;
+- a ``run`` is executed only if addressed to the current epoch, and at most once per grant
+  (invariant 5, :mod:`yadtqd.worker.seen`);
+- a granted task starts only while the epoch can prove it was not declared dead
+  (:mod:`yadtqd.worker.lease`): a worker that was frozen, stalled or cut off starts nothing
+  until the server answers that its epoch is live (or fences it);
+- heartbeats (and systemd watchdog pings) only while the pool's processes answer, and only once
+  the epoch's ``hello`` was delivered;
+- a ``hello`` refused because another live process holds the worker id ends the worker with
+  exit status 78;
 - SIGTERM: stop taking work, hand back unstarted grants in ``bye``, drain within the stop
   timeout.
 """
@@ -32,16 +38,17 @@ import yadtqd
 from yadtqd import messages as m
 from yadtqd import transport
 from yadtqd.config import Config
-from yadtqd.errors import BadMessage
+from yadtqd.errors import BadMessage, ConfigError, UnreachableError
 from yadtqd.inbox import Inbox
 from yadtqd.systemd import Notifier
 from yadtqd.worker.child import Job, Outcome
+from yadtqd.worker.lease import Lease
 from yadtqd.worker.outbox import Outbox
+from yadtqd.worker import pool
 from yadtqd.worker.pool import Pool
+from yadtqd.worker.seen import Seen
 
 log = logging.getLogger("yadtqd.worker")
-
-SEEN_LIMIT = 1_000_000
 #: Test-only fault switch: when set to a task name, a ``run`` of that task wedges the main loop
 #: for good, so tests can watch the heartbeat and the watchdog stop. Never set it in production.
 WEDGE_ENV = "YADTQ_TEST_WEDGE_ON_TASK"
@@ -79,7 +86,9 @@ class Worker:
         self.worker_id = config.worker.worker_id
         self.notifier = notifier
         self.epoch = ""
-        self.seen: set[tuple[str, int]] = set()
+        self.seen = Seen()
+        self.lease = Lease(timeout=config.server.heartbeat_timeout)
+        self.hello_delivered = ""
         self.pending: deque[m.Run] = deque()
         self.done = 0
         self.failed = 0
@@ -93,8 +102,10 @@ class Worker:
         self.pool = Pool(config.worker.slot_count, config.worker.max_result_bytes,
                          config.worker.plugins)
         self.pool.ping_interval = config.worker.heartbeat_interval
+        self.pool.load_grace = max(pool.LOAD_GRACE, config.worker.stall_timeout)
         self.outbox: Outbox | None = None
         self.events_partition = 0
+        self.dispatch_partition = 0
         self.wedge_on = os.environ.get(WEDGE_ENV, "")
 
     # ------------------------------------------------------------ life cycle
@@ -107,7 +118,9 @@ class Worker:
         inbox = Inbox(consumer)
         self._install_signals(inbox)
         self._assign_dispatch(consumer)
-        self.outbox = outbox = Outbox(self.config, self.worker_id, self.events_partition)
+        self.outbox = outbox = Outbox(self.config, self.worker_id, self.events_partition, self.lease,
+                                      current_epoch=lambda: self.epoch,
+                                      on_hello_delivered=self._on_hello_delivered)
         inbox.start()
         self._register("start")
         self.notifier.ready(self._status())
@@ -138,14 +151,20 @@ class Worker:
         self.events_partition = transport.partition_for(self.worker_id, count)
         topic = self.config.topic("dispatch")
         count = transport.partition_count(consumer, topic)
-        partition = transport.partition_for(self.worker_id, count)
+        partition = self.dispatch_partition = transport.partition_for(self.worker_id, count)
         start = transport.end_offset(consumer, topic, partition)
         transport.assign(consumer, {(topic, partition): start})
         log.info("reading %s[%d] from offset %d", topic, partition, start)
 
     def _register(self, why: str) -> None:
         self.epoch = uuid.uuid4().hex
+        self.seen = Seen()  # runs of an older epoch are ignored anyway
+        self.lease.restart(time.monotonic())
         self._hello(why)
+
+    def _on_hello_delivered(self, epoch: str) -> None:
+        if epoch == self.epoch:
+            self.hello_delivered = epoch  # heartbeats of this epoch may follow its hello now
 
     def _hello(self, why: str) -> None:
         """Announce this epoch and what its execution processes can run (again after a reload:
@@ -157,7 +176,8 @@ class Worker:
         self._send(m.Hello(worker=self.worker_id, epoch=self.epoch, ts=time.time(),
                            host=socket.gethostname(), pid=os.getpid(),
                            slots=self.pool.size, prefetch=self.config.worker.prefetch,
-                           tasks=tasks, version=yadtqd.__version__), urgent=True)
+                           tasks=tasks, version=yadtqd.__version__, boot=_boot_id(),
+                           dispatch_partition=self.dispatch_partition), urgent=True)
         log.info("epoch %s (%s) advertises %d tasks: %s", self.epoch, why, len(tasks),
                  ", ".join(sorted(tasks)) or "none",
                  extra={"worker_id": self.worker_id, "event": "worker_registered"})
@@ -190,6 +210,8 @@ class Worker:
         while True:
             ready = waiter.wait([*self.pool.waitables(), inbox.reader], self._timeout())
             self.last_progress = time.time()
+            if not inbox.alive:
+                raise UnreachableError("the thread reading Kafka died (see the log above); stopping")
             if self.stopping and not stop_announced:
                 stop_announced = True
                 self._begin_stop()
@@ -225,18 +247,20 @@ class Worker:
             return  # for another worker sharing the partition, or for a previous epoch
         if isinstance(order, m.Fenced):
             self._on_fenced(order)
+        elif isinstance(order, m.Alive):
+            self.lease.alive(order.probe)
+        elif isinstance(order, m.Refused):
+            raise ConfigError(f"the server refused worker {self.worker_id!r}: {order.reason}")
         else:
             self._on_run(order)
 
     def _on_run(self, run: m.Run) -> None:
-        key = (run.task_id, run.attempt)
-        if key in self.seen:
+        if not self.seen.take(run.grant, run.task_id, run.attempt):
             log.info("dropped duplicate run of %s attempt %d", run.task_id, run.attempt,
                      extra={"task_id": run.task_id, "event": "task_duplicate"})
             return
-        if len(self.seen) >= SEEN_LIMIT:
-            self.seen.clear()
-        self.seen.add(key)
+        if run.lease is not None:
+            self.lease.learn(run.lease)
         if self.stopping:
             self._send_bye([run])
             return
@@ -253,9 +277,17 @@ class Worker:
         log.warning("epoch %s fenced by the server (%s): killed %d running, dropped %d granted",
                     fence.epoch, fence.reason, len(killed), dropped,
                     extra={"worker_id": self.worker_id, "event": "worker_fenced"})
+        if fence.reason == m.NEWER_EPOCH:
+            # this process is alive, so the newer epoch is another process under our id
+            raise ConfigError(f"another process registered worker id {self.worker_id!r} on this"
+                              " host: give each worker its own [worker] id")
+        if self.stopping:
+            return  # a stopping worker does not start a new epoch; its drain ends it
         self._register("fenced")
 
     def _start_pending(self) -> None:
+        if self.pending and not self.lease.may_start(time.monotonic()):
+            return  # this epoch cannot prove it is live: the server may have re-queued these
         while self.pending and self.pool.free and not self.stopping:
             run = self.pending.popleft()
             job = Job(task_id=run.task_id, attempt=run.attempt, task=run.task, args=run.args,
@@ -269,7 +301,7 @@ class Worker:
     def _on_outcome(self, outcome: Outcome) -> None:
         if outcome.epoch != self.epoch:
             return  # ran for an epoch that was fenced since; the server re-planned it
-        error = m.ErrorInfo(**outcome.error) if outcome.error else None
+        error = m.ErrorInfo(**outcome.error).capped() if outcome.error else None
         if outcome.status == "success":
             self.done += 1
         else:
@@ -277,7 +309,8 @@ class Worker:
         self._send(m.Finished(worker=self.worker_id, epoch=outcome.epoch, ts=time.time(),
                               task_id=outcome.task_id, attempt=outcome.attempt,
                               status="success" if outcome.status == "success" else "failed",
-                              result=msgspec.Raw(outcome.result.encode()), error=error),
+                              result=msgspec.Raw(outcome.result.encode()), error=error,
+                              runtime=outcome.runtime),
                    urgent=self._quiet())
         level = logging.INFO if outcome.status == "success" else logging.WARNING
         log.log(level, "task %s attempt %d %s%s", outcome.task_id, outcome.attempt, outcome.status,
@@ -292,13 +325,14 @@ class Worker:
         healthy = self.pool.responsive(grace=self.config.worker.stall_timeout)
         if not healthy:
             return  # a wedged pool must look dead to the server and to systemd
-        if now - self.last_heartbeat >= interval:
+        if now - self.last_heartbeat >= interval and self.hello_delivered == self.epoch:
             self.last_heartbeat = now
             running = [m.TaskRef(task_id=j.task_id, attempt=j.attempt) for j in self.pool.running()]
             self._send(m.Heartbeat(worker=self.worker_id, epoch=self.epoch, ts=time.time(),
                                    slots=self.pool.size, busy=self.pool.busy, running=running,
                                    done=self.done, failed=self.failed,
-                                   last_progress=self.last_progress))
+                                   last_progress=self.last_progress,
+                                   undelivered=self.outbox.undelivered if self.outbox else 0))
             self.notifier.status(self._status())
         watchdog = self.notifier.watchdog_interval()
         if watchdog and now - self.last_watchdog >= watchdog:
@@ -336,6 +370,15 @@ class Worker:
         """No task running or waiting: the worker has time to push an event out at once."""
         return not self.pending and self.pool.busy == 0
 
-    def _send(self, message: msgspec.Struct, urgent: bool = False) -> None:
+    def _send(self, message: m.WorkerEvent, urgent: bool = False) -> None:
         assert self.outbox is not None
         self.outbox.send(message, urgent)
+
+
+def _boot_id() -> str:
+    """This machine's boot id (with the host name, it tells a restart from a second process)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""

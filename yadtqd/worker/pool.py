@@ -3,13 +3,20 @@
 The worker's main loop owns the pool and never blocks on it: it waits on :meth:`Pool.waitables`
 with everything else, then calls :meth:`Pool.collect`. A slot whose process dies or is killed is
 replaced at once with a fresh process. Each slot answers pings from a thread of its own, so
-:meth:`Pool.responsive` tells a wedged pool from one that runs long tasks.
+:meth:`Pool.responsive` tells a wedged pool from one that runs long tasks; a process that never
+finishes loading its plugins counts as wedged too.
+
+A reload (:meth:`Pool.recycle`) first starts one *probe* process with the plugins as installed
+now. Only once it has loaded them are the slots replaced (idle ones at once, busy ones when
+their task ends). If it exits or hangs while loading (a plugin calling ``sys.exit()`` or
+blocking at import), the reload is abandoned and the slots keep the plugins they have.
 """
 
 from __future__ import annotations
 
 import logging
 import multiprocessing
+import signal
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,10 +25,15 @@ from multiprocessing.process import BaseProcess
 
 import msgspec
 
+from yadtqd.errors import YadtqError
 from yadtqd.worker import child
 from yadtqd.worker.child import Job, Outcome, Ready
 
 log = logging.getLogger("yadtqd.worker")
+
+#: Seconds an execution process may take to load its plugins before it counts as wedged (at
+#: least; ``stall_timeout`` when that is longer).
+LOAD_GRACE = 10.0
 
 _outcome = msgspec.json.Decoder(Outcome)
 _ready = msgspec.json.Decoder(Ready)
@@ -38,6 +50,8 @@ class Slot:
     job: Job | None = None
     deadline: float | None = None
     last_answer: float = 0.0
+    #: When the running job was given to it (monotonic).
+    began: float = 0.0
 
 
 class Pool:
@@ -53,6 +67,9 @@ class Pool:
         self.tasks: dict[str, dict[str, str]] = {}
         self.problems: dict[str, str] = {}
         self.ping_interval = 1.0
+        self.load_grace = LOAD_GRACE
+        #: The process loading the plugins for a reload, before the slots are replaced.
+        self.probe: Slot | None = None
         self._last_ping = 0.0
 
     def start(self) -> None:
@@ -85,22 +102,29 @@ class Pool:
         """Give a job to a free slot; the caller checked :attr:`free`."""
         slot = next(s for s in self.slots if s.ready and s.job is None)
         slot.job = job
+        slot.began = time.monotonic()
         slot.deadline = time.monotonic() + timeout if timeout else None
         slot.conn.send_bytes(msgspec.json.encode(job))
 
     def waitables(self) -> list[Connection]:
         """The pipes to wait on for outcomes."""
-        return [s.conn for s in self.slots]
+        return [s.conn for s in self.slots] + ([self.probe.conn] if self.probe else [])
 
     def collect(self, ready: Sequence[object]) -> list[Outcome]:
         """Read what the ready pipes say; replace slots whose process died."""
+        answered = [s for s in self.slots if s.conn in ready]
+        if self.probe is not None and self.probe.conn in ready:
+            self._collect_probe()
         outcomes = []
-        for slot in [s for s in self.slots if s.conn in ready]:
+        for slot in answered:
+            if slot not in self.slots:
+                continue  # retired by the reload just now (an idle slot: nothing to read)
             try:
                 raw = slot.conn.recv_bytes()
             except (EOFError, OSError):
                 outcomes += self._replace(slot, "ExecutionProcessDied",
-                                          "the execution process died while running the task")
+                                          "the execution process " + _death(slot.process)
+                                          + " while running the task")
                 continue
             slot.last_answer = time.monotonic()
             if raw == b"pong":
@@ -122,20 +146,59 @@ class Pool:
         deadline = time.monotonic() + timeout
         while not all(s.ready for s in self.slots):
             if time.monotonic() > deadline:
-                raise RuntimeError("execution processes did not start in time")
+                raise YadtqError(f"the execution processes did not load their plugins within"
+                                 f" {timeout:g} s: a plugin blocks at import")
             self.collect(wait(self.waitables(), max(0.0, deadline - time.monotonic())))
 
     def recycle(self) -> None:
-        """Replace every process with a fresh one (plugins reloaded): idle ones now, busy ones
-        when their job ends, so running tasks are undisturbed."""
-        self.generation += 1
-        for slot in [s for s in self.slots if s.job is None]:
-            self._replace(slot, "", "")
+        """Reload the plugins: start a probe process that loads them; the slots are replaced
+        once it has (idle ones at once, busy ones when their job ends, so running tasks are
+        undisturbed). A reload during a reload starts over."""
+        if self.probe is not None:
+            self._end_probe()
+        self.probe = self._spawn()
+        self.probe.generation = self.generation + 1
 
     @property
     def settled(self) -> bool:
-        """Every process is ready and of the current generation."""
+        """No reload under way, and every process is ready and of the current generation."""
+        if self.probe is not None:
+            if time.monotonic() - self.probe.last_answer > self.load_grace:
+                self._end_probe()
+                log.error("plugin reload abandoned: the new plugins did not load within %g s"
+                          " (one blocks at import); keeping the plugins loaded before",
+                          self.load_grace, extra={"event": "reload_failed"})
+            return False
         return all(s.ready and s.generation == self.generation for s in self.slots)
+
+    def _collect_probe(self) -> None:
+        probe = self.probe
+        assert probe is not None
+        try:
+            hello = _ready.decode(probe.conn.recv_bytes())
+        except (EOFError, OSError):
+            self._end_probe()
+            log.error("plugin reload abandoned: the process loading the new plugins %s;"
+                      " keeping the plugins loaded before", _death(probe.process),
+                      extra={"event": "reload_failed"})
+            return
+        self.probe = None
+        self.generation = probe.generation
+        self.tasks, self.problems = hello.tasks, hello.problems
+        probe.ready = True
+        probe.last_answer = time.monotonic()
+        idle = [s for s in self.slots if s.job is None]
+        if idle:  # the probe takes an idle slot's place; the other idle ones are replaced
+            self._retire(idle[0], probe)
+        else:  # every slot is busy: each is replaced when its job ends
+            _stop(probe)
+        for slot in [s for s in self.slots if s.job is None and s.generation != self.generation]:
+            self._replace(slot, "", "")
+
+    def _end_probe(self) -> None:
+        probe, self.probe = self.probe, None
+        if probe is not None:
+            _stop(probe)
 
     def advertised(self) -> tuple[dict[str, dict[str, str]], dict[str, str]]:
         """The tasks (and plugin problems) the current generation's processes reported."""
@@ -175,12 +238,14 @@ class Pool:
                     pass  # the process died; collect() sees the closed pipe and replaces it
 
     def responsive(self, grace: float) -> bool:
-        """True when every ready process answered within ``grace`` seconds."""
+        """True when every ready process answered within ``grace`` seconds, and every other
+        one finished loading its plugins within :attr:`load_grace`."""
         now = time.monotonic()
-        return all(now - s.last_answer <= grace for s in self.slots if s.ready)
+        return all(now - s.last_answer <= (grace if s.ready else self.load_grace) for s in self.slots)
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop every process: close the pipes, wait, then kill what is left."""
+        self._end_probe()
         for slot in self.slots:
             slot.conn.close()
         deadline = time.monotonic() + timeout
@@ -191,17 +256,42 @@ class Pool:
                 slot.process.join()
         self.slots = []
 
+    def _retire(self, slot: Slot, successor: Slot) -> None:
+        _stop(slot)
+        self.slots[self.slots.index(slot)] = successor
+
     def _replace(self, slot: Slot, kind: str, message: str) -> list[Outcome]:
         job = slot.job
-        if slot.process.is_alive():
-            slot.process.kill()
-        slot.process.join()
-        slot.conn.close()
-        self.slots[self.slots.index(slot)] = self._spawn()
+        _stop(slot)
+        fresh = self._spawn()
+        self.slots[self.slots.index(slot)] = fresh
         if job is None:
             if kind:
-                log.warning("execution process %s exited; replaced", slot.process.pid)
+                log.warning("execution process %s %s; replaced", slot.process.pid,
+                            _death(slot.process))
             return []
         error = {"type": kind, "message": message}
         return [Outcome(task_id=job.task_id, attempt=job.attempt, epoch=job.epoch, status="failed",
-                        error=error)]
+                        error=error, runtime=time.monotonic() - slot.began)]
+
+
+def _stop(slot: Slot) -> None:
+    if slot.process.is_alive():
+        slot.process.kill()
+    slot.process.join()
+    slot.conn.close()
+
+
+def _death(process: BaseProcess) -> str:
+    """How an execution process ended, in words (``exited with status 3``, ``was killed by
+    signal SIGSEGV``)."""
+    process.join(1.0)
+    code = process.exitcode
+    if code is None:
+        return "closed its pipe"
+    if code < 0:
+        try:
+            return f"was killed by signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with status {code}"

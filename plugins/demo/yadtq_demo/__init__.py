@@ -1,5 +1,8 @@
 """Tasks for demos and tests: ``sleep``, ``fail``, ``flaky``, ``echo``, ``cpu``, ``ledger``,
-``hog``, ``blob`` and ``not_json``.
+``hog``, ``blob``, ``not_json``, ``exit`` and ``segfault``.
+
+Not for production: these tasks exist to misbehave on demand, and ``ledger`` appends to any
+path it is given, as the worker's user.
 
 ``ledger`` appends one line when it starts and one when it ends to a file named in its
 arguments, with the task id, attempt, worker and pid of the execution: the chaos tests read
@@ -26,12 +29,13 @@ def sleep(seconds: float) -> float:
     return seconds
 
 
-def fail(exception: str = "RuntimeError", message: str = "failed on purpose") -> None:
-    """Raise the named built-in exception (``ValueError``, ``KeyError``...) with a message."""
+def fail(exception: str = "RuntimeError", message: str = "failed on purpose", repeat: int = 1) -> None:
+    """Raise the named built-in exception (``ValueError``, ``KeyError``...) with a message
+    (``repeat`` times over: a huge message for tests)."""
     kind = getattr(builtins, exception, None)
     if not (isinstance(kind, type) and issubclass(kind, Exception)):
         kind = RuntimeError
-    raise kind(message)
+    raise kind(message * repeat)
 
 
 def flaky(succeed_on_attempt: int = 2, value: Any = "ok") -> Any:
@@ -52,6 +56,16 @@ def hog(seconds: float) -> float:
 def blob(size: int) -> str:
     """A string of ``size`` characters (to test the result size limit)."""
     return "x" * size
+
+
+def exit(status: int = 3) -> None:  # noqa: A001 the task's name
+    """End the execution process at once with ``status`` (``os._exit``: no cleanup)."""
+    os._exit(status)
+
+
+def segfault() -> None:
+    """Crash the execution process with SIGSEGV (a read of address 0)."""
+    ctypes.string_at(0)
 
 
 def not_json() -> Any:
@@ -99,5 +113,5 @@ def _append(path: str, phase: str) -> None:
 @yadtqd.hookimpl
 def yadtq_register_tasks(register: Register) -> None:
     """Register the demo tasks."""
-    for function in (sleep, fail, flaky, echo, cpu, ledger, hog, blob, not_json):
+    for function in (sleep, fail, flaky, echo, cpu, ledger, hog, blob, not_json, exit, segfault):
         register(function.__name__, function)
