@@ -94,6 +94,8 @@ def test_scenario_2_server_killed_three_times_while_submissions_continue(cluster
     cluster.wait_terminal(list(expected), timeout=300)
     verdict = ledger.check_contract(cluster, book, expected)
     print(f"scenario 2: {verdict}")
+    assert cluster.client.failures() == []  # killing the server kills no worker
+    assert verdict.re_executions == 0
 
 
 def test_scenario_3_broker_stopped_and_started_during_a_run(own_cluster: Cluster, own_broker: Broker,
@@ -109,6 +111,8 @@ def test_scenario_3_broker_stopped_and_started_during_a_run(own_cluster: Cluster
     cluster.wait_terminal(list(expected), timeout=300)
     verdict = ledger.check_contract(cluster, book, expected)
     print(f"scenario 3: {verdict}")
+    assert cluster.client.failures() == []  # a broker restart kills no worker
+    assert verdict.re_executions == 0
 
 
 def test_scenario_5_graceful_stop_of_busy_workers(cluster: Cluster, tmp_path: Path) -> None:

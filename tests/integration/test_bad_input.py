@@ -13,6 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.cluster import Cluster
+from yadtqd import messages as m
+from yadtqd.errors import BadMessage
 
 pytestmark = pytest.mark.kafka
 
@@ -156,14 +158,65 @@ def fuzz_cluster(bootstrap: str, tmp_path_factory: pytest.TempPathFactory):  # t
                             st.none() | st.integers() | st.text(max_size=10)
                             | st.lists(st.integers(), max_size=3), max_size=5))
 def test_fuzzed_submissions_over_kafka_are_recorded_or_skipped(fuzz_cluster: Cluster, body: dict) -> None:
-    body = {**body, "task-id": body.get("task-id") if "task-id" in body else str(uuid.uuid4())}
+    """Each fuzzed submission is recorded as queued (valid), recorded as failed by its id
+    (invalid, id readable), or skipped and counted (no readable id). A marker sent after it on
+    the same partition proves the server has read it."""
+    task_id = body.get("task-id", "")
+    if isinstance(task_id, str):  # unique across examples, valid or not as the fuzz made it
+        body["task-id"] = uuid.uuid4().hex[:8] + task_id
+    raw = json.dumps(body).encode()
+    try:
+        expected = "queued" if m.parse_submission(raw, 512 * 1024) else ""
+    except BadMessage as exc:
+        expected = "failed" if exc.task_id else "skipped"
+    bad_before = fuzz_cluster.client.stats()["counters"].get("bad_messages", 0)
+    marker = str(uuid.uuid4())
     producer = Producer({"bootstrap.servers": fuzz_cluster.bootstrap})
-    producer.produce(f"{fuzz_cluster.prefix}.tasks", json.dumps(body).encode())
+    producer.produce(f"{fuzz_cluster.prefix}.tasks", raw, partition=0)
+    producer.produce(f"{fuzz_cluster.prefix}.tasks", json.dumps(
+        {"task-id": marker, "task": "add", "args": [1, 1]}).encode(), partition=0)
     assert producer.flush(30) == 0
-    marker = fuzz_cluster.client.submit("add", 1, 1)
     fuzz_cluster.wait_for(lambda: fuzz_cluster.client.status(marker)[marker]["status"] == "queued",
-                          "the marker to be recorded")
-    task_id = body["task-id"]
-    if isinstance(task_id, str) and task_id:
-        view = fuzz_cluster.client.status(task_id)[task_id]
-        assert view["status"] in ("queued", "failed", "unknown")
+                          "the marker, sent through Kafka after the fuzzed body, to be recorded")
+    bad_after = fuzz_cluster.client.stats()["counters"].get("bad_messages", 0)
+    if expected == "skipped":
+        assert bad_after == bad_before + 1
+        if isinstance(body.get("task-id"), str):
+            assert fuzz_cluster.client.status(body["task-id"])[body["task-id"]]["status"] == "unknown"
+        return
+    view = fuzz_cluster.client.status(body["task-id"])[body["task-id"]]
+    assert view["status"] == expected, (body, view)
+    if expected == "failed":
+        assert view["error"]["type"] == "BadSubmission" and bad_after == bad_before + 1
+    else:
+        assert bad_after == bad_before
+
+
+def _connect(path: str) -> socket.socket:
+    """A connected client socket (a blocking connect waits while the listen backlog is full)."""
+    sock = socket.socket(socket.AF_UNIX)
+    sock.connect(path)
+    sock.settimeout(30)
+    return sock
+
+
+def test_no_client_can_exhaust_the_socket(cluster: Cluster) -> None:
+    """500 connections at once, one that never sends, a limit too large: each gets a clear
+    answer and the server keeps serving everyone else (issue 11, defect 12)."""
+    cluster.write_config(server={"max_connections": 16, "idle_timeout": 5.0})
+    cluster.start_server()
+    cluster.start_worker("w1")
+    silent = _connect(cluster.socket)
+    crowd = [_connect(cluster.socket) for _ in range(500)]
+    answers = []
+    for sock in crowd:
+        line = sock.makefile("rb").readline()  # the cap's "busy", or the idle timeout's close
+        answers.append(json.loads(line)["error"]["code"] if line else "closed")
+        sock.close()
+    assert set(answers) <= {"busy", "closed"} and answers.count("busy") >= 500 - 16
+    assert silent.makefile("rb").readline() == b""  # closed by the server after 5 s idle
+    silent.close()
+    _still_serving(cluster)
+    reply, _ = _raw_request(cluster.socket, b'{"op": "tasks", "limit": 1000000}\n', expect_close=False)
+    assert reply["error"]["code"] == "bad_request" and "at most 10000" in reply["error"]["message"]
+    assert "socket connection refused" in cluster.log("server")

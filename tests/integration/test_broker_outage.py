@@ -3,6 +3,8 @@ outage, recovers on its own, and nothing acknowledged is lost."""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -39,7 +41,8 @@ def test_a_minute_without_the_broker(own_cluster: Cluster, own_broker: Broker, t
     for name in ("server", "w1", "w2"):
         assert "broker connection back" in cluster.log(name), name
     assert cluster.processes["server"].poll() is None
-    ledger.check_contract(cluster, book, {t: i for i, t in enumerate(ids)})
+    verdict = ledger.check_contract(cluster, book, {t: i for i, t in enumerate(ids)})
+    assert verdict.re_executions == 0 and cluster.client.failures() == []
     after = cluster.client.submit("add", 1, 2)
     assert cluster.client.result(after, wait=60)["result"] == 3
 
@@ -51,3 +54,63 @@ def _wait_seconds(cluster: Cluster, seconds: float) -> None:
         for name, proc in cluster.processes.items():
             assert proc.poll() is None, f"{name} exited during the outage\n{cluster.logs_tail()}"
         time.sleep(1.0)  # the outage itself is the thing being timed, not a synchronisation
+
+
+def _short_timeouts(cluster: Cluster) -> None:
+    """librdkafka gives up on a message after 5 s: every outage below outlasts that."""
+    cluster.write_config(kafka={"message.timeout.ms": 5000},
+                         worker={"heartbeat_interval": 0.5, "slots": 2})
+
+
+def _progress(cluster: Cluster, ids: list[str], at_least: int) -> bool:
+    return sum(v["status"] == "success" for v in cluster.client.status(*ids).values()) >= at_least
+
+
+def test_an_outage_longer_than_the_message_timeout_loses_nothing(
+        own_cluster: Cluster, own_broker: Broker, tmp_path: Path) -> None:
+    """Every event and grant that librdkafka gave up on during the outage is sent again: tasks
+    queued, granted, running and finished during it all end (issue 11, defect 1)."""
+    cluster = own_cluster
+    _short_timeouts(cluster)
+    cluster.start_server()
+    cluster.start_worker("w1")
+    cluster.start_worker("w2")
+    book = tmp_path / "ledger"
+    ids = [cluster.client.submit("ledger", str(book), 1.0, i) for i in range(40)]
+    cluster.wait_for(lambda: _progress(cluster, ids, 6), "a few tasks to finish")
+    own_broker.stop()
+    cluster.wait_for(lambda: all("not delivered to Kafka" in cluster.log(n) for n in ("w1", "w2")),
+                     "the workers' events to fail delivery", timeout=60)
+    _wait_seconds(cluster, 15)
+    own_broker.start()
+    statuses = cluster.wait_terminal(ids, timeout=180)
+    assert all(v["status"] == "success" for v in statuses.values())
+    verdict = ledger.check_contract(cluster, book, {t: i for i, t in enumerate(ids)})
+    assert verdict.re_executions == 0 and cluster.client.failures() == []
+    counters = cluster.client.stats()["counters"]
+    assert counters.get("undelivered", 0) + sum(w["undelivered"] for w in cluster.client.workers()) > 0
+
+
+def test_a_frozen_broker_declares_no_worker_dead(own_cluster: Cluster, own_broker: Broker,
+                                                 tmp_path: Path) -> None:
+    """A broker frozen (SIGSTOP) for 25 s is not a live link with silent workers: nobody is
+    declared dead, and every task ends once it wakes (issue 11, defects 1 and 6)."""
+    cluster = own_cluster
+    _short_timeouts(cluster)
+    cluster.start_server()
+    cluster.start_worker("w1")
+    cluster.start_worker("w2")
+    book = tmp_path / "ledger"
+    ids = [cluster.client.submit("ledger", str(book), 1.0, i) for i in range(60)]
+    cluster.wait_for(lambda: _progress(cluster, ids, 6), "a few tasks to finish")
+    assert own_broker.process is not None
+    os.kill(own_broker.process.pid, signal.SIGSTOP)
+    try:
+        _wait_seconds(cluster, 25)
+    finally:
+        os.kill(own_broker.process.pid, signal.SIGCONT)
+    statuses = cluster.wait_terminal(ids, timeout=180)
+    assert all(v["status"] == "success" for v in statuses.values())
+    assert cluster.client.failures() == []
+    verdict = ledger.check_contract(cluster, book, {t: i for i, t in enumerate(ids)})
+    assert verdict.re_executions == 0

@@ -4,9 +4,13 @@ nothing lost, while it was down submissions waited in Kafka."""
 from __future__ import annotations
 
 import signal
+import sqlite3
+import time
+from pathlib import Path
 
 import pytest
 
+from tests import ledger
 from tests.cluster import Cluster
 from yadtqd.client import KafkaSubmitter
 
@@ -29,4 +33,47 @@ def test_restart_resumes_from_stored_offsets(cluster: Cluster, sig: int) -> None
     again = cluster.status(before)
     assert again == first  # not re-applied: same attempt, same timestamps, same results
     assert cluster.log("server").count("received: add") == received_before + 20
-    assert cluster.client.stats()["counters"].get("conflicts", 0) == 0
+    counters = cluster.client.stats()["counters"]
+    assert counters.get("conflicts", 0) == 0
+    assert counters.get("duplicates", 0) == 0  # no submission read twice
+    assert counters.get("stale_events", 0) == 0  # no event read twice
+
+
+def test_task_lengths_are_the_workers_measure_not_the_replays(cluster: Cluster, tmp_path: Path) -> None:
+    """After a restart the server applies a backlog of started and finished events in one go.
+    Judged by when it applied them, 1.5 s tasks would look instant, and the adaptive prefetch
+    would pile them onto each worker; judged by the workers' own measure, none wait in a
+    worker (issue 11, defect 10)."""
+    cluster.write_config(worker={"slots": 1})
+    cluster.start_server()
+    cluster.start_worker("w1")
+    cluster.start_worker("w2")
+    book = tmp_path / "ledger"
+    warm_up = str(tmp_path / "warm-up")  # the server learns that ledger tasks are short
+    cluster.wait_terminal([cluster.client.submit("ledger", warm_up, 0.01, i) for i in range(10)])
+    long = [cluster.client.submit("ledger", str(book), 1.5, i) for i in range(8)]
+    cluster.wait_for(lambda: sum(v["status"] == "processing" for v in cluster.status(long).values()) == 2,
+                     "both workers to run a long task")
+    cluster.stop("server", signal.SIGKILL)
+    with sqlite3.connect(cluster.database) as db:  # what the workers hold: they run it all now
+        held = [r[0] for r in db.execute("SELECT id FROM tasks WHERE status IN ('assigned', 'processing')")]
+    cluster.wait_for(lambda: sum(e.phase == "end" for e in ledger.read(book)) == len(held),
+                     "the workers to finish what they hold while the server is down")
+    with KafkaSubmitter({"bootstrap.servers": cluster.bootstrap}, cluster.prefix) as kafka:
+        later = [kafka.submit("ledger", str(book), 1.5, i) for i in range(8, 16)]
+    cluster.start_server()
+    cluster.wait_terminal(held)  # the backlog is applied: every grant held from here on is new
+    most_held = 0
+    while True:
+        views = cluster.status(long + later)
+        for worker in ("w1", "w2"):
+            now_held = sum(v["worker"] == worker and v["status"] == "processing"
+                           or v.get("waiting", "").startswith(f"granted to {worker};")
+                           for v in views.values())
+            most_held = max(most_held, now_held)
+        if all(v["status"] in ("success", "failed") for v in views.values()):
+            break
+        time.sleep(0.1)  # sampling how many grants each worker holds, not waiting for an event
+    assert most_held <= 1
+    verdict = ledger.check_contract(cluster, book, {t: i for i, t in enumerate(long + later)})
+    assert verdict.re_executions == 0
