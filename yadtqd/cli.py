@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         config = configuration.load(args.config, flags={"log_level": args.log_level})
+        from yadtqd.transport import check_settings  # here: --help stays free of librdkafka
+
+        check_settings(config)
     except YadtqError as exc:
         print(f"yadtqd: {exc}", file=sys.stderr)
         return exc.exit_code

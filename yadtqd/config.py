@@ -67,6 +67,10 @@ class ServerConfig:
         30.0, "Seconds a socket connection may stay open without sending a request.", 0.1
     )
     batch_size: int = _setting(500, "Kafka messages applied per SQLite transaction.", 1)
+    unroutable_timeout: float = _setting(
+        3600.0, "Seconds a task of a name no live worker provides waits before it fails;"
+        " 0 = forever.", 0
+    )
 
 
 @dataclass(frozen=True)
@@ -118,6 +122,8 @@ class Config:
     """The whole, validated configuration of one process."""
 
     kafka: Mapping[str, KafkaValue]
+    #: Where each ``[kafka]`` key came from (``FILE: [kafka] KEY`` or ``environment: NAME``).
+    kafka_sources: Mapping[str, str] = field(default_factory=dict)
     topic_prefix: str = _setting("yadtq", "Prefix of the topic names: <prefix>.tasks and so on.")
     server: ServerConfig = field(default_factory=ServerConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
@@ -152,6 +158,30 @@ def load(
     _merge_env(layered, env)
     _merge_flags(layered, flags or {})
     return _build(layered, str(path) if raw else "defaults")
+
+
+def client_socket(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> str:
+    """The server socket a client uses: ``$YADTQ_SERVER_SOCKET``, else ``[server] socket`` of the
+    configuration file the daemons use (``path``, else ``$YADTQ_CONFIG``, else the default file,
+    skipped when unreadable), else the default socket. (A ``--socket`` flag goes before all.)
+
+    Only that key is read, so a client needs neither the broker setting nor read access to a
+    file it has no use for; a file named explicitly must be readable TOML.
+    """
+    env = os.environ if env is None else env
+    if env.get("YADTQ_SERVER_SOCKET"):
+        return env["YADTQ_SERVER_SOCKET"]
+    file, required = _find(path, env)
+    try:
+        raw = _read_toml(file, required)
+    except ConfigError:
+        if required:
+            raise
+        raw = {}
+    value = raw.get("server", {}).get("socket") if isinstance(raw.get("server"), dict) else None
+    if value is not None and not isinstance(value, str):
+        raise ConfigError(f"{file}: [server] socket: expected a string, got {_type_name(value)}")
+    return value or ServerConfig.socket
 
 
 def _find(path: str | Path | None, env: Mapping[str, str]) -> tuple[Path, bool]:
@@ -221,7 +251,8 @@ def _build(layered: dict[str, dict[str, tuple[Any, str]]], source: str) -> Confi
     kafka = _kafka(layered.get("kafka", {}), source)
     sections = {name: _section(cls, layered.get(name, {})) for name, cls in SECTIONS.items()}
     top = {k: _coerce(Config, k, v, where) for k, (v, where) in layered.get("", {}).items()}
-    config = Config(kafka=kafka, source=source, **top, **sections)
+    sources = {key: where for key, (_, where) in layered.get("kafka", {}).items()}
+    config = Config(kafka=kafka, kafka_sources=sources, source=source, **top, **sections)
     _check_sizes(config, layered)
     return config
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 import zlib
@@ -20,7 +21,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from confluent_kafka.admin import AdminClient
 
 from yadtqd.config import Config
-from yadtqd.errors import UnreachableError
+from yadtqd.errors import ConfigError, UnreachableError
 
 log = logging.getLogger("yadtqd.kafka")
 
@@ -106,6 +107,33 @@ def consumer_settings(config: Config, client: str, monitor: ConnectionMonitor) -
     settings.setdefault("fetch.wait.max.ms", 100)
     settings.setdefault("enable.partition.eof", False)
     return settings
+
+
+def check_settings(config: Config) -> None:
+    """Refuse (:class:`ConfigError`) a ``[kafka]`` setting librdkafka does not know or whose value
+    it rejects, naming the key and where it came from: librdkafka checks them when a client is
+    made, so one is made here and thrown away."""
+    for make in (Producer, Consumer):
+        settings: dict[str, object] = dict(config.kafka)
+        settings.setdefault("group.id", "yadtq.settings-check")
+        settings["log_level"] = 0  # a throwaway client: none of its chatter
+        try:
+            make(settings).close() if make is Consumer else make(settings)
+        except KafkaException as exc:
+            raise ConfigError(_setting_problem(config, exc.args[0].str())) from None
+
+
+def _setting_problem(config: Config, problem: str) -> str:
+    """librdkafka's complaint, led by where the key it names came from."""
+    found = re.search(r'property:? "?([A-Za-z0-9._-]+)"?', problem)
+    key = found.group(1) if found else ""
+    where = config.kafka_sources.get(key, f"{config.source}: [kafka]")
+    hint = ""
+    if key == "topic_prefix":
+        hint = " (topic_prefix is a top-level key: put it before [kafka])"
+    elif key in {"database", "socket", "id", "slots"}:
+        hint = " (a YADTQ setting: it belongs in [server] or [worker], not [kafka])"
+    return f"{where}: {problem}{hint}"
 
 
 def make_producer(config: Config, client: str, linger_ms: int = 1) -> tuple[Producer, ConnectionMonitor]:
