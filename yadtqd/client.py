@@ -12,7 +12,7 @@ Straight to Kafka, for producers on hosts without the socket (:class:`KafkaSubmi
 
     from yadtqd.client import KafkaSubmitter
 
-    with KafkaSubmitter({"bootstrap.servers": "broker:9092"}) as kafka:
+    with KafkaSubmitter({"bootstrap.servers": "broker:9092"}, topic_prefix="yadtq") as kafka:
         task_id = kafka.submit("add", 1, 2)
 """
 
@@ -94,10 +94,19 @@ class Client:
 
     def submit(self, task: str, *args: Any, kwargs: Mapping[str, Any] | None = None,
                task_id: str | None = None, timeout: float | None = None,
-               max_retries: int | None = None, retry_backoff: float | None = None) -> str:
-        """Submit a task; returns its id once the task is recorded and Kafka accepted it."""
+               max_retries: int | None = None, retry_backoff: float | None = None,
+               queue_anyway: bool = False) -> str:
+        """Submit a task; returns its id once the task is recorded and Kafka accepted it.
+
+        A task name no live worker provides is refused (:class:`RequestError`, code
+        ``unroutable``, naming what is provided) unless ``queue_anyway``: then it waits for a
+        worker that provides it, at most the server's ``unroutable_timeout``.
+        """
         body = submission(task, args, kwargs, task_id, timeout, max_retries, retry_backoff)
-        reply = self.request({"op": "submit", "task": body})
+        request: dict[str, Any] = {"op": "submit", "task": body}
+        if queue_anyway:
+            request["queue_anyway"] = True
+        reply = self.request(request)
         return str(reply["task-id"])
 
     def status(self, *task_ids: str) -> dict[str, dict[str, Any]]:
@@ -180,6 +189,7 @@ class KafkaSubmitter:
         self.producer = Producer(settings)
         self.topic = f"{topic_prefix}.tasks"
         self.timeout = timeout
+        self._checked = False
 
     def submit(self, task: str, *args: Any, kwargs: Mapping[str, Any] | None = None,
                task_id: str | None = None, timeout: float | None = None,
@@ -192,11 +202,30 @@ class KafkaSubmitter:
             raise UsageError(str(exc)) from None
         from yadtqd.transport import deliver  # here, so that importing the client stays light
 
+        self._check_topic()
         problem = deliver(self.producer, self.topic, json.dumps(body).encode(), body["task-id"],
                           self.timeout)
         if problem:
             raise UnreachableError(f"Kafka did not accept task {body['task-id']}: {problem}")
         return str(body["task-id"])
+
+    def _check_topic(self) -> None:
+        """Say at once when the topic does not exist (a wrong ``topic_prefix``), rather than
+        after the delivery timeout."""
+        if self._checked:
+            return
+        from confluent_kafka import KafkaError, KafkaException
+
+        try:
+            info = self.producer.list_topics(self.topic, timeout=self.timeout).topics.get(self.topic)
+        except KafkaException as exc:
+            raise UnreachableError(f"cannot reach Kafka: {exc.args[0].str()}") from None
+        if info is None or (info.error is not None
+                            and info.error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART):
+            raise UsageError(f"topic {self.topic} does not exist: is the topic prefix right? (the"
+                             " server creates <prefix>.tasks when it starts; the prefix is the"
+                             " daemons' topic_prefix)")
+        self._checked = True
 
     def close(self) -> None:
         """Deliver anything outstanding."""

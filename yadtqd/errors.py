@@ -65,6 +65,7 @@ class RequestError(YadtqError):
 
 
 #: Socket error codes that mean the request itself was wrong (exit code 2 in yadtqctl).
-CLIENT_ERROR_CODES = frozenset({"bad_request", "too_large", "unknown_op", "conflict", "bad_task"})
+CLIENT_ERROR_CODES = frozenset({"bad_request", "too_large", "unknown_op", "conflict", "bad_task",
+                                "unroutable"})
 #: Socket error codes that mean the server or Kafka cannot take the request now (exit code 3).
 UNAVAILABLE_CODES = frozenset({"busy", "unavailable"})

@@ -10,6 +10,8 @@ Operations, with examples::
 
     {"op": "submit", "task": {"task-id": "t1", "task": "add", "args": [1, 2]}}
       -> {"ok": true, "task-id": "t1", "status": "queued", "created": true}
+         (a name no live worker provides is refused, code "unroutable", unless the request
+          says "queue_anyway": true)
     {"op": "status", "ids": ["t1", "nope"]}
       -> {"ok": true, "tasks": {"t1": {"status": "success", "result": 3, ...},
                                  "nope": {"status": "unknown", "result": null}}}
@@ -31,7 +33,8 @@ A snapshot has ``ts``, ``at``, ``totals`` (per status, and ``submitted``), ``que
 newest ``items``) and ``counters``.
 
 Error codes: ``bad_request`` (not JSON, not an object, wrong fields), ``too_large`` (line over
-the limit), ``unknown_op``, ``bad_task`` (a submit whose task is malformed), ``conflict`` (the
+the limit), ``unknown_op``, ``bad_task`` (a submit whose task is malformed), ``unroutable`` (no
+live worker provides the task's name), ``conflict`` (the
 id was submitted before with another payload), ``unavailable`` (Kafka did not accept the
 task in time; it is recorded and will run), ``busy`` (the server serves its most connections
 already; sent right after connecting, then the connection is closed), ``internal``. ``limit``
@@ -87,12 +90,18 @@ def task_view(row: sqlite3.Row | None, reason: str | None = None) -> dict[str, A
     return view
 
 
-def worker_view(row: sqlite3.Row) -> dict[str, Any]:
-    """A worker epoch as the ``workers`` operation shows it."""
+def worker_view(row: sqlite3.Row, holding: dict[str, int] | None = None) -> dict[str, Any]:
+    """A worker epoch as the ``workers`` operation shows it. Every figure comes from the store:
+    ``running`` its tasks in ``processing``, ``granted`` those granted and waiting in it (both
+    0 once it is dead or gone), ``succeeded`` and ``failed`` the outcomes recorded from it
+    (every failed attempt, retried or not), ``executed`` their sum."""
+    holding = holding or {}
     return {
         "worker": row["worker"], "epoch": row["epoch"], "state": row["state"],
-        "host": row["host"], "pid": row["pid"], "slots": row["slots"], "busy": row["busy"],
-        "executed": row["executed"], "done": row["done"], "failed": row["failed"],
+        "host": row["host"], "pid": row["pid"], "slots": row["slots"],
+        "running": holding.get("processing", 0), "granted": holding.get("assigned", 0),
+        "succeeded": row["succeeded"], "failed": row["failed_runs"],
+        "executed": row["succeeded"] + row["failed_runs"],
         "undelivered": row["undelivered"],
         "joined_at": iso(row["joined_at"]), "last_heartbeat": iso(row["last_heartbeat"]),
         "left_at": iso(row["left_at"]), "tasks": json.loads(row["tasks"]), "version": row["version"],

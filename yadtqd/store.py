@@ -237,6 +237,26 @@ class Store:
             out.setdefault(r["epoch"], []).append(Held(r["id"], r["name"]))
         return out
 
+    def fail_unroutable(self, provided: Iterable[str], older_than: float, now: float,
+                        limit: int = 500) -> list[str]:
+        """Fail queued tasks of names no live worker provides that were submitted before
+        ``older_than`` (at most ``limit`` a call, oldest first); returns their ids."""
+        names = sorted(set(provided))
+        marks = ",".join("?" * len(names))
+        rows = self.db.execute(
+            f"SELECT id, name FROM tasks WHERE status = 'queued' AND submitted_at < ?"
+            f" AND name NOT IN ({marks}) ORDER BY seq LIMIT ?", (older_than, *names, limit)).fetchall()
+        failed = []
+        for row in rows:
+            error = m.ErrorInfo(type="Unroutable", message=(
+                f"no live worker provided task {row['name']!r} for"
+                f" {now - older_than:.0f} s ([server] unroutable_timeout)"))
+            cur = self.db.execute(
+                "UPDATE tasks SET status = 'failed', error = ?, finished_at = ? WHERE id = ?"
+                " AND status = 'queued'", (_json(error), now, row["id"]))
+            failed += [row["id"]] * cur.rowcount
+        return failed
+
     # ------------------------------------------------------------ worker events (invariant 3)
 
     def start(self, ref: m.Started, now: float) -> bool:
@@ -264,6 +284,8 @@ class Store:
                 (_json(ev.error), now, *grant),
             )
             if cur.rowcount == 1:
+                self.db.execute("UPDATE workers SET failed_runs = failed_runs + 1 WHERE epoch = ?",
+                                (ev.epoch,))
                 return "retry"
         result = bytes(ev.result).decode() if ev.status == "success" else None
         error = _json(ev.error) if ev.status == "failed" else None
@@ -276,7 +298,9 @@ class Store:
         )
         if cur.rowcount != 1:
             return "stale"
-        self.db.execute("UPDATE workers SET executed = executed + 1 WHERE epoch = ?", (ev.epoch,))
+        column = "succeeded" if ev.status == "success" else "failed_runs"
+        self.db.execute(f"UPDATE workers SET executed = executed + 1, {column} = {column} + 1"
+                        " WHERE epoch = ?", (ev.epoch,))
         return ev.status
 
     # ------------------------------------------------------------ workers
@@ -438,14 +462,25 @@ class Store:
             out.update({r["id"]: r for r in rows})
         return out
 
-    def list_tasks(self, statuses: Sequence[str], limit: int) -> list[sqlite3.Row]:
-        """Tasks in these statuses (all when empty), oldest first within active ones."""
+    def list_tasks(self, statuses: Sequence[str], limit: int, oldest_first: bool = False) -> list[sqlite3.Row]:
+        """Tasks in these statuses (all when empty), newest first (or oldest first: the
+        monitor's "next to run")."""
+        order = "ASC" if oldest_first else "DESC"
         if statuses:
             marks = ",".join("?" * len(statuses))
             return list(self.db.execute(
-                f"SELECT * FROM tasks WHERE status IN ({marks}) ORDER BY seq LIMIT ?",
+                f"SELECT * FROM tasks WHERE status IN ({marks}) ORDER BY seq {order} LIMIT ?",
                 (*statuses, limit)))
-        return list(self.db.execute("SELECT * FROM tasks ORDER BY seq DESC LIMIT ?", (limit,)))
+        return list(self.db.execute(f"SELECT * FROM tasks ORDER BY seq {order} LIMIT ?", (limit,)))
+
+    def holding(self) -> dict[str, dict[str, int]]:
+        """For each epoch holding grants: how many are ``assigned`` and ``processing``."""
+        out: dict[str, dict[str, int]] = {}
+        for r in self.db.execute(
+                "SELECT epoch, status, count(*) AS n FROM tasks"
+                " WHERE status IN ('assigned', 'processing') GROUP BY epoch, status"):
+            out.setdefault(r["epoch"], {})[r["status"]] = r["n"]
+        return out
 
     def all_workers(self, limit: int = 1000) -> list[sqlite3.Row]:
         """Live epochs first, then the most recent others."""

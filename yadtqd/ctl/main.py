@@ -1,16 +1,23 @@
 """``yadtqctl``: the operator's CLI over the server's socket (DESIGN section 12).
 
-Exit codes: 0 done; 1 the awaited task failed; 2 usage or bad input; 3 the server or broker
-cannot be reached; 4 timed out waiting.
+Exit codes: 0 done; 1 the awaited task failed; 2 usage or bad input (an unknown task id, a task
+name no live worker provides); 3 the server or broker cannot be reached; 4 not done yet (timed
+out waiting, or asked without waiting about a task that is still queued or running).
+
+The socket: ``--socket``, else ``$YADTQ_SERVER_SOCKET``, else ``[server] socket`` of the daemons'
+configuration file (``--config``, else ``$YADTQ_CONFIG``, else ``/etc/yadtq/yadtq.toml``), else
+``/run/yadtq/yadtqd.sock``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
+from yadtqd import config as configuration
 from yadtqd.client import Client
 from yadtqd.ctl import monitor, output
 from yadtqd.errors import UsageError, WaitTimeout, YadtqError
@@ -22,7 +29,11 @@ def parser() -> argparse.ArgumentParser:
     """The command line."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--socket", metavar="PATH", default=argparse.SUPPRESS,
-                        help="server socket (default: $YADTQ_SERVER_SOCKET or /run/yadtq/yadtqd.sock)")
+                        help="server socket (default: $YADTQ_SERVER_SOCKET, else [server] socket"
+                             " of the configuration file, else /run/yadtq/yadtqd.sock)")
+    common.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS,
+                        help="the daemons' configuration file, read for [server] socket (default:"
+                             " $YADTQ_CONFIG, else /etc/yadtq/yadtq.toml)")
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                         help="print JSON instead of tables")
     p = argparse.ArgumentParser(prog="yadtqctl", parents=[common],
@@ -31,7 +42,7 @@ def parser() -> argparse.ArgumentParser:
                                        "or bad input, 3 server or broker unreachable, 4 timed out.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     s = sub.add_parser("submit", parents=[common], help="submit a task")
-    s.add_argument("task")
+    s.add_argument("task", help="the task's name, as a plugin registered it")
     s.add_argument("args", nargs="*", metavar="ARG", help="arguments, read as JSON where they parse")
     s.add_argument("--kwargs", metavar="JSON", help="keyword arguments as a JSON object")
     s.add_argument("--id", help="task id (default: a new UUID4)")
@@ -39,18 +50,24 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--retries", type=int, metavar="N", help="retry a failing task N times")
     s.add_argument("--wait", nargs="?", type=float, const=FOREVER, metavar="S",
                    help="wait (up to S seconds) for the result")
+    s.add_argument("--queue-anyway", action="store_true",
+                   help="queue a task no live worker provides (its plugin will be installed later)")
     st = sub.add_parser("status", parents=[common], help="status of tasks")
-    st.add_argument("ids", nargs="+", metavar="ID")
+    st.add_argument("ids", nargs="+", metavar="ID", help="task ids")
     r = sub.add_parser("result", parents=[common], help="result of a task")
-    r.add_argument("id")
+    r.add_argument("id", help="a task id")
     r.add_argument("--wait", nargs="?", type=float, const=FOREVER, metavar="S",
-                   help="wait (up to S seconds) until the task is done")
-    t = sub.add_parser("tasks", parents=[common], help="list tasks")
-    t.add_argument("--status", choices=("queued", "processing", "success", "failed"))
-    t.add_argument("--limit", type=int, default=100)
+                   help="wait (up to S seconds) until the task is done; an id not seen yet is"
+                        " waited for too (it may still be on its way through Kafka)")
+    t = sub.add_parser("tasks", parents=[common], help="list tasks, newest first")
+    t.add_argument("--status", choices=("queued", "processing", "success", "failed"),
+                   help="only tasks in this status")
+    t.add_argument("--limit", type=int, default=100, metavar="N",
+                   help="at most N tasks (default 100, at most 10000)")
     mon = sub.add_parser("monitor", parents=[common], help="live view of the cluster")
-    mon.add_argument("--once", action="store_true", help="print one snapshot and exit")
-    mon.add_argument("--interval", type=float, default=1.0, metavar="S", help="refresh period")
+    mon.add_argument("--once", action="store_true", help="print one frame and exit")
+    mon.add_argument("--interval", type=float, default=1.0, metavar="S",
+                     help="seconds between two frames (default 1)")
     for name, text in (("workers", "list workers"), ("failures", "worker failure history"),
                        ("stats", "task counts and counters"), ("plugins", "tasks live workers provide")):
         sub.add_parser(name, parents=[common], help=text)
@@ -60,19 +77,23 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run one command; return the exit status."""
     args = parser().parse_args(argv)
-    client = Client(getattr(args, "socket", None))
     as_json = getattr(args, "json", False)
     try:
-        return COMMANDS[args.command](client, args, as_json)
+        socket = getattr(args, "socket", None) or configuration.client_socket(getattr(args, "config", None))
+        return COMMANDS[args.command](Client(socket), args, as_json)
     except YadtqError as exc:
         output.fail(str(exc))
         return exc.exit_code
+    except BrokenPipeError:  # the reader went away (yadtqctl ... | head): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def _submit(client: Client, args: argparse.Namespace, as_json: bool) -> int:
     kwargs = _kwargs(args.kwargs)
     task_id = client.submit(args.task, *[_arg(a) for a in args.args], kwargs=kwargs,
-                            task_id=args.id, timeout=args.timeout, max_retries=args.retries)
+                            task_id=args.id, timeout=args.timeout, max_retries=args.retries,
+                            queue_anyway=args.queue_anyway)
     if args.wait is None:
         if as_json:
             output.emit_json({"task-id": task_id, "status": "queued"})
@@ -94,15 +115,20 @@ def _status(client: Client, args: argparse.Namespace, as_json: bool) -> int:
 
 
 def _result(client: Client, args: argparse.Namespace, as_json: bool) -> int:
-    view = client.result(args.id, wait=args.wait)
-    if view["status"] == "unknown" and not args.wait:
-        raise UsageError(f"unknown task {args.id}")
+    """Exit 0 or 1 once the task is done; 4 while it is not (after waiting, if asked); 2 for an
+    id the server has not seen (after waiting for it, if asked: it may be on its way)."""
+    try:
+        view = client.result(args.id, wait=args.wait)
+    except WaitTimeout:
+        view = client.result(args.id)
+    if view["status"] == "unknown":
+        raise UsageError(f"unknown task {args.id}" + (f" (waited {args.wait:g} s)" if args.wait else ""))
     if view["status"] not in ("success", "failed"):
         if as_json:
             output.emit_json({args.id: view})
         else:
             print(f"{args.id} is {view['status']}" + (f": {view['waiting']}" if view.get("waiting") else ""))
-        return 0
+        return WaitTimeout.exit_code
     return _show_result(args.id, view, as_json)
 
 
@@ -134,8 +160,8 @@ def _workers(client: Client, args: argparse.Namespace, as_json: bool) -> int:
         output.emit_json(workers)
     else:
         rows = [{**w, "tasks": len(w["tasks"])} for w in workers]
-        output.emit_table(rows, ["worker", "state", "host", "pid", "slots", "busy", "executed",
-                                 "failed", "last_heartbeat", "tasks"], "no workers")
+        output.emit_table(rows, ["worker", "state", "host", "pid", "slots", "running", "granted",
+                                 "succeeded", "failed", "last_heartbeat", "tasks"], "no workers")
     return 0
 
 
@@ -183,7 +209,7 @@ def _plugins(client: Client, args: argparse.Namespace, as_json: bool) -> int:
 def _monitor(client: Client, args: argparse.Namespace, as_json: bool) -> int:
     if args.interval <= 0:
         raise UsageError("--interval must be above 0")
-    return monitor.run(client, args.interval, args.once, as_json)
+    return monitor.run(client, args.interval, args.once or as_json, as_json)
 
 
 COMMANDS = {"monitor": _monitor, "submit": _submit, "status": _status, "result": _result, "tasks": _tasks,

@@ -76,8 +76,8 @@ def render(snap: dict[str, Any], previous: dict[str, Any] | None, width: int, he
             "per second: " + _rates(snap, previous)]
     live = sum(w["state"] == "live" for w in snap["workers"])
     sections = [
-        (f"WORKERS ({live} live)", ["worker", "state", "slots", "busy", "executed", "failed",
-                                    "last_heartbeat", "plugins"],
+        (f"WORKERS ({live} live)", ["worker", "state", "slots", "running", "granted", "succeeded",
+                                    "failed", "last_heartbeat", "plugins"],
          [{**w, "last_heartbeat": _clock(w["last_heartbeat"]),
            "plugins": ",".join(sorted({t["plugin"] for t in w["tasks"].values()}))}
           for w in snap["workers"]], len(snap["workers"])),

@@ -36,6 +36,9 @@ from yadtqd.systemd import Notifier
 
 log = logging.getLogger("yadtqd.server")
 
+#: Seconds between two looks for tasks that waited too long for a worker providing their name.
+UNROUTABLE_EVERY = 5.0
+
 
 class Server:
     """One server process."""
@@ -52,6 +55,7 @@ class Server:
         self.evidence = Evidence(self.nonce, config.server.heartbeat_timeout, time.monotonic())
         self.topic_health: list[topics.TopicHealth] = []
         self.unproven: set[int] = set()
+        self.last_unroutable = 0.0
         self.last_status = 0.0
         self.last_watchdog = 0.0
 
@@ -155,6 +159,7 @@ class Server:
                 effects = ingest.apply(batch, now)
             self.changes.signal()  # results are readable now, before the next grants
         fences = effects.fences + self._check_deaths(store, ingest, now)
+        self._fail_unroutable(store, now)
         with store.transaction():
             grants = self.scheduler.plan(store, now)
         # a grant into a free slot starts on arrival: send it at once; one that waits in a
@@ -196,6 +201,22 @@ class Server:
                 ingest.declare_dead(member.epoch, reason, now)
             fences.append(Fence(member.worker, member.epoch, reason, member.dispatch))
         return fences
+
+    def _fail_unroutable(self, store: Store, now: float) -> None:
+        """Every few seconds: fail the tasks that waited ``unroutable_timeout`` for a worker
+        that provides their name, so every accepted task still ends."""
+        timeout = self.config.server.unroutable_timeout
+        mono = time.monotonic()
+        if not timeout or mono - self.last_unroutable < UNROUTABLE_EVERY:
+            return
+        self.last_unroutable = mono
+        with store.transaction():
+            failed = store.fail_unroutable(self.scheduler.provided(), now - timeout, now)
+        for task_id in failed:
+            log.warning("task %s failed: no live worker provided its task for %g s", task_id,
+                        timeout, extra={"task_id": task_id, "event": "task_failed"})
+        if failed:
+            self.changes.signal()
 
     def _follow(self, inbox: Inbox) -> None:
         """Follow partitions added to ``events``: markers for them too. (Growth of ``dispatch``

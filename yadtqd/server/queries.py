@@ -117,6 +117,13 @@ class Queries:
             sub = msgspec.convert(req.get("task"), m.Submission)
         except msgspec.ValidationError as exc:
             return protocol.error("bad_task", f"invalid task: {exc}")
+        if not req.get("queue_anyway"):
+            provided = _provided(store)
+            if sub.task not in provided:
+                return protocol.error("unroutable", (
+                    f"no live worker provides task {sub.task!r} (provided: "
+                    f"{', '.join(sorted(provided)) or 'none'}); to queue it for a worker that will"
+                    " provide it, submit with --queue-anyway (queue_anyway)"))
         at = time.time() if sub.submitted_at is None else sub.submitted_at
         sub = msgspec.structs.replace(sub, submitted_at=at, via="socket")
         return self.submitter.submit(sub)
@@ -157,7 +164,9 @@ class Queries:
                                       for r in rows]}
 
     def workers(self, store: Store, req: dict[str, Any]) -> Reply:
-        return {"ok": True, "workers": [protocol.worker_view(r) for r in store.all_workers()]}
+        holding = store.holding()
+        return {"ok": True, "workers": [protocol.worker_view(r, holding.get(r["epoch"]))
+                                        for r in store.all_workers()]}
 
     def failures(self, store: Store, req: dict[str, Any]) -> Reply:
         limit = _limit(req, 100)
@@ -195,8 +204,9 @@ class Queries:
         totals = {s: 0 for s in ("queued", "processing", "success", "failed")}
         for status, n in counts.items():
             totals[protocol.VISIBLE_STATUS[status]] += n
-        queued = store.list_tasks(["queued", "assigned"], limit)
-        running = store.list_tasks(["processing"], limit)
+        holding = store.holding()
+        queued = store.list_tasks(["queued", "assigned"], limit, oldest_first=True)
+        running = store.list_tasks(["processing"], limit, oldest_first=True)
         snap = {
             "ts": now, "at": protocol.iso(now),
             "totals": {**totals, "submitted": sum(counts.values())},
@@ -207,7 +217,7 @@ class Queries:
                 {"task-id": r["id"], "task": r["name"], "worker": r["worker"], "attempt": r["attempt"],
                  "started_at": protocol.iso(r["started_at"]),
                  "elapsed": round(now - (r["started_at"] or now), 3)} for r in running]},
-            "workers": [protocol.worker_view(r) for r in store.all_workers(limit)],
+            "workers": [protocol.worker_view(r, holding.get(r["epoch"])) for r in store.all_workers(limit)],
             "failures": {"count": store.failure_count(),
                          "items": [protocol.failure_view(r) for r in store.failure_rows(limit)]},
             "counters": store.counter_values(),
