@@ -83,8 +83,8 @@ def test_monitor_follows_tasks_workers_and_failures(fast: Cluster, tmux: Tmux, t
     assert "first-task" in tmux.screen() and "waiting for a free slot" in tmux.screen()
     cluster.client.result(first, wait=60)
     see("success 1")
-    cluster.wait_for(lambda: any(line.split()[:1] == ["runner"] and line.split()[4] == "1"
-                                 for line in tmux.screen().splitlines()), "runner's executed count 1")
+    cluster.wait_for(lambda: any(line.split()[:1] == ["runner"] and line.split()[5] == "1"
+                                 for line in tmux.screen().splitlines()), "runner's succeeded count 1")
     see("second-task")
     cluster.stop("runner", signal.SIGKILL)
     see("WORKER FAILURES (1)")
@@ -115,7 +115,10 @@ def test_once_and_json_outputs_match_the_store(fast: Cluster, tmp_path: Path) ->
     done = [cluster.client.submit("add", i, i) for i in range(5)]
     cluster.wait_terminal(done)
     cluster.client.result(cluster.client.submit("fail"), wait=60)
-    waiting = [cluster.client.submit("nosuchtask", i) for i in range(3)]
+    waiting = [cluster.client.submit("nosuchtask", i, queue_anyway=True) for i in range(3)]
+    running = cluster.client.submit("sleep", 600)
+    cluster.wait_for(lambda: cluster.client.status(running)[running]["status"] == "processing",
+                     "a task in progress")
     cluster.stop("only-arith", signal.SIGKILL)
     cluster.wait_for(lambda: cluster.client.failures(), "a failure on record")
 
@@ -130,22 +133,43 @@ def test_once_and_json_outputs_match_the_store(fast: Cluster, tmp_path: Path) ->
     assert [t["task-id"] for t in snap["queued"]["tasks"]] == queued_ids == waiting
     assert all(t["waiting"] == "no live worker provides task 'nosuchtask'" for t in snap["queued"]["tasks"])
     workers = {r["epoch"]: r for r in db.execute("SELECT * FROM workers")}
-    for w in snap["workers"]:
+
+    def held(epoch: str, status: str) -> int:
+        return int(db.execute("SELECT count(*) FROM tasks WHERE epoch = ? AND status = ?",
+                              (epoch, status)).fetchone()[0])
+
+    def outcomes(epoch: str) -> tuple[int, int]:
+        """(succeeded, failed attempts) of an epoch, from the tasks themselves (no retries here)."""
+        rows = dict(db.execute("SELECT status, count(*) FROM tasks WHERE epoch = ? AND status IN"
+                               " ('success', 'failed') GROUP BY status", (epoch,)).fetchall())
+        return rows.get("success", 0), rows.get("failed", 0)
+
+    for w in snap["workers"]:  # every column the monitor shows, against the store
         row = workers[w["epoch"]]
-        assert (w["worker"], w["state"], w["slots"], w["executed"], w["pid"]) == \
-               (row["worker"], row["state"], row["slots"], row["executed"], row["pid"])
+        assert (w["worker"], w["state"], w["slots"], w["pid"]) == \
+               (row["worker"], row["state"], row["slots"], row["pid"])
+        assert (w["running"], w["granted"]) == (held(w["epoch"], "processing"), held(w["epoch"], "assigned"))
+        assert (w["succeeded"], w["failed"]) == outcomes(w["epoch"])
+        assert w["executed"] == w["succeeded"] + w["failed"]
+        if w["state"] == "dead":
+            assert (w["running"], w["granted"]) == (0, 0)
+    assert sum(w["running"] for w in snap["workers"]) == snap["running"]["count"] == 1
     (failure,) = snap["failures"]["items"]
     (frow,) = db.execute("SELECT * FROM failures").fetchall()
     assert (failure["worker"], failure["epoch"], failure["reason"], failure["requeued"]) == \
            (frow["worker"], frow["epoch"], frow["reason"], json.loads(frow["requeued"]))
 
     listed = json.loads(cluster.ctl("--json", "workers").stdout)
-    assert {w["epoch"]: w["executed"] for w in listed} == {e: r["executed"] for e, r in workers.items()}
+    assert {w["epoch"]: w["executed"] for w in listed} == \
+           {e: r["succeeded"] + r["failed_runs"] for e, r in workers.items()}
     assert json.loads(cluster.ctl("--json", "failures").stdout) == snap["failures"]["items"]
     failed = json.loads(cluster.ctl("--json", "tasks", "--status", "failed").stdout)
     assert [t["task-id"] for t in failed] == \
-           [r[0] for r in db.execute("SELECT id FROM tasks WHERE status='failed' ORDER BY seq")]
+           [r[0] for r in db.execute("SELECT id FROM tasks WHERE status='failed' ORDER BY seq DESC")]
     stats = json.loads(cluster.ctl("--json", "stats").stdout)
     assert stats["tasks"] == {k: v for k, v in snap["totals"].items() if k != "submitted" and v}
     table = cluster.ctl("monitor", "--once").stdout
     assert "QUEUED (3, oldest first)" in table and "WORKER FAILURES (1)" in table
+    assert json.loads(cluster.ctl("monitor", "--json").stdout)["totals"] == snap["totals"]
+    assert json.loads(cluster.ctl("monitor", "--once", "--json").stdout)["totals"] == snap["totals"]
+    cluster.stop("w1", signal.SIGKILL)  # its 600 s task need not drain

@@ -55,7 +55,7 @@ def test_sighup_discovers_and_withdraws_plugins(cluster: Cluster, tmp_path: Path
     shutil.rmtree(site / "yadtq_extra-1.2.dist-info")
     worker.send_signal(signal.SIGHUP)
     cluster.wait_for(lambda: "triple" not in cluster.client.plugins(), "triple to be withdrawn")
-    waiting = cluster.client.submit("triple", 1)
+    waiting = cluster.client.submit("triple", 1, queue_anyway=True)
     assert cluster.client.status(waiting)[waiting]["waiting"] == "no live worker provides task 'triple'"
     assert cluster.client.failures() == []
     assert len(cluster.epochs("w1")) == 1  # same epoch throughout

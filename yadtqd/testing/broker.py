@@ -64,6 +64,8 @@ def fetch(version: str = KAFKA_VERSION) -> Path:
     if (libs / ".complete").exists():
         return libs
     libs.parent.mkdir(parents=True, exist_ok=True)
+    print(f"fetching Apache Kafka {version} from Maven Central into {libs.parent} (once)...",
+          file=sys.stderr)
     with tempfile.TemporaryDirectory(dir=libs.parent) as tmp:
         shutil.copy(POM, Path(tmp) / "pom.xml")
         out = Path(tmp) / "libs"

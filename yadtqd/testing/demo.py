@@ -38,7 +38,7 @@ def start(directory: Path) -> int:
     if (directory / "pids.json").exists():
         print("a demo cluster seems to run already; stop it first: ./dev stop", file=sys.stderr)
         return 1
-    print("starting the Kafka broker (first run fetches its jars from Maven Central)...")
+    print("starting the Kafka broker...")
     broker = Broker(directory / "kafka")
     broker.start()
     config = _write_config(directory, broker.bootstrap)
@@ -50,15 +50,16 @@ def start(directory: Path) -> int:
         pids[worker] = _spawn(directory, "worker", config, {"YADTQ_WORKER_ID": worker}, name=worker)
     (directory / "pids.json").write_text(json.dumps(pids))
     _wait(lambda: sum(w["state"] == "live" for w in client.workers()) == 2, "two workers")
-    print(f"cluster up: broker {broker.bootstrap}, server and workers {', '.join(sorted(pids))}\n")
+    workers = [name for name in pids if name != "server"]
+    print(f"cluster up: a Kafka broker at {broker.bootstrap}, the server, and the workers"
+          f" {' and '.join(workers)}\n")
     _run_workload(client)
-    ctl = f"{Path(sys.executable).parent / 'yadtqctl'} --socket {socket_path}"
     print(f"""
-The cluster keeps running. Try:
-  {ctl} monitor            (a live view; submit more tasks from another terminal)
-  {ctl} submit add 2 3 --wait
-  {ctl} workers
-  {ctl} tasks --status failed
+The cluster keeps running. Try (./dev ctl is yadtqctl with this cluster's configuration):
+  ./dev ctl monitor                 a live view; submit more tasks from another terminal
+  ./dev ctl submit add 2 3 --wait
+  ./dev ctl workers
+  ./dev ctl tasks --status failed
 Logs: {directory}/*.log   Config: {config}
 Stop everything: ./dev stop""")
     return 0
