@@ -32,6 +32,8 @@ from yadtqd.errors import RequestError, UnreachableError, UsageError, WaitTimeou
 
 DEFAULT_SOCKET = "/run/yadtq/yadtqd.sock"
 TERMINAL = ("success", "failed")
+#: Seconds between two tries while the server cannot be reached (it may be restarting).
+RETRY_PAUSE = 0.5
 
 
 def default_socket() -> str:
@@ -78,8 +80,10 @@ class Client:
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             raise UnreachableError(f"cannot reach the server at {self.socket_path}: {exc.strerror}") from None
         except PermissionError:
-            raise UnreachableError(f"no permission to use {self.socket_path}"
-                                   " (are you in the yadtq group?)") from None
+            denied = UnreachableError(f"no permission to use {self.socket_path}"
+                                      " (are you in the yadtq group?)")
+            denied.lasting = True
+            raise denied from None
         except TimeoutError:
             raise UnreachableError(f"the server at {self.socket_path} did not answer in time") from None
         except OSError as exc:
@@ -106,8 +110,20 @@ class Client:
         request: dict[str, Any] = {"op": "submit", "task": body}
         if queue_anyway:
             request["queue_anyway"] = True
-        reply = self.request(request)
-        return str(reply["task-id"])
+        deadline = time.monotonic() + self.timeout
+        while True:  # the same id again is a no-op, so a lost reply is safe to ask again for
+            try:
+                reply = self.request(request)
+                return str(reply["task-id"])
+            except UnreachableError as exc:
+                if exc.lasting:
+                    raise
+                if time.monotonic() + RETRY_PAUSE >= deadline:
+                    raise UnreachableError(
+                        f"{exc}; task {body['task-id']} may have been accepted: `yadtqctl status"
+                        f" {body['task-id']}` tells, and submitting again with --id"
+                        f" {body['task-id']} is safe (the same id twice is one task)") from None
+            time.sleep(RETRY_PAUSE)  # the server restarting, or busy: ask again
 
     def status(self, *task_ids: str) -> dict[str, dict[str, Any]]:
         """The status of each task, in the result-backend shape; ``unknown`` for unseen ids."""
@@ -122,8 +138,14 @@ class Client:
         while True:
             left = deadline - time.monotonic()
             step = min(left, 600.0)
-            reply = self.request({"op": "result", "id": task_id, "wait": max(step, 0)},
-                                 timeout=step + self.timeout)
+            try:
+                reply = self.request({"op": "result", "id": task_id, "wait": max(step, 0)},
+                                     timeout=step + self.timeout)
+            except UnreachableError as exc:
+                if exc.lasting or deadline - time.monotonic() <= RETRY_PAUSE:
+                    raise
+                time.sleep(RETRY_PAUSE)  # the server restarting: the wait goes on
+                continue
             view: dict[str, Any] = reply["task"]
             if view["status"] in TERMINAL:
                 return view

@@ -37,8 +37,10 @@ def _setting(default: Any, help: str, minimum: float | None = None, **kw: Any) -
 class ServerConfig:
     """The ``[server]`` section."""
 
-    database: str = _setting("/var/lib/yadtq/yadtq.db", "SQLite result backend (WAL mode).")
-    socket: str = _setting("/run/yadtq/yadtqd.sock", "Unix socket for queries and submits.")
+    database: str = _setting("/var/lib/yadtq/yadtq.db", "SQLite result backend (WAL mode).",
+                             nonempty=True)
+    socket: str = _setting("/run/yadtq/yadtqd.sock", "Unix socket for queries and submits.",
+                           nonempty=True)
     heartbeat_timeout: float = _setting(
         5.0, "Seconds without a heartbeat before a worker epoch is declared dead.", 0.1
     )
@@ -96,6 +98,10 @@ class WorkerConfig:
     )
     plugins: tuple[str, ...] = _setting(
         (), "Plugin entry-point names to load (env: comma-separated); empty loads all installed."
+    )
+    max_task_memory: int = _setting(
+        0, "Address space (bytes) each execution process may use (RLIMIT_AS, applied once its"
+        " plugins are loaded); a task that needs more fails with MemoryError. 0 = no limit.", 0
     )
 
     @property
@@ -306,6 +312,8 @@ def _coerce(cls: type, key: str, value: Any, where: str) -> Any:
     spec = {f.name: f for f in dataclasses.fields(cls)}[key]
     kind = typing.get_type_hints(cls)[key]
     converted = _convert(kind, value, where)
+    if spec.metadata.get("nonempty") and converted == "":
+        raise ConfigError(f"{where}: must not be empty")
     minimum = spec.metadata.get("minimum")
     if minimum is not None and converted < minimum:
         raise ConfigError(f"{where}: must be at least {minimum:g}, got {converted!r}")

@@ -21,9 +21,11 @@ class UsageError(YadtqError):
 
 
 class UnreachableError(YadtqError):
-    """The server's socket or the Kafka broker cannot be reached."""
+    """The server's socket or the Kafka broker cannot be reached. ``lasting`` is set when
+    trying again cannot help (no permission to use the socket)."""
 
     exit_code = 3
+    lasting = False
 
 
 class WaitTimeout(YadtqError):

@@ -13,17 +13,20 @@ back from ``tasks``.
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import select
 import signal
 import time
 import uuid
+from pathlib import Path
 
 from confluent_kafka import Consumer
 
 from yadtqd import topics, transport
 from yadtqd.config import Config
-from yadtqd.errors import UnreachableError
+from yadtqd.errors import ConfigError, UnreachableError
 from yadtqd.inbox import Inbox
 from yadtqd.server.dispatch import Dispatcher
 from yadtqd.server.evidence import Evidence
@@ -61,6 +64,7 @@ class Server:
 
     def run(self) -> int:
         """Serve until SIGTERM; returns the exit status."""
+        lock = _lock(self.config.server.database)
         store = Store(self.config.server.database, create=True)
         admin = transport.make_admin(self.config)
         specs = topics.topic_specs(self.config)
@@ -102,6 +106,7 @@ class Server:
             transport.flush(socket_producer, 10)
             consumer.close()
             store.close()
+            os.close(lock)
         log.info("server stopped")
         return 0
 
@@ -268,3 +273,21 @@ class Server:
         live = sum(1 for mb in self.scheduler.members.values() if mb.accepting)
         running = counts.get("assigned", 0) + counts.get("processing", 0)
         return f"workers {live}, queued {counts.get('queued', 0)}, running {running}"
+
+
+def _lock(database: str) -> int:
+    """Hold an exclusive lock on ``<database>.lock`` for the process's life: a second server
+    on the same database refuses at once, before it re-sends a single grant."""
+    path = f"{database}.lock"
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o640)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise ConfigError(f"[server] database {database} is in use by another server (pid"
+                          f" {holder}): one server per database") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd

@@ -26,6 +26,9 @@ Reply = dict[str, Any]
 MAX_WAIT = 3600.0
 #: The most rows one request may ask for.
 MAX_LIMIT = 10_000
+#: Seconds a socket submit waits for Kafka's acknowledgement: well inside a client's own
+#: timeout (30 s by default), so the client hears "unavailable, recorded" rather than nothing.
+KAFKA_WAIT = 10.0
 
 
 class Changes:
@@ -51,7 +54,7 @@ class Changes:
 class Submitter:
     """The write path of socket submits: one write connection and one producer."""
 
-    def __init__(self, db_path: str, producer: Producer, topic: str, timeout: float = 30.0,
+    def __init__(self, db_path: str, producer: Producer, topic: str, timeout: float = KAFKA_WAIT,
                  on_recorded: Callable[[], None] = lambda: None) -> None:
         self.store = Store(db_path)
         self.lock = threading.Lock()
@@ -75,8 +78,9 @@ class Submitter:
             problem = transport.deliver(self.producer, self.topic, m.encode(sub), sub.task_id,
                                         self.timeout)
             if problem:
-                return protocol.error("unavailable", f"Kafka did not accept task {sub.task_id}:"
-                                      f" {problem}; it is recorded as queued and will run")
+                return protocol.error("unavailable", f"Kafka did not accept task {sub.task_id}"
+                                      f" within {self.timeout:g} s ({problem}); it is recorded as"
+                                      " queued and will run: do not submit it again under another id")
         return {"ok": True, "task-id": sub.task_id, "status": "queued",
                 "created": intake.outcome == "new"}
 

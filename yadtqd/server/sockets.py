@@ -17,12 +17,13 @@ import json
 import logging
 import os
 import socket
+import stat
 import threading
 from pathlib import Path
 from typing import Any
 
 from yadtqd import protocol
-from yadtqd.errors import UnreachableError
+from yadtqd.errors import ConfigError, UnreachableError
 from yadtqd.server.queries import Queries
 from yadtqd.store import Store
 
@@ -81,8 +82,13 @@ class SocketServer:
             store.close()
 
     def _remove_stale(self) -> None:
-        if not os.path.exists(self.path):
+        try:
+            mode = os.lstat(self.path).st_mode
+        except FileNotFoundError:
             return
+        if not stat.S_ISSOCK(mode):
+            raise ConfigError(f"[server] socket {self.path} exists and is not a socket: refusing"
+                              " to remove it (does the setting name another file?)")
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             probe.connect(self.path)
