@@ -88,11 +88,12 @@ class Cluster:
                           f"a new epoch of worker {worker_id} to join", alive=proc)
         return proc
 
-    def stop(self, name: str, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
-        """Signal a process (its whole group for SIGKILL) and wait for it to exit."""
+    def stop(self, name: str, sig: int = signal.SIGTERM, timeout: float = 60.0, group: bool = True) -> int:
+        """Signal a process (its whole group for SIGKILL, unless ``group`` is False: then its
+        execution processes must end by themselves) and wait for it to exit."""
         proc = self.processes.pop(name)
         if proc.poll() is None:
-            if sig == signal.SIGKILL:
+            if sig == signal.SIGKILL and group:
                 os.killpg(proc.pid, signal.SIGKILL)
             else:
                 proc.send_signal(sig)

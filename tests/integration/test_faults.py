@@ -162,6 +162,7 @@ def test_pool_that_stops_answering_is_a_stall_but_a_long_task_is_not(cluster: Cl
     failures = cluster.client.failures()
     assert len(failures) == 2 and all(f["reason"].startswith("no heartbeat") for f in failures)
     assert proc.poll() is None and "fenced by the server" in cluster.log("w1")
+    cluster.wait_for(lambda: cluster.epochs("w1", live=True), "w1 to register anew")
     after = cluster.client.submit("add", 1, 1)
     assert cluster.client.result(after, wait=60)["result"] == 2  # it registered anew and serves
 

@@ -136,7 +136,7 @@ def test_routing_sends_tasks_only_to_workers_that_provide_them(cluster: Cluster)
 def test_task_no_live_worker_provides_stays_queued_and_says_why(cluster: Cluster) -> None:
     cluster.start_server()
     cluster.start_worker("w1", plugins="arith")
-    task_id = cluster.client.submit("sleep", 0)
+    task_id = cluster.client.submit("sleep", 0, queue_anyway=True)
     shown = cluster.ctl("status", task_id)
     assert shown.returncode == 0
     assert "queued" in shown.stdout

@@ -4,13 +4,22 @@ Jobs and outcomes travel as JSON over a pipe from :mod:`yadtqd.worker.pool`. A t
 returns something that is not JSON, or returns too much is a failed *outcome*, never a crash of
 this process. A thread answers the pool's pings while a task runs, so a long task is not taken
 for a wedged process.
+
+Each execution process leads a process group of its own, so whatever a task starts
+(subprocesses, forks) is in it, and the pool ends the whole group with the task (a timeout, a
+fence, a stop). When the worker dies, the kernel sends this process SIGTERM
+(``PR_SET_PDEATHSIG``) and its handler ends the group; the pipe closing does the same from the
+reading thread. (A task holding the interpreter lock in a C call delays both until it returns.)
 """
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import json
 import logging
+import os
+import resource
 import signal
 import threading
 import time
@@ -59,8 +68,10 @@ class Outcome(msgspec.Struct, kw_only=True, omit_defaults=True):
 _job = msgspec.json.Decoder(Job)
 
 
-def main(conn: Connection, max_result_bytes: int, only: tuple[str, ...]) -> None:
+def main(conn: Connection, max_result_bytes: int, only: tuple[str, ...], max_memory: int = 0) -> None:
     """Entry point of an execution process (started by the pool with the spawn method)."""
+    os.setpgid(0, 0)  # a group of its own: the pool ends it whole
+    _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     logging.getLogger("yadtqd.plugins").disabled = True  # problems go to the worker, once
@@ -68,11 +79,13 @@ def main(conn: Connection, max_result_bytes: int, only: tuple[str, ...]) -> None
     registry = plugins.load(only)
     inbox = _Inbox(conn)
     tasks = {name: {"plugin": e.plugin, "version": e.version} for name, e in registry.tasks.items()}
+    if max_memory:  # after the plugins loaded: the limit is the tasks'
+        resource.setrlimit(resource.RLIMIT_AS, (max_memory, max_memory))
     inbox.send(msgspec.json.encode(Ready(tasks=tasks, problems=registry.problems)))
     threading.Thread(target=inbox.read, daemon=True).start()
     try:
         while (job := inbox.take()) is not None:
-            inbox.send(msgspec.json.encode(run(registry, job, max_result_bytes)))
+            inbox.send(msgspec.json.encode(run(registry, job, max_result_bytes, max_memory)))
     except (BrokenPipeError, ConnectionResetError):
         pass  # the worker closed the pipe (it stopped, or gave this task up at its stop timeout)
 
@@ -86,6 +99,7 @@ class _Inbox:
         self.cond = threading.Condition()
         self.jobs: list[Job] = []
         self.closed = False
+        self.running = False
 
     def send(self, raw: bytes) -> None:
         with self.send_lock:
@@ -103,6 +117,8 @@ class _Inbox:
                     continue
                 except (BrokenPipeError, ConnectionResetError):
                     raw = b""  # the worker is gone: as if it had closed the pipe
+            if not raw and self.jobs_running():
+                _end_group()  # the worker went away while a task runs: end the task, and all it started
             with self.cond:
                 if raw:
                     self.jobs.append(_job.decode(raw))
@@ -115,11 +131,17 @@ class _Inbox:
     def take(self) -> Job | None:
         """The next job, or None once the pool closed the pipe."""
         with self.cond:
+            self.running = False
             self.cond.wait_for(lambda: self.jobs or self.closed)
+            self.running = bool(self.jobs)
             return self.jobs.pop(0) if self.jobs else None
 
+    def jobs_running(self) -> bool:
+        """Whether a task runs now."""
+        return self.running
 
-def run(registry: plugins.Registry, job: Job, max_result_bytes: int) -> Outcome:
+
+def run(registry: plugins.Registry, job: Job, max_result_bytes: int, max_memory: int = 0) -> Outcome:
     """Run one job and turn whatever happens into an outcome."""
     entry = registry.tasks.get(job.task)
     if entry is None:
@@ -128,6 +150,10 @@ def run(registry: plugins.Registry, job: Job, max_result_bytes: int) -> Outcome:
     began = time.monotonic()
     try:
         value = entry.function(*job.args, **job.kwargs)
+    except MemoryError:
+        outcome = _failed(job, "MemoryError", "the task ran out of memory" + (
+            f" ([worker] max_task_memory = {max_memory} bytes)" if max_memory else ""),
+            traceback.format_exc())
     except (Exception, SystemExit) as exc:  # a task's failure is a result, not a crash of this process
         outcome = _failed(job, _type_name(exc), _text(exc), traceback.format_exc())
     else:
@@ -166,6 +192,24 @@ def _failed(job: Job, kind: str, message: str, tb: str = "") -> Outcome:
         error["traceback"] = info.traceback
     return Outcome(task_id=job.task_id, attempt=job.attempt, epoch=job.epoch, status="failed",
                    error=error)
+
+
+def _die_with_parent() -> None:
+    """End this process's group when the worker process dies: the kernel sends SIGTERM then
+    (Linux ``PR_SET_PDEATHSIG``), whose handler ends the group, task subprocesses included."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: _end_group())
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the pipe's end still ends the group
+    if os.getppid() == 1:  # the worker died before the request took effect
+        _end_group()
+
+
+def _end_group() -> None:
+    """SIGKILL this process's group: the task, and everything it started."""
+    os.killpg(os.getpgrp(), signal.SIGKILL)
 
 
 def _type_name(exc: BaseException) -> str:

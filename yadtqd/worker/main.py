@@ -100,7 +100,7 @@ class Worker:
         self.last_watchdog = 0.0
         self.last_progress = time.time()
         self.pool = Pool(config.worker.slot_count, config.worker.max_result_bytes,
-                         config.worker.plugins)
+                         config.worker.plugins, config.worker.max_task_memory)
         self.pool.ping_interval = config.worker.heartbeat_interval
         self.pool.load_grace = max(pool.LOAD_GRACE, config.worker.stall_timeout)
         self.outbox: Outbox | None = None
@@ -112,6 +112,7 @@ class Worker:
 
     def run(self) -> int:
         """Run until SIGTERM and the drain that follows; returns the exit status."""
+        _scrub_environment()
         self.pool.start()
         self.pool.wait_ready()
         consumer, _ = transport.make_consumer(self.config, "worker")
@@ -138,6 +139,9 @@ class Worker:
         signal.signal(signal.SIGTERM, self._on_sigterm)
         signal.signal(signal.SIGINT, self._on_sigterm)
         signal.signal(signal.SIGHUP, self._on_sighup)
+        # an execution process that exits wakes the loop at once (the wake-up socket), even when
+        # something it forked keeps its pipe open
+        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
 
     def _on_sigterm(self, signum: int, frame: object) -> None:
         self.stopping = True  # the main loop acts on it
@@ -373,6 +377,14 @@ class Worker:
     def _send(self, message: m.WorkerEvent, urgent: bool = False) -> None:
         assert self.outbox is not None
         self.outbox.send(message, urgent)
+
+
+def _scrub_environment() -> None:
+    """Drop the daemon's own settings (``YADTQ_*``, Kafka credentials among them) from the
+    environment, once loaded: execution processes started afterwards inherit none of them, not
+    even in ``/proc/self/environ``."""
+    for name in [n for n in os.environ if n.startswith("YADTQ_")]:
+        del os.environ[name]
 
 
 def _boot_id() -> str:

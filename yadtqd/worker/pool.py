@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import signal
 import time
 from collections.abc import Sequence
@@ -57,10 +58,12 @@ class Slot:
 class Pool:
     """``size`` execution processes started with the spawn method (no fork of a Kafka client)."""
 
-    def __init__(self, size: int, max_result_bytes: int, plugins: tuple[str, ...] = ()) -> None:
+    def __init__(self, size: int, max_result_bytes: int, plugins: tuple[str, ...] = (),
+                 max_memory: int = 0) -> None:
         self.size = size
         self.max_result_bytes = max_result_bytes
         self.plugins = plugins
+        self.max_memory = max_memory
         self.ctx = multiprocessing.get_context("spawn")
         self.slots: list[Slot] = []
         self.generation = 0
@@ -78,7 +81,8 @@ class Pool:
 
     def _spawn(self) -> Slot:
         parent, child_end = self.ctx.Pipe()
-        process = self.ctx.Process(target=child.main, args=(child_end, self.max_result_bytes, self.plugins),
+        process = self.ctx.Process(target=child.main,
+                                   args=(child_end, self.max_result_bytes, self.plugins, self.max_memory),
                                    name="yadtq-exec", daemon=True)
         process.start()
         child_end.close()
@@ -112,10 +116,10 @@ class Pool:
 
     def collect(self, ready: Sequence[object]) -> list[Outcome]:
         """Read what the ready pipes say; replace slots whose process died."""
+        outcomes = self._collect_exits(ready)
         answered = [s for s in self.slots if s.conn in ready]
         if self.probe is not None and self.probe.conn in ready:
             self._collect_probe()
-        outcomes = []
         for slot in answered:
             if slot not in self.slots:
                 continue  # retired by the reload just now (an idle slot: nothing to read)
@@ -139,6 +143,18 @@ class Pool:
             slot.job, slot.deadline = None, None
             if slot.generation != self.generation:
                 self._replace(slot, "", "")
+        return outcomes
+
+    def _collect_exits(self, ready: Sequence[object]) -> list[Outcome]:
+        """Busy slots whose process exited with nothing left in its pipe: the task failed, the
+        group is ended, the slot replaced. Its exit is asked of the kernel (``waitpid``): a
+        child it forked may hold its pipe open, and its sentinel, for good."""
+        outcomes = []
+        for slot in [s for s in self.slots if s.job is not None and s.conn not in ready]:
+            if slot.process.exitcode is None or slot.conn.poll(0):
+                continue  # running, or it said something first (an outcome, or the pipe's end)
+            outcomes += self._replace(slot, "ExecutionProcessDied", "the execution process "
+                                      + _death(slot.process) + " while running the task")
         return outcomes
 
     def wait_ready(self, timeout: float = 120.0) -> None:
@@ -276,6 +292,13 @@ class Pool:
 
 
 def _stop(slot: Slot) -> None:
+    """End a slot's process group (the task and everything it started), then the process."""
+    pid = slot.process.pid
+    if pid is not None:
+        try:
+            os.killpg(pid, signal.SIGKILL)  # the process leads its own group
+        except (ProcessLookupError, PermissionError):
+            pass  # not yet its own group (just spawned), or gone
     if slot.process.is_alive():
         slot.process.kill()
     slot.process.join()

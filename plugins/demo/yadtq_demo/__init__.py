@@ -1,5 +1,6 @@
 """Tasks for demos and tests: ``sleep``, ``fail``, ``flaky``, ``echo``, ``cpu``, ``ledger``,
-``hog``, ``blob``, ``not_json``, ``exit`` and ``segfault``.
+``hog``, ``blob``, ``not_json``, ``exit``, ``segfault``, ``spawn``, ``fork_and_exit``,
+``allocate`` and ``environment``.
 
 Not for production: these tasks exist to misbehave on demand, and ``ledger`` appends to any
 path it is given, as the worker's user.
@@ -15,6 +16,7 @@ import builtins
 import ctypes
 import json
 import os
+import subprocess
 import time
 from typing import Any
 
@@ -68,6 +70,42 @@ def segfault() -> None:
     ctypes.string_at(0)
 
 
+def spawn(path: str, seconds: float = 600.0) -> None:
+    """Start ``sleep 600`` as a subprocess, write both pids to ``path`` as JSON, then sleep
+    ``seconds`` (tests check that the subprocess ends with the task)."""
+    child = subprocess.Popen(["sleep", "600"])
+    _write_pids(path, os.getpid(), child.pid)
+    time.sleep(seconds)
+
+
+def fork_and_exit(path: str) -> None:
+    """Fork a child that sleeps 600 s holding every descriptor (the worker's pipe too), write
+    both pids to ``path``, then end the execution process with status 3."""
+    pid = os.fork()
+    if pid == 0:
+        time.sleep(600)
+        os._exit(0)
+    _write_pids(path, os.getpid(), pid)
+    os._exit(3)
+
+
+def _write_pids(path: str, execution: int, child: int) -> None:
+    with open(path, "w") as f:
+        json.dump({"execution": execution, "child": child}, f)
+
+
+def allocate(megabytes: int) -> int:
+    """Hold ``megabytes`` MiB at once (to test the memory limit); return how many."""
+    block = bytearray(megabytes * 1024 * 1024)
+    return len(block) // (1024 * 1024)
+
+
+def environment() -> list[str]:
+    """The names of the execution process's environment variables, as exec gave them."""
+    with open("/proc/self/environ", "rb") as f:
+        return sorted(entry.split(b"=", 1)[0].decode() for entry in f.read().split(b"\0") if entry)
+
+
 def not_json() -> Any:
     """Return a value that is not JSON (a set), which fails the task."""
     return {1, 2, 3}
@@ -113,5 +151,6 @@ def _append(path: str, phase: str) -> None:
 @yadtqd.hookimpl
 def yadtq_register_tasks(register: Register) -> None:
     """Register the demo tasks."""
-    for function in (sleep, fail, flaky, echo, cpu, ledger, hog, blob, not_json, exit, segfault):
+    for function in (sleep, fail, flaky, echo, cpu, ledger, hog, blob, not_json, exit, segfault,
+                     spawn, fork_and_exit, allocate, environment):
         register(function.__name__, function)
