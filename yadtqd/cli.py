@@ -35,11 +35,11 @@ def main(argv: list[str] | None = None) -> int:
         from yadtqd.transport import check_settings  # here: --help stays free of librdkafka
 
         check_settings(config)
+        worker_id = config.worker.worker_id if args.role == "worker" else ""
+        logsetup.setup(config.logging.level, config.logging.file, args.role, worker_id)
     except YadtqError as exc:
         print(f"yadtqd: {exc}", file=sys.stderr)
         return exc.exit_code
-    worker_id = config.worker.worker_id if args.role == "worker" else ""
-    logsetup.setup(config.logging.level, config.logging.file, args.role, worker_id)
     notifier = Notifier()
     try:
         if args.role == "server":

@@ -12,12 +12,15 @@ can rotate (it is reopened when moved).
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import logging.handlers
 import os
 import socket
 import struct
 import sys
+
+from yadtqd.errors import ConfigError
 
 PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
             logging.CRITICAL: 2}
@@ -42,12 +45,17 @@ class _Defaults(logging.Filter):
 
 
 class _LineFormatter(logging.Formatter):
-    """``2026-11-27 21:00:00,000 INFO yadtqd.server: message [task_id=... event=...]``."""
+    """``2026-11-27T21:00:00.000+00:00 INFO yadtqd.server: message [task_id=... event=...]``:
+    timestamps in UTC with their offset, so lines from hosts in other zones sort together."""
 
     def __init__(self, priority_prefix: bool) -> None:
         fmt = "%(message)s" if priority_prefix else "%(asctime)s %(levelname)s %(name)s: %(message)s"
         super().__init__(fmt)
         self.priority_prefix = priority_prefix
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
+        when = dt.datetime.fromtimestamp(record.created, dt.timezone.utc)
+        return when.isoformat(timespec="milliseconds")
 
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
@@ -130,7 +138,11 @@ def setup(level: str, file: str, role: str, worker_id: str = "") -> None:
     handler.addFilter(defaults)
     root.addHandler(handler)
     if file:
-        plain = logging.handlers.WatchedFileHandler(file)
+        try:
+            plain = logging.handlers.WatchedFileHandler(file)
+        except OSError as exc:
+            raise ConfigError(f"[logging] file {file}: cannot be opened: {exc.strerror} (under"
+                              " systemd the unit may write only /var/log/yadtq: LogsDirectory=)") from None
         plain.setFormatter(_LineFormatter(priority_prefix=False))
         plain.addFilter(defaults)
         root.addHandler(plain)

@@ -56,14 +56,18 @@ def _wait_seconds(cluster: Cluster, seconds: float) -> None:
         time.sleep(1.0)  # the outage itself is the thing being timed, not a synchronisation
 
 
-def _short_timeouts(cluster: Cluster) -> None:
-    """librdkafka gives up on a message after 5 s: every outage below outlasts that."""
+def _running(cluster: Cluster, book: Path, count: int) -> list[str]:
+    """A server and two workers whose librdkafka gives up on a message after 5 s (every outage
+    below outlasts that), ``count`` one-second ledger tasks, and a few of them done."""
     cluster.write_config(kafka={"message.timeout.ms": 5000},
                          worker={"heartbeat_interval": 0.5, "slots": 2})
-
-
-def _progress(cluster: Cluster, ids: list[str], at_least: int) -> bool:
-    return sum(v["status"] == "success" for v in cluster.client.status(*ids).values()) >= at_least
+    cluster.start_server()
+    cluster.start_worker("w1")
+    cluster.start_worker("w2")
+    ids = [cluster.client.submit("ledger", str(book), 1.0, i) for i in range(count)]
+    cluster.wait_for(lambda: sum(v["status"] == "success" for v in cluster.client.status(*ids).values()) >= 6,
+                     "a few tasks to finish")
+    return ids
 
 
 def test_an_outage_longer_than_the_message_timeout_loses_nothing(
@@ -71,13 +75,8 @@ def test_an_outage_longer_than_the_message_timeout_loses_nothing(
     """Every event and grant that librdkafka gave up on during the outage is sent again: tasks
     queued, granted, running and finished during it all end (issue 11, defect 1)."""
     cluster = own_cluster
-    _short_timeouts(cluster)
-    cluster.start_server()
-    cluster.start_worker("w1")
-    cluster.start_worker("w2")
     book = tmp_path / "ledger"
-    ids = [cluster.client.submit("ledger", str(book), 1.0, i) for i in range(40)]
-    cluster.wait_for(lambda: _progress(cluster, ids, 6), "a few tasks to finish")
+    ids = _running(cluster, book, 40)
     own_broker.stop()
     cluster.wait_for(lambda: all("not delivered to Kafka" in cluster.log(n) for n in ("w1", "w2")),
                      "the workers' events to fail delivery", timeout=60)
@@ -96,13 +95,8 @@ def test_a_frozen_broker_declares_no_worker_dead(own_cluster: Cluster, own_broke
     """A broker frozen (SIGSTOP) for 25 s is not a live link with silent workers: nobody is
     declared dead, and every task ends once it wakes (issue 11, defects 1 and 6)."""
     cluster = own_cluster
-    _short_timeouts(cluster)
-    cluster.start_server()
-    cluster.start_worker("w1")
-    cluster.start_worker("w2")
     book = tmp_path / "ledger"
-    ids = [cluster.client.submit("ledger", str(book), 1.0, i) for i in range(60)]
-    cluster.wait_for(lambda: _progress(cluster, ids, 6), "a few tasks to finish")
+    ids = _running(cluster, book, 60)
     assert own_broker.process is not None
     os.kill(own_broker.process.pid, signal.SIGSTOP)
     try:

@@ -79,3 +79,10 @@ def test_a_wait_survives_a_server_restart(cluster: Cluster) -> None:
     out, err = waiting.communicate(timeout=150)
     assert waiting.returncode == 0, err
     assert out.strip() == "3"
+
+
+def test_a_log_file_that_cannot_be_opened_is_a_config_error(cluster: Cluster) -> None:
+    done = _server(cluster, {"YADTQ_LOGGING_FILE": "/nonexistent/yadtq.log"})
+    assert done.returncode == 78
+    (line,) = done.stderr.strip().splitlines()
+    assert "[logging] file /nonexistent/yadtq.log: cannot be opened" in line

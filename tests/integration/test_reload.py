@@ -25,14 +25,14 @@ def yadtq_register_tasks(register):
 '''
 
 
-def install_plugin(site: Path) -> None:
+def install_plugin(site: Path, name: str = "extra", body: str = PLUGIN, version: str = "1.2") -> None:
     """Install a plugin package the way pip lays it out: the module and its dist-info."""
-    (site / "yadtq_extra").mkdir()
-    (site / "yadtq_extra" / "__init__.py").write_text(PLUGIN)
-    info = site / "yadtq_extra-1.2.dist-info"
+    (site / f"yadtq_{name}").mkdir()
+    (site / f"yadtq_{name}" / "__init__.py").write_text(body)
+    info = site / f"yadtq_{name}-{version}.dist-info"
     info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: yadtq-extra\nVersion: 1.2\n")
-    (info / "entry_points.txt").write_text("[yadtq]\nextra = yadtq_extra\n")
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: yadtq-{name}\nVersion: {version}\n")
+    (info / "entry_points.txt").write_text(f"[yadtq]\n{name} = yadtq_{name}\n")
 
 
 def test_sighup_discovers_and_withdraws_plugins(cluster: Cluster, tmp_path: Path) -> None:
@@ -63,12 +63,7 @@ def test_sighup_discovers_and_withdraws_plugins(cluster: Cluster, tmp_path: Path
 
 def install_broken_plugin(site: Path, body: str) -> None:
     """A plugin whose import does ``body`` (exits, or blocks)."""
-    (site / "yadtq_broken").mkdir()
-    (site / "yadtq_broken" / "__init__.py").write_text(body)
-    info = site / "yadtq_broken-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: yadtq-broken\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[yadtq]\nbroken = yadtq_broken\n")
+    install_plugin(site, "broken", body, "0.1")
 
 
 def test_a_plugin_calling_sys_exit_at_import_is_reported_and_the_rest_reload(
