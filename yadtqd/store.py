@@ -11,8 +11,10 @@ caller being single-threaded::
 
 A transition that matches no row did not happen; the caller treats the event as stale.
 Offsets consumed from Kafka are saved in the same transaction as the changes they cause
-(invariant 6). The writer runs with ``synchronous=FULL``: a grant's ``run`` leaves the process
-right after its commit, so the commit must survive a power loss (docs/design.md, "Server").
+(invariant 6). Transactions whose effects leave the process at once (a grant's ``run``, a
+death's ``fenced``) commit with ``synchronous=FULL``, so they survive a power loss; the others
+with ``NORMAL``, which may lose the last commits to one but never corrupts, and what they did is
+read again from Kafka (docs/design.md, "Server").
 
 The schema is versioned (``PRAGMA user_version``): a server migrates an older database forward
 at start, in one transaction, and refuses one newer than itself. The server's main loop is the one writer of events; socket submits write
@@ -113,7 +115,7 @@ def connect(path: str | Path, readonly: bool = False) -> sqlite3.Connection:
     else:
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
         conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA synchronous=NORMAL")  # durable transactions ask for FULL
     conn.row_factory = sqlite3.Row
     return conn
 
@@ -134,15 +136,27 @@ class Store:
         self.db.close()
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[None]:
-        """One write transaction: ``BEGIN IMMEDIATE`` takes the write lock at once."""
-        self.db.execute("BEGIN IMMEDIATE")
+    def transaction(self, durable: bool = False) -> Iterator[None]:
+        """One write transaction: ``BEGIN IMMEDIATE`` takes the write lock at once.
+
+        ``durable`` commits with ``synchronous=FULL`` (the WAL is synced at the commit): for a
+        transaction whose effects leave the process right after it (grants, whose runs go out;
+        deaths, whose fences do). Under ``NORMAL`` a power loss may roll back the last commits;
+        a FULL commit syncs every earlier one in the WAL with it.
+        """
+        if durable:
+            self.db.execute("PRAGMA synchronous=FULL")
         try:
-            yield
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
+        finally:
+            if durable:
+                self.db.execute("PRAGMA synchronous=NORMAL")
 
     # ------------------------------------------------------------ intake (invariant 1)
 

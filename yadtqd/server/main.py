@@ -165,7 +165,7 @@ class Server:
             self.changes.signal()  # results are readable now, before the next grants
         fences = effects.fences + self._check_deaths(store, ingest, now)
         self._fail_unroutable(store, now)
-        with store.transaction():
+        with store.transaction(durable=True):  # the runs leave right after it
             grants = self.scheduler.plan(store, now)
         # a grant into a free slot starts on arrival: send it at once; one that waits in a
         # worker's prefetch anyway may wait for a batch
@@ -202,7 +202,7 @@ class Server:
             if silence <= timeout:
                 continue
             reason = f"no heartbeat for {silence:.1f} s"
-            with store.transaction():
+            with store.transaction(durable=True):  # the fence leaves right after it
                 ingest.declare_dead(member.epoch, reason, now)
             fences.append(Fence(member.worker, member.epoch, reason, member.dispatch))
         return fences
