@@ -37,6 +37,17 @@ def throughput(bootstrap: str, tasks: int, workers: int, prefetch: int = -1) -> 
         return tasks / (time.perf_counter() - start), tasks / submit_seconds
 
 
+def log_lines(bootstrap: str, tasks: int) -> tuple[float, float]:
+    """Lines logged at info per task (server; the two workers together) for ``tasks`` ``add``."""
+    with cluster(bootstrap, 2) as c:
+        names = ["server", "bench0", "bench1"]
+        before = {n: c.log(n).count("\n") for n in names}
+        submit_all(bootstrap, c.prefix, tasks)
+        wait_done(c, tasks)
+        lines = {n: c.log(n).count("\n") - before[n] for n in names}
+        return lines["server"] / tasks, (lines["bench0"] + lines["bench1"]) / tasks
+
+
 def latency(bootstrap: str, count: int, kafka: dict[str, object] | None = None) -> list[float]:
     """Seconds from submit to result readable, one task at a time, over the socket."""
     with cluster(bootstrap, 1, kafka=kafka) as c:
@@ -81,6 +92,9 @@ def main() -> int:
         fixed = [throughput(bootstrap, args.tasks, 2, prefetch=2)[0] for _ in range(args.runs)]
         rows.append(["throughput, 2 workers x 2 slots, fixed prefetch 2 (the old default)", "tasks/s",
                      fmt(fixed)])
+        server_lines, worker_lines = log_lines(bootstrap, args.tasks)
+        rows.append(["log lines per task at info: server / workers", "lines",
+                     f"{server_lines:.2f} / {worker_lines:.2f}"])
         best = max(results.values(), key=lambda v: summary(v)[0])
         rows.append(["best throughput / raw Kafka", "ratio",
                      f"{summary(best)[0] / summary(raw_tp)[0]:.2f}"])

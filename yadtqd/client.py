@@ -78,7 +78,9 @@ class Client:
                 with sock.makefile("rb") as reader:
                     line = reader.readline()
         except (FileNotFoundError, ConnectionRefusedError) as exc:
-            raise UnreachableError(f"cannot reach the server at {self.socket_path}: {exc.strerror}") from None
+            absent = UnreachableError(f"cannot reach the server at {self.socket_path}: {exc.strerror}")
+            absent.absent = True
+            raise absent from None
         except PermissionError:
             denied = UnreachableError(f"no permission to use {self.socket_path}"
                                       " (are you in the yadtq group?)")
@@ -88,9 +90,12 @@ class Client:
             raise UnreachableError(f"the server at {self.socket_path} did not answer in time") from None
         except OSError as exc:
             raise UnreachableError(f"talking to the server at {self.socket_path}: {exc}") from None
-        if not line:
+        if not line.endswith(b"\n"):  # nothing, or half a line: the server went away
             raise UnreachableError(f"the server at {self.socket_path} closed the connection")
-        reply: dict[str, Any] = json.loads(line)
+        try:
+            reply: dict[str, Any] = json.loads(line)
+        except json.JSONDecodeError:
+            raise UnreachableError(f"the server at {self.socket_path} sent a broken reply") from None
         if not reply.get("ok"):
             err = reply.get("error", {})
             raise RequestError(err.get("code", "internal"), err.get("message", "unknown error"))
@@ -111,19 +116,21 @@ class Client:
         if queue_anyway:
             request["queue_anyway"] = True
         deadline = time.monotonic() + self.timeout
+        tried = False
         while True:  # the same id again is a no-op, so a lost reply is safe to ask again for
             try:
                 reply = self.request(request)
                 return str(reply["task-id"])
             except UnreachableError as exc:
-                if exc.lasting:
-                    raise
+                if exc.lasting or (exc.absent and not tried):
+                    raise  # nobody there at all (a wrong socket, no server): say so at once
+                tried = True
                 if time.monotonic() + RETRY_PAUSE >= deadline:
                     raise UnreachableError(
                         f"{exc}; task {body['task-id']} may have been accepted: `yadtqctl status"
                         f" {body['task-id']}` tells, and submitting again with --id"
                         f" {body['task-id']} is safe (the same id twice is one task)") from None
-            time.sleep(RETRY_PAUSE)  # the server restarting, or busy: ask again
+            time.sleep(RETRY_PAUSE)  # the server restarting: ask again
 
     def status(self, *task_ids: str) -> dict[str, dict[str, Any]]:
         """The status of each task, in the result-backend shape; ``unknown`` for unseen ids."""
@@ -135,14 +142,18 @@ class Client:
         if not wait:
             return dict(self.request({"op": "result", "id": task_id})["task"])
         deadline = time.monotonic() + wait
+        reached = False
         while True:
             left = deadline - time.monotonic()
             step = min(left, 600.0)
             try:
                 reply = self.request({"op": "result", "id": task_id, "wait": max(step, 0)},
                                      timeout=step + self.timeout)
+                reached = True
             except UnreachableError as exc:
-                if exc.lasting or deadline - time.monotonic() <= RETRY_PAUSE:
+                # once the server was there, its going away is a restart to wait through
+                reached = reached or not exc.absent
+                if exc.lasting or not reached or deadline - time.monotonic() <= RETRY_PAUSE:
                     raise
                 time.sleep(RETRY_PAUSE)  # the server restarting: the wait goes on
                 continue
@@ -238,8 +249,9 @@ class KafkaSubmitter:
             return
         from confluent_kafka import KafkaError, KafkaException
 
-        try:
-            info = self.producer.list_topics(self.topic, timeout=self.timeout).topics.get(self.topic)
+        try:  # every topic's metadata: asking for one by name would create it on brokers
+            # with auto.create.topics.enable (Kafka's default), and the task would go nowhere
+            info = self.producer.list_topics(timeout=self.timeout).topics.get(self.topic)
         except KafkaException as exc:
             raise UnreachableError(f"cannot reach Kafka: {exc.args[0].str()}") from None
         if info is None or (info.error is not None

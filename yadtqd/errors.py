@@ -22,10 +22,12 @@ class UsageError(YadtqError):
 
 class UnreachableError(YadtqError):
     """The server's socket or the Kafka broker cannot be reached. ``lasting`` is set when
-    trying again cannot help (no permission to use the socket)."""
+    trying again cannot help (no permission to use the socket); ``absent`` when nothing listens
+    at the socket (no server, or not yet)."""
 
     exit_code = 3
     lasting = False
+    absent = False
 
 
 class WaitTimeout(YadtqError):

@@ -120,7 +120,10 @@ def check_settings(config: Config) -> None:
         try:
             make(settings).close() if make is Consumer else make(settings)
         except KafkaException as exc:
-            raise ConfigError(_setting_problem(config, exc.args[0].str())) from None
+            err = exc.args[0]
+            if err.code() == KafkaError._INVALID_ARG:  # an unknown key or a rejected value
+                raise ConfigError(_setting_problem(config, err.str())) from None
+            raise UnreachableError(f"cannot make a Kafka client: {err.str()}") from None
 
 
 def _setting_problem(config: Config, problem: str) -> str:

@@ -7,8 +7,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 from typing import Any
 
 import pytest
@@ -30,7 +32,8 @@ def _ctl(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
 
 def test_the_socket_comes_from_the_daemons_configuration(cluster: Cluster) -> None:
     cluster.start_server()
-    assert _ctl("stats").returncode == 3  # the default socket: nothing there
+    nowhere = _ctl("stats", env={"YADTQ_SERVER_SOCKET": str(cluster.dir / "nowhere.sock")})
+    assert nowhere.returncode == 3  # named directly, nothing there: said at once
     by_flag = _ctl("--config", str(cluster.config), "stats")
     by_env = _ctl("stats", env={"YADTQ_CONFIG": str(cluster.config)})
     after = _ctl("stats", "--config", str(cluster.config))  # either position
@@ -52,7 +55,8 @@ def test_a_task_nobody_provides_is_refused_unless_queued_anyway(cluster: Cluster
     task_id = queued.stdout.strip()
     view = cluster.client.result(task_id, wait=60)  # failed after unroutable_timeout: it ended
     assert view["status"] == "failed" and view["error"]["type"] == "Unroutable"
-    assert "no live worker provided task 'nosuchtask' for 2 s" in view["error"]["message"]
+    assert re.fullmatch(r"no live worker provided task 'nosuchtask' for \d+ s \(\[server\]"
+                        r" unroutable_timeout\)", view["error"]["message"])
     with KafkaSubmitter({"bootstrap.servers": cluster.bootstrap}, cluster.prefix) as kafka:
         through_kafka = kafka.submit("alsonobody")
     assert cluster.client.result(through_kafka, wait=60)["error"]["type"] == "Unroutable"
@@ -89,9 +93,9 @@ def test_tasks_are_listed_newest_first_with_or_without_a_status(cluster: Cluster
 
 def test_the_live_monitor_piped_into_head_ends_cleanly(cluster: Cluster) -> None:
     cluster.start_server()
-    done = subprocess.run(f"{sys.executable} -m yadtqd.ctl.main --socket {cluster.socket} monitor"
-                          " | head -c 100", shell=True, capture_output=True, timeout=60,
-                          executable="/bin/bash")
+    done = subprocess.run(f"set -o pipefail; {sys.executable} -m yadtqd.ctl.main --socket"
+                          f" {cluster.socket} monitor | head -c 100", shell=True,
+                          capture_output=True, timeout=60, executable="/bin/bash")
     assert done.returncode == 0
     assert b"BrokenPipeError" not in done.stderr and b"Traceback" not in done.stderr
 
@@ -133,3 +137,37 @@ def test_an_unknown_kafka_setting_is_a_config_error(cluster: Cluster, kafka_line
         assert done.returncode == 78, done.stderr
         (line,) = done.stderr.strip().splitlines()  # one line, no traceback
         assert str(cluster.config) in line and words in line
+
+
+def test_a_task_resubmitted_under_its_id_is_not_refused_while_nobody_provides_it(cluster: Cluster) -> None:
+    """A client retrying after a lost reply must hear "recorded", not "unroutable": the task is
+    known, and a refusal would invite a second submission under a new id."""
+    cluster.start_server()
+    cluster.start_worker("w1", plugins="arith")
+    first = cluster.ctl("submit", "sleep", "1", "--id", "known-task", "--queue-anyway")
+    assert first.returncode == 0
+    again = cluster.ctl("submit", "sleep", "1", "--id", "known-task")
+    assert again.returncode == 0 and again.stdout.strip() == "known-task"
+
+
+def test_a_backlog_older_than_the_timeout_survives_its_worker_restarting(cluster: Cluster) -> None:
+    """unroutable_timeout counts how long a name has gone unprovided, not how old a task is: a
+    routable backlog must not fail while its only worker restarts."""
+    cluster.write_config(server={"unroutable_timeout": 10.0}, worker={"slots": 1})
+    cluster.start_server()
+    cluster.start_worker("w1")
+    long = cluster.client.submit("sleep", 14)
+    waiting = cluster.client.submit("sleep", 0)  # queued behind it, older than 10 s soon
+    cluster.wait_for(lambda: cluster.client.status(long)[long]["status"] == "processing", "the long task")
+    cluster.wait_for(lambda: "queued" == cluster.client.status(waiting)[waiting]["status"] and
+                     time.time() - _submitted(cluster, waiting) > 11, "the backlog to outlive the timeout",
+                     timeout=30)
+    assert cluster.stop("w1") == 0  # drains the long task: sleep unprovided meanwhile
+    cluster.start_worker("w1")
+    assert cluster.client.result(waiting, wait=60)["status"] == "success"
+
+
+def _submitted(cluster: Cluster, task_id: str) -> float:
+    import datetime as dt
+
+    return dt.datetime.fromisoformat(cluster.client.status(task_id)[task_id]["submitted_at"]).timestamp()

@@ -74,6 +74,8 @@ def test_a_wait_survives_a_server_restart(cluster: Cluster) -> None:
     waiting = subprocess.Popen([sys.executable, "-m", "yadtqd.ctl.main", "--socket", cluster.socket,
                                 "result", task_id, "--wait", "120"], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
+    cluster.wait_for(lambda: "socket request result from uid" in cluster.log("server"),
+                     "the wait to reach the server")  # then the server goes away under it
     cluster.stop("server", signal.SIGKILL)
     cluster.start_server()
     out, err = waiting.communicate(timeout=150)

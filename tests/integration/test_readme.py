@@ -48,7 +48,7 @@ def _run(command: str, demo_dir: Path) -> subprocess.CompletedProcess[str]:
     if command.startswith("yadtqctl "):
         command = f"{Path(sys.executable).parent / 'yadtqctl'} {command[len('yadtqctl '):]}"
     return subprocess.run(command, shell=True, cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=120)
+                          timeout=120, executable="/bin/bash")
 
 
 def test_the_first_command_runs_a_cluster_and_a_workload(demo: tuple[Path, str]) -> None:
@@ -66,7 +66,7 @@ def test_the_demo_commands_work_as_written(demo: tuple[Path, str]) -> None:
     assert commands, "the README shows commands for the demo"
     for command in commands:
         if command.endswith(" monitor"):
-            command += " | head -c 200"  # the live view, cut short as a reader would
+            command = f"set -o pipefail; {command} | head -c 200"  # the live view, cut short
         done = _run(command, directory)
         assert done.returncode == 0, (command, done.stderr)
     assert _run("./dev ctl submit add 2 3 --wait", directory).stdout.strip() == "5"

@@ -59,6 +59,8 @@ class Server:
         self.topic_health: list[topics.TopicHealth] = []
         self.unproven: set[int] = set()
         self.last_unroutable = 0.0
+        #: Task name → since when (monotonic) this process has seen it queued and unprovided.
+        self.unprovided: dict[str, float] = {}
         self.last_status = 0.0
         self.last_watchdog = 0.0
 
@@ -208,15 +210,22 @@ class Server:
         return fences
 
     def _fail_unroutable(self, store: Store, now: float) -> None:
-        """Every few seconds: fail the tasks that waited ``unroutable_timeout`` for a worker
-        that provides their name, so every accepted task still ends."""
+        """Every few seconds: fail the queued tasks of names no live worker has provided for
+        ``unroutable_timeout`` (counted by this process from when it saw the name unprovided, so
+        a worker restart or a server restart never fails a backlog), so every task still ends."""
         timeout = self.config.server.unroutable_timeout
         mono = time.monotonic()
         if not timeout or mono - self.last_unroutable < UNROUTABLE_EVERY:
             return
         self.last_unroutable = mono
-        with store.transaction():
-            failed = store.fail_unroutable(self.scheduler.provided(), now - timeout, now)
+        provided = self.scheduler.provided()
+        names = [n for n in store.queued_names() if n not in provided]
+        self.unprovided = {n: self.unprovided.get(n, mono) for n in names}
+        failed = []
+        with store.transaction(durable=True):  # a client may read the failure at once
+            for name, since in self.unprovided.items():
+                if mono - since >= timeout:
+                    failed += store.fail_unroutable(name, now - timeout, mono - since, now)
         for task_id in failed:
             log.warning("task %s failed: no live worker provided its task for %g s", task_id,
                         timeout, extra={"task_id": task_id, "event": "task_failed"})
@@ -278,7 +287,7 @@ class Server:
 def _lock(database: str) -> int:
     """Hold an exclusive lock on ``<database>.lock`` for the process's life: a second server
     on the same database refuses at once, before it re-sends a single grant."""
-    path = f"{database}.lock"
+    path = f"{Path(database).resolve()}.lock"  # one lock, however the path is spelled
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o640)
     try:

@@ -63,7 +63,7 @@ class Submitter:
         self.timeout = timeout
         self.on_recorded = on_recorded
 
-    def submit(self, sub: m.Submission) -> Reply:
+    def submit(self, sub: m.Submission, uid: int = -1) -> Reply:
         """Record (and tell the main loop, which may grant it at once), then produce; reply
         once Kafka accepted the task."""
         with self.lock, self.store.transaction():
@@ -72,7 +72,7 @@ class Submitter:
             return protocol.error("conflict", f"task id {sub.task_id!r} was submitted before with"
                                   " another payload")
         if intake.outcome == "new":
-            log.info("task %s received: %s (socket)", sub.task_id, sub.task,
+            log.info("task %s received: %s (socket, uid %d)", sub.task_id, sub.task, uid,
                      extra={"task_id": sub.task_id, "event": "task_received"})
             self.on_recorded()
             problem = transport.deliver(self.producer, self.topic, m.encode(sub), sub.task_id,
@@ -101,18 +101,21 @@ class Queries:
             "stats": self.stats, "plugins": self.plugins, "snapshot": self.snapshot,
         }
 
-    def handle(self, store: Store, request: dict[str, Any]) -> Reply:
-        """Run one request."""
+    def handle(self, store: Store, request: dict[str, Any], uid: int = -1) -> Reply:
+        """Run one request from the user ``uid`` (the socket's peer; -1 unknown)."""
         op = request.get("op")
         handler = self.ops.get(op) if isinstance(op, str) else None
         if handler is None:
             return protocol.error("unknown_op", f"unknown op {op!r}; known: {', '.join(self.ops)}")
+        log.debug("socket request %s from uid %d", op, uid)
         try:
+            if handler == self.submit:
+                return self.submit(store, request, uid)
             return handler(store, request)
         except _BadRequest as exc:
             return protocol.error("bad_request", str(exc))
 
-    def submit(self, store: Store, req: dict[str, Any]) -> Reply:
+    def submit(self, store: Store, req: dict[str, Any], uid: int = -1) -> Reply:
         raw = json.dumps(req.get("task")).encode()
         if len(raw) > self.max_task_bytes:
             return protocol.error("too_large", f"task of {len(raw)} bytes is over the limit of"
@@ -121,8 +124,8 @@ class Queries:
             sub = msgspec.convert(req.get("task"), m.Submission)
         except msgspec.ValidationError as exc:
             return protocol.error("bad_task", f"invalid task: {exc}")
-        if not req.get("queue_anyway"):
-            provided = _provided(store)
+        if not req.get("queue_anyway") and not store.task_rows([sub.task_id]):
+            provided = _provided(store)  # (a known id: intake says duplicate or conflict)
             if sub.task not in provided:
                 return protocol.error("unroutable", (
                     f"no live worker provides task {sub.task!r} (provided: "
@@ -130,7 +133,7 @@ class Queries:
                     " provide it, submit with --queue-anyway (queue_anyway)"))
         at = time.time() if sub.submitted_at is None else sub.submitted_at
         sub = msgspec.structs.replace(sub, submitted_at=at, via="socket")
-        return self.submitter.submit(sub)
+        return self.submitter.submit(sub, uid)
 
     def status(self, store: Store, req: dict[str, Any]) -> Reply:
         ids = _strings(req, "ids")

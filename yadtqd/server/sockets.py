@@ -18,6 +18,7 @@ import logging
 import os
 import socket
 import stat
+import struct
 import threading
 from pathlib import Path
 from typing import Any
@@ -147,13 +148,14 @@ class SocketServer:
     def _serve(self, conn: socket.socket) -> None:
         store = self._take_store()
         conn.settimeout(self.idle_timeout)
+        uid = _peer_uid(conn)
         try:
             with conn, conn.makefile("rb") as reader:
                 while not self._stopping.is_set():
                     line = reader.readline(self.max_line + 1)
                     if not line:
                         return
-                    reply = self._reply(store, line)
+                    reply = self._reply(store, line, uid)
                     if reply.get("watch"):
                         self.queries.watch(store, reply["request"],
                                            lambda snap: conn.sendall(protocol.encode(snap)))
@@ -179,7 +181,7 @@ class SocketServer:
             while budget > 0 and (chunk := conn.recv(65536)):
                 budget -= len(chunk)
 
-    def _reply(self, store: Store, line: bytes) -> dict[str, Any]:
+    def _reply(self, store: Store, line: bytes, uid: int) -> dict[str, Any]:
         if len(line) > self.max_line or not line.endswith(b"\n") and len(line) == self.max_line + 1:
             return protocol.error("too_large", f"request line over {self.max_line} bytes")
         try:
@@ -191,7 +193,17 @@ class SocketServer:
         if request.get("op") == "watch":
             return {"ok": True, "watch": True, "request": request}
         try:
-            return self.queries.handle(store, request)
+            return self.queries.handle(store, request, uid)
         except Exception as exc:
             log.exception("request %r failed", request.get("op"))
             return protocol.error("internal", f"{type(exc).__name__}: {exc}")
+
+
+def _peer_uid(conn: socket.socket) -> int:
+    """The connected client's user id (SO_PEERCRED), logged with what it submits; -1 unknown."""
+    try:
+        _pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                              struct.calcsize("3i")))
+        return int(uid)
+    except OSError:
+        return -1

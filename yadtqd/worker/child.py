@@ -79,10 +79,16 @@ def main(conn: Connection, max_result_bytes: int, only: tuple[str, ...], max_mem
     registry = plugins.load(only)
     inbox = _Inbox(conn)
     tasks = {name: {"plugin": e.plugin, "version": e.version} for name, e in registry.tasks.items()}
+    threading.Thread(target=inbox.read, daemon=True).start()  # its stack before the limit
     if max_memory:  # after the plugins loaded: the limit is the tasks'
-        resource.setrlimit(resource.RLIMIT_AS, (max_memory, max_memory))
+        used = _address_space()
+        if used >= max_memory:
+            registry.problems["max_task_memory"] = (
+                f"[worker] max_task_memory = {max_memory} bytes is below what an execution process"
+                f" uses before any task ({used} bytes): not applied")
+        else:
+            resource.setrlimit(resource.RLIMIT_AS, (max_memory, max_memory))
     inbox.send(msgspec.json.encode(Ready(tasks=tasks, problems=registry.problems)))
-    threading.Thread(target=inbox.read, daemon=True).start()
     try:
         while (job := inbox.take()) is not None:
             inbox.send(msgspec.json.encode(run(registry, job, max_result_bytes, max_memory)))
@@ -109,6 +115,8 @@ class _Inbox:
         while True:
             try:
                 raw = self.conn.recv_bytes()
+            except MemoryError:  # a task ate the memory: keep answering pings
+                continue
             except (EOFError, OSError):
                 raw = b""
             if raw == b"ping":
@@ -150,10 +158,11 @@ def run(registry: plugins.Registry, job: Job, max_result_bytes: int, max_memory:
     began = time.monotonic()
     try:
         value = entry.function(*job.args, **job.kwargs)
-    except MemoryError:
+    except MemoryError as exc:
+        traceback.clear_frames(exc.__traceback__)  # free what the task held before formatting
+        del exc
         outcome = _failed(job, "MemoryError", "the task ran out of memory" + (
-            f" ([worker] max_task_memory = {max_memory} bytes)" if max_memory else ""),
-            traceback.format_exc())
+            f" ([worker] max_task_memory = {max_memory} bytes)" if max_memory else ""))
     except (Exception, SystemExit) as exc:  # a task's failure is a result, not a crash of this process
         outcome = _failed(job, _type_name(exc), _text(exc), traceback.format_exc())
     else:
@@ -194,10 +203,24 @@ def _failed(job: Job, kind: str, message: str, tb: str = "") -> Outcome:
                    error=error)
 
 
+def _address_space() -> int:
+    """This process's address space now (VmSize), in bytes; 0 when it cannot be read."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmSize:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def _die_with_parent() -> None:
     """End this process's group when the worker process dies: the kernel sends SIGTERM then
     (Linux ``PR_SET_PDEATHSIG``), whose handler ends the group, task subprocesses included."""
     signal.signal(signal.SIGTERM, lambda signum, frame: _end_group())
+    # a task's fork is not the group's leader: SIGTERM must end it alone, as usual
+    os.register_at_fork(after_in_child=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG

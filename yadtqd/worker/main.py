@@ -21,6 +21,7 @@ inbox and signals), so its heartbeat proves that the loop turns. Rules from DESI
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import selectors
@@ -316,7 +317,9 @@ class Worker:
                               result=msgspec.Raw(outcome.result.encode()), error=error,
                               runtime=outcome.runtime),
                    urgent=self._quiet())
-        level = logging.INFO if outcome.status == "success" else logging.WARNING
+        # a success at debug: the server logs it at info, naming the worker (one line per
+        # transition that matters: received, started, ended); a failure says why, here too
+        level = logging.DEBUG if outcome.status == "success" else logging.WARNING
         log.log(level, "task %s attempt %d %s%s", outcome.task_id, outcome.attempt, outcome.status,
                 f": {error.type}: {error.message}" if error else "",
                 extra={"task_id": outcome.task_id, "event": f"task_{outcome.status}"})
@@ -382,9 +385,16 @@ class Worker:
 def _scrub_environment() -> None:
     """Drop the daemon's own settings (``YADTQ_*``, Kafka credentials among them) from the
     environment, once loaded: execution processes started afterwards inherit none of them, not
-    even in ``/proc/self/environ``."""
+    even in ``/proc/self/environ``. The worker's own ``/proc/<pid>/environ`` still holds its
+    start-up environment, so the worker makes itself not dumpable (``PR_SET_DUMPABLE`` 0): its
+    ``/proc`` files then belong to root, and task code running as the same user cannot read
+    them (nor attach a debugger to the worker)."""
     for name in [n for n in os.environ if n.startswith("YADTQ_")]:
         del os.environ[name]
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(4, 0)  # PR_SET_DUMPABLE
+    except (OSError, AttributeError):
+        pass  # not Linux
 
 
 def _boot_id() -> str:

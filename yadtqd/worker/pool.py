@@ -267,9 +267,7 @@ class Pool:
         deadline = time.monotonic() + timeout
         for slot in self.slots:
             slot.process.join(max(0.0, deadline - time.monotonic()))
-            if slot.process.is_alive():
-                slot.process.kill()
-                slot.process.join()
+            _stop(slot)  # its group too: what an abandoned task started must not outlive it
         self.slots = []
 
     def _retire(self, slot: Slot, successor: Slot) -> None:
