@@ -41,6 +41,10 @@ class ServerConfig:
                              nonempty=True)
     socket: str = _setting("/run/yadtq/yadtqd.sock", "Unix socket for queries and submits.",
                            nonempty=True)
+    socket_group: str = _setting(
+        "", "Group of the socket (mode 0660): its members may submit and query; empty = the"
+        " daemon's group. The packaged unit sets yadtq-clients."
+    )
     heartbeat_timeout: float = _setting(
         5.0, "Seconds without a heartbeat before a worker epoch is declared dead.", 0.1
     )

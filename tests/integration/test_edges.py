@@ -40,6 +40,13 @@ def test_an_empty_database_or_socket_is_a_config_error(cluster: Cluster, key: st
     assert done.returncode == 78 and f"YADTQ_SERVER_{key}: must not be empty" in done.stderr
 
 
+def test_a_socket_group_that_cannot_be_given_is_a_config_error(cluster: Cluster) -> None:
+    done = _server(cluster, {"YADTQ_SERVER_SOCKET_GROUP": "no-such-group-here"})
+    assert done.returncode == 78
+    assert "[server] socket_group no-such-group-here: cannot give" in done.stderr
+    assert "no such group" in done.stderr and not os.path.exists(cluster.socket)
+
+
 def test_a_second_server_on_the_same_database_refuses_at_once(cluster: Cluster) -> None:
     first = cluster.start_server()
     cluster.start_worker("w1")

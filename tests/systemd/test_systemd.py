@@ -97,7 +97,26 @@ def test_server_and_worker_start_ready_and_serve(box: Container) -> None:
     done = ctl(box, "submit", "add", "40", "2", "--wait", "60")
     assert (done.returncode, done.stdout.strip()) == (0, "42")
     mode = box.run("stat", "-c", "%a %G", "/run/yadtq/yadtqd.sock").stdout.split()
-    assert mode == ["660", "yadtq"]
+    assert mode == ["660", "yadtq-clients"]
+
+
+def test_a_client_may_submit_but_not_read_the_daemons_secrets(box: Container) -> None:
+    """The trust boundary (issue 17, item 1): yadtq-clients use the socket; only the daemons'
+    group reads the configuration with its Kafka credentials; each submit logs the client's uid."""
+    box.run("useradd", "--no-create-home", "--groups", "yadtq-clients", "alice")
+    box.run("useradd", "--no-create-home", "bob")
+
+    def as_user(user: str, *command: str) -> subprocess.CompletedProcess[str]:
+        return box.run("runuser", "-u", user, "--", *command, check=False)
+
+    done = as_user("alice", "yadtqctl", "submit", "add", "2", "2", "--wait", "60")
+    assert (done.returncode, done.stdout.strip()) == (0, "4"), done.stderr
+    assert as_user("alice", "cat", "/etc/yadtq/yadtq.toml").returncode != 0
+    uid = box.run("id", "-u", "alice").stdout.strip()
+    log = box.run("journalctl", "--no-pager", "-u", "yadtqd@server").stdout
+    assert f"(socket, uid {uid})" in log
+    outsider = as_user("bob", "yadtqctl", "stats")
+    assert outsider.returncode == 3 and "no permission" in outsider.stderr
 
 
 def test_journal_holds_a_tasks_trail_across_server_and_worker(box: Container) -> None:

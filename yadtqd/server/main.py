@@ -88,7 +88,8 @@ class Server:
                           [h.view() for h in self.topic_health])
         sockets = SocketServer(self.config.server.socket, queries, self.config.server.database,
                                self.config.server.max_request_bytes,
-                               self.config.server.max_connections, self.config.server.idle_timeout)
+                               self.config.server.max_connections, self.config.server.idle_timeout,
+                               self.config.server.socket_group)
         sockets.start()
         signal.set_wakeup_fd(inbox.wakeup_fd, warn_on_full_buffer=False)
         signal.signal(signal.SIGTERM, self._on_sigterm)

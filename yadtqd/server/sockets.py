@@ -13,6 +13,7 @@ is closed (a ``result`` wait or a ``watch`` is not idle: the server is the one w
 from __future__ import annotations
 
 import contextlib
+import grp
 import json
 import logging
 import os
@@ -39,8 +40,9 @@ class SocketServer:
     """Accepts connections on a thread; serves each on a thread."""
 
     def __init__(self, path: str, queries: Queries, db_path: str, max_line: int,
-                 max_connections: int = 64, idle_timeout: float = 30.0) -> None:
+                 max_connections: int = 64, idle_timeout: float = 30.0, group: str = "") -> None:
         self.path = path
+        self.group = group
         self.queries = queries
         self.db_path = db_path
         self.max_line = max_line
@@ -64,9 +66,24 @@ class SocketServer:
             raise UnreachableError(f"cannot bind socket {self.path}: {exc.strerror}") from None
         finally:
             os.umask(old)
+        if self.group:
+            self._give_to_group(listener)
         listener.listen(128)
         self.listener = listener
         threading.Thread(target=self._accept, name="yadtq-socket", daemon=True).start()
+
+    def _give_to_group(self, listener: socket.socket) -> None:
+        """The socket's group, before anyone may connect (``listen`` comes after): its mode
+        was 0660 from the start, so the only change is who the group is."""
+        try:
+            gid = grp.getgrnam(self.group).gr_gid
+            os.chown(self.path, -1, gid)
+        except (KeyError, OSError) as exc:
+            listener.close()
+            os.unlink(self.path)
+            why = "no such group" if isinstance(exc, KeyError) else exc.strerror
+            raise ConfigError(f"[server] socket_group {self.group}: cannot give {self.path} to it:"
+                              f" {why} (the daemon must be a member: SupplementaryGroups=)") from None
 
     def close(self) -> None:
         """Stop accepting and remove the socket file."""
