@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -17,24 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.systemd.conftest import config_for
 from tests.systemd.container import Container, bookworm_root
 
-ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.kafka
-
-
-@pytest.fixture(scope="module")
-def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Wheels built on the host and the .deb built in a bookworm root."""
-    out = tmp_path_factory.mktemp("artifacts")
-    wheels = out / "wheels"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "-w", str(wheels), str(ROOT),
-                    str(ROOT / "plugins" / "arith"), str(ROOT / "plugins" / "demo")],
-                   check=True, capture_output=True)
-    build_root = bookworm_root(tmp_path_factory.mktemp("build") / "root")
-    subprocess.run([str(ROOT / "packaging" / "build-deb"), str(build_root), str(wheels), str(out)],
-                   check=True, capture_output=True, text=True)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +32,7 @@ def box(artifacts: Path, bootstrap: str, tmp_path_factory: pytest.TempPathFactor
         container.run("dpkg", "-i", f"/srv/yadtq/{deb.name}")
         container.run("/usr/lib/yadtq/bin/pip", "install", "-q", "--no-index", "--find-links",
                       "/srv/yadtq/wheels", "yadtq-arith")
-        config = (f'topic_prefix = "sd{uuid.uuid4().hex[:8]}"\n[kafka]\n'
-                  f'"bootstrap.servers" = "{bootstrap}"\n[server]\nheartbeat_timeout = 3.0\n'
-                  '[worker]\nid = "box"\nslots = 2\nheartbeat_interval = 0.5\n')
-        container.run("tee", "/etc/yadtq/yadtq.toml", input=config)
+        container.run("tee", "/etc/yadtq/yadtq.toml", input=config_for(bootstrap))
         yield container
     finally:
         print(container.run("journalctl", "--no-pager", "-n", "60", "-u", "yadtqd@*", check=False).stdout)
