@@ -11,6 +11,7 @@ Topics and their messages:
   ``"type"``.
 - ``events``: :class:`Hello`, :class:`Heartbeat`, :class:`Started`, :class:`Finished` and
   :class:`Bye` from workers, and the server's own :class:`Mark`, tagged by ``"type"``.
+- ``changelog``: the store's row changes, in their own codec, :mod:`yadtqd.changelog`.
 
 Fields added after the first release are optional with a default that means "not sent", so a
 message from an older peer still parses (see docs/design.md, "Liveness" and "Grants").

@@ -63,7 +63,7 @@ def test_a_database_newer_than_the_code_is_refused(tmp_path: Path) -> None:
 def test_a_failed_migration_changes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "old.db"
     _release_0_1_database(path)
-    from yadtqd import store as store_module
+    from yadtqd.store import schema as store_module
 
     real = store_module.migrations()
     monkeypatch.setattr(store_module, "migrations", lambda: [*real, "ALTER TABLE nope ADD x INT;"])

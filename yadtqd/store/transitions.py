@@ -1,7 +1,4 @@
-"""The result backend: SQLite in WAL mode. Every query of YADTQ lives in this module (the schema
-beside it, in ``schema/``: one numbered script per version, applied in order).
-
-The task state machine (DESIGN sections 3 and 4) is a set of named transitions, each one
+"""The task state machine (DESIGN sections 3 and 4): a set of named transitions, each one
 conditional UPDATE that states the status it expects, so correctness never depends on the
 caller being single-threaded::
 
@@ -14,17 +11,13 @@ Offsets consumed from Kafka are saved in the same transaction as the changes the
 (invariant 6). Transactions whose effects leave the process at once (a grant's ``run``, a
 death's ``fenced``) commit with ``synchronous=FULL``, so they survive a power loss; the others
 with ``NORMAL``, which may lose the last commits to one but never corrupts, and what they did is
-read again from Kafka (docs/design.md, "Server").
-
-The schema is versioned (``PRAGMA user_version``): a server migrates an older database forward
-at start, in one transaction, and refuses one newer than itself. The server's main loop is the one writer of events; socket submits write
-through connections of their own; queries read through their own connections beside them.
+read again from Kafka (docs/design.md, "Server"). The server's main loop is the one writer;
+queries read through their own connections beside it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib.resources
 import sqlite3
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -34,7 +27,9 @@ from typing import Any
 import msgspec
 
 from yadtqd import messages as m
-from yadtqd.errors import ConfigError
+from yadtqd.store.reads import Reads
+from yadtqd.store.replica import Replica
+from yadtqd.store.schema import connect, migrate, schema_version
 
 WORKER_LOST = "WorkerLost"
 
@@ -75,53 +70,8 @@ class Grant:
     grant_no: int = 0
 
 
-def migrations() -> list[str]:
-    """The schema scripts, in order: script *i* takes a database from version *i* to *i + 1*."""
-    folder = importlib.resources.files("yadtqd") / "schema"
-    names = sorted(p.name for p in folder.iterdir() if p.name.endswith(".sql"))
-    return [(folder / name).read_text() for name in names]
-
-
-def schema_version() -> int:
-    """The schema version this code writes and reads."""
-    return len(migrations())
-
-
-def migrate(db: sqlite3.Connection, path: str) -> int:
-    """Bring the database to this code's schema version in one transaction; return the version
-    it had. A database newer than the code is refused (:class:`ConfigError`, exit 78)."""
-    scripts = migrations()
-    found = int(db.execute("PRAGMA user_version").fetchone()[0])
-    if found > len(scripts):
-        raise ConfigError(f"{path}: the database has schema version {found}, newer than this"
-                          f" yadtqd's ({len(scripts)}): run a newer yadtqd, or restore an older"
-                          " database")
-    if found < len(scripts):
-        body = "\n".join(scripts[found:])
-        try:
-            db.executescript(f"BEGIN IMMEDIATE;\n{body}\nPRAGMA user_version = {len(scripts)};\nCOMMIT;")
-        except sqlite3.Error:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
-    return found
-
-
-def connect(path: str | Path, readonly: bool = False) -> sqlite3.Connection:
-    """A connection in autocommit mode (transactions are explicit), WAL, with a busy timeout."""
-    if readonly:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None,
-                               check_same_thread=False, timeout=30)
-    else:
-        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")  # durable transactions ask for FULL
-    conn.row_factory = sqlite3.Row
-    return conn
-
-
-class Store:
-    """The task state machine and every query, over one SQLite connection."""
+class Store(Reads, Replica):
+    """The task state machine, its queries and its replication, over one SQLite connection."""
 
     def __init__(self, path: str | Path, readonly: bool = False, create: bool = False) -> None:
         self.path = str(path)
@@ -468,61 +418,6 @@ class Store:
             " ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
             (name, by),
         )
-
-    # ------------------------------------------------------------ queries
-
-    def task_rows(self, ids: Sequence[str]) -> dict[str, sqlite3.Row]:
-        """The rows of these tasks; an id never seen is absent."""
-        out: dict[str, sqlite3.Row] = {}
-        for chunk in range(0, len(ids), 500):
-            part = ids[chunk:chunk + 500]
-            rows = self.db.execute(
-                f"SELECT * FROM tasks WHERE id IN ({','.join('?' * len(part))})", part)
-            out.update({r["id"]: r for r in rows})
-        return out
-
-    def list_tasks(self, statuses: Sequence[str], limit: int, oldest_first: bool = False) -> list[sqlite3.Row]:
-        """Tasks in these statuses (all when empty), newest first (or oldest first: the
-        monitor's "next to run")."""
-        order = "ASC" if oldest_first else "DESC"
-        if statuses:
-            marks = ",".join("?" * len(statuses))
-            return list(self.db.execute(
-                f"SELECT * FROM tasks WHERE status IN ({marks}) ORDER BY seq {order} LIMIT ?",
-                (*statuses, limit)))
-        return list(self.db.execute(f"SELECT * FROM tasks ORDER BY seq {order} LIMIT ?", (limit,)))
-
-    def holding(self) -> dict[str, dict[str, int]]:
-        """For each epoch holding grants: how many are ``assigned`` and ``processing``."""
-        out: dict[str, dict[str, int]] = {}
-        for r in self.db.execute(
-                "SELECT epoch, status, count(*) AS n FROM tasks"
-                " WHERE status IN ('assigned', 'processing') GROUP BY epoch, status"):
-            out.setdefault(r["epoch"], {})[r["status"]] = r["n"]
-        return out
-
-    def all_workers(self, limit: int = 1000) -> list[sqlite3.Row]:
-        """Live epochs first, then the most recent others."""
-        return list(self.db.execute(
-            "SELECT * FROM workers ORDER BY state NOT IN ('live', 'leaving'), joined_at DESC"
-            " LIMIT ?", (limit,)))
-
-    def failure_rows(self, limit: int = 1000) -> list[sqlite3.Row]:
-        """Worker failures, newest first."""
-        return list(self.db.execute("SELECT * FROM failures ORDER BY seq DESC LIMIT ?", (limit,)))
-
-    def failure_count(self) -> int:
-        """How many worker failures are recorded."""
-        return int(self.db.execute("SELECT count(*) FROM failures").fetchone()[0])
-
-    def counts(self) -> dict[str, int]:
-        """How many tasks are in each status (statuses with none are left out)."""
-        rows = self.db.execute("SELECT status, n FROM status_counts WHERE n > 0")
-        return {r["status"]: r["n"] for r in rows}
-
-    def counter_values(self) -> dict[str, int]:
-        """Every named counter."""
-        return {r["name"]: r["value"] for r in self.db.execute("SELECT name, value FROM counters")}
 
 
 def _tasks(ev: m.Hello) -> dict[str, dict[str, str]]:

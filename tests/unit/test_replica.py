@@ -1,0 +1,157 @@
+"""Change capture and application (DESIGN 13): a replica given the writer's row changes holds
+the same rows, whatever the order of keys and however often a key changed (compaction)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from tests.unit.test_store import finished, hello, started, sub
+from yadtqd import changelog
+from yadtqd import messages as m
+from yadtqd.errors import BadMessage
+from yadtqd.store import RowChange, Store
+
+TABLES = ("tasks", "workers", "failures", "counters", "offsets", "status_counts")
+
+
+def rows(store: Store) -> dict[str, list[tuple[object, ...]]]:
+    """Every replicated row, and the per-status counts derived from them (zeros left out)."""
+    out = {t: [tuple(r) for r in store.db.execute(f"SELECT * FROM {t} ORDER BY 1, 2")] for t in TABLES}
+    out["status_counts"] = [r for r in out["status_counts"] if r[1]]
+    return out
+
+
+@pytest.fixture
+def writer(tmp_path: Path) -> Store:
+    store = Store(tmp_path / "writer.db", create=True)
+    store.capture()
+    return store
+
+
+def history(writer: Store) -> list[list[RowChange]]:
+    """A busy life: intake, grants, starts, ends, a retry, a worker's death, counters, offsets;
+    one list of changes per transaction."""
+    steps: list[list[RowChange]] = []
+
+    def step() -> None:
+        steps.append(writer.take_changes())
+
+    with writer.transaction():
+        for i in range(6):
+            writer.intake(sub(f"t{i}", max_retries=1), 1.0 + i)
+        hello(writer)
+        writer.save_offsets({("p.tasks", 0): 6, ("p.events", 1): 1})
+    step()
+    with writer.transaction():
+        for i in range(4):
+            writer.grant(f"t{i}", "w", "e1", 10.0)
+        writer.start(started("t0", 1), 11.0)
+        writer.bump("stale_events", 2)
+    step()
+    with writer.transaction():
+        writer.finish(finished("t0", 1), 12.0)
+        writer.finish(finished("t1", 1, "failed"), 12.0)  # retried
+        writer.save_offsets({("p.events", 1): 9})
+    step()
+    with writer.transaction():
+        writer.start(started("t2", 1), 13.0)
+        writer.declare_dead("e1", "no heartbeat", 14.0, 3)
+        writer.bump("stale_events")
+    step()
+    return steps
+
+
+def test_a_replica_given_every_change_in_order_holds_the_same_rows(writer: Store, tmp_path: Path) -> None:
+    replica = Store(tmp_path / "replica.db", create=True)
+    for changes in history(writer):
+        with replica.transaction():
+            replica.apply_changes(changes)
+    assert rows(replica) == rows(writer)
+    assert rows(writer)["failures"] and rows(writer)["counters"]  # the history touched them all
+
+
+def test_the_latest_change_per_key_in_any_order_is_enough(writer: Store, tmp_path: Path) -> None:
+    latest: dict[tuple[str, str], RowChange] = {}
+    for changes in history(writer):
+        latest.update({(c.table, c.key): c for c in changes})
+    shuffled = list(latest.values())
+    random.Random(7).shuffle(shuffled)
+    replica = Store(tmp_path / "replica.db", create=True)
+    with replica.transaction():
+        replica.apply_changes(shuffled)
+    assert rows(replica) == rows(writer)
+
+
+def test_a_rolled_back_transaction_leaves_no_changes(writer: Store) -> None:
+    with pytest.raises(RuntimeError), writer.transaction():
+        writer.intake(sub("gone"), 1.0)
+        raise RuntimeError
+    with writer.transaction():
+        assert writer.take_changes() == []
+
+
+def test_a_deleted_row_is_a_tombstone_and_deletes(writer: Store, tmp_path: Path) -> None:
+    replica = Store(tmp_path / "replica.db", create=True)
+    with writer.transaction():
+        writer.intake(sub("t1"), 1.0)
+        created = writer.take_changes()
+    with writer.transaction():
+        writer.db.execute("DELETE FROM tasks WHERE id = 't1'")  # a purge, later
+        (tombstone,) = writer.take_changes()
+    assert tombstone == RowChange("tasks", "t1", None)
+    with replica.transaction():
+        replica.apply_changes(created)
+        assert replica.task_rows(["t1"])
+        replica.apply_changes([tombstone])
+    assert not replica.task_rows(["t1"]) and rows(replica)["status_counts"] == []
+
+
+def test_columns_a_newer_server_added_are_ignored(tmp_path: Path) -> None:
+    replica = Store(tmp_path / "replica.db", create=True)
+    row = {"name": "stale_events", "value": 3, "colour": "blue"}
+    with replica.transaction():
+        replica.apply_changes([RowChange("counters", "stale_events", row)])
+    assert replica.counter_values() == {"stale_events": 3}
+
+
+def test_changelog_positions_are_kept_and_an_empty_file_is_known(writer: Store) -> None:
+    assert writer.is_empty()
+    with writer.transaction():
+        writer.save_changelog_positions({0: 5, 1: 7})
+        writer.take_changes()
+    assert writer.changelog_positions() == {0: 5, 1: 7}
+    assert writer.is_empty()  # positions alone are not state
+    with writer.transaction():
+        writer.bump("x")
+    assert not writer.is_empty()
+
+
+def test_json_columns_survive_the_trip(writer: Store, tmp_path: Path) -> None:
+    with writer.transaction():
+        writer.intake_invalid("bad", m.ErrorInfo(type="BadSubmission", message="é"), 1.0)
+        (change,) = writer.take_changes()[:1]
+    replica = Store(tmp_path / "replica.db", create=True)
+    with replica.transaction():
+        replica.apply_changes([change])
+    assert replica.task_rows(["bad"])["bad"]["error"] == writer.task_rows(["bad"])["bad"]["error"]
+
+
+def test_records_carry_changes_there_and_back(writer: Store) -> None:
+    for changes in history(writer):
+        for change in changes:
+            assert changelog.decode(*changelog.encode(change)) == change
+
+
+@pytest.mark.parametrize(("key", "value", "problem"), [
+    (None, b"{}", "without a key"),
+    (b"\xff", b"{}", "not UTF-8"),
+    (b"nope/1", b"{}", "names no replicated table"),
+    (b"tasks/t1", b"[1]", "tasks/t1"),
+    (b"tasks/t1", b"{\"name\": \"x\"}", "lacks id"),
+])
+def test_bad_records_are_named(key: bytes | None, value: bytes, problem: str) -> None:
+    with pytest.raises(BadMessage, match=problem):
+        changelog.decode(key, value)

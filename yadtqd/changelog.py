@@ -1,0 +1,51 @@
+"""The changelog's records (DESIGN 13): a store row change as a Kafka record, and back.
+
+``<prefix>.changelog`` is compacted, so each record is a whole row's state under its key:
+
+- key: ``<table>/<row key>`` in UTF-8, e.g. ``tasks/0c1f…``, ``workers/<epoch>``,
+  ``failures/12``, ``counters/stale_events``, ``offsets/<topic>/<partition>``;
+- value: the row as a JSON object of its columns, or no value (a tombstone) for a deleted row.
+
+Records that do not decode raise :class:`~yadtqd.errors.BadMessage`, naming the problem: a
+replica skips them (and counts them) rather than stopping.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from yadtqd.errors import BadMessage
+from yadtqd.store import RowChange
+from yadtqd.store.replica import KEYS, SEP
+
+_row = msgspec.json.Decoder(dict[str, Any])
+
+
+def encode(change: RowChange) -> tuple[bytes, bytes | None]:
+    """The record's key and value (None: a tombstone)."""
+    key = f"{change.table}{SEP}{change.key}".encode()
+    return key, None if change.row is None else msgspec.json.encode(change.row)
+
+
+def decode(key: bytes | None, value: bytes | None) -> RowChange:
+    """The row change a record carries."""
+    if not key:
+        raise BadMessage("changelog record without a key")
+    try:
+        table, _, row_key = key.decode().partition(SEP)
+    except UnicodeDecodeError:
+        raise BadMessage("changelog key is not UTF-8") from None
+    if table not in KEYS or not row_key:
+        raise BadMessage(f"changelog key {key[:80]!r} names no replicated table")
+    if value is None:
+        return RowChange(table, row_key, None)
+    try:
+        row = _row.decode(value)
+    except msgspec.DecodeError as exc:
+        raise BadMessage(f"changelog record {table}/{row_key[:80]}: {exc}") from None
+    missing = [c for c in KEYS[table] if c not in row]
+    if missing:
+        raise BadMessage(f"changelog record {table}/{row_key[:80]} lacks {', '.join(missing)}")
+    return RowChange(table, row_key, row)

@@ -1,0 +1,15 @@
+"""The result backend: SQLite in WAL mode. Every SQL statement of YADTQ lives in this package
+(the schema in ``yadtqd/schema/``, one numbered script per version):
+
+- :mod:`~yadtqd.store.schema`: opening a database and migrating its schema;
+- :mod:`~yadtqd.store.transitions`: the task state machine and what the server's loop reads;
+- :mod:`~yadtqd.store.reads`: the read-only queries behind the socket's operations;
+- :mod:`~yadtqd.store.replica`: the row changes a transaction made, and applying them.
+"""
+
+from yadtqd.store.replica import RowChange
+from yadtqd.store.schema import connect, migrate, migrations, schema_version
+from yadtqd.store.transitions import WORKER_LOST, Grant, Held, Intake, Store, Waiting
+
+__all__ = ["WORKER_LOST", "Grant", "Held", "Intake", "RowChange", "Store", "Waiting", "connect",
+           "migrate", "migrations", "schema_version"]

@@ -1,0 +1,132 @@
+"""The store's side of replication (DESIGN 13): the row changes a transaction made, and the
+row changes a replica is given.
+
+The writer's connection captures changes with temporary triggers (they exist on that connection
+only): every insert, update or delete of a replicated row notes the row's key in a temporary
+table, and :meth:`Replica.take_changes` turns the keys noted in the current transaction into
+:class:`RowChange` values (the whole row as it is now, or ``None`` when it was deleted). A
+replica applies them with :meth:`Replica.apply_changes`: an upsert of the whole row, or a
+delete. A row's latest change is its whole state, so a replica that applied the latest change of every
+key holds the same rows as the writer, which is what a compacted changelog keeps.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+#: Replicated table → the columns of its key, in order.
+KEYS: dict[str, tuple[str, ...]] = {
+    "tasks": ("id",),
+    "workers": ("epoch",),
+    "failures": ("seq",),
+    "counters": ("name",),
+    "offsets": ("topic", "partition"),
+}
+#: The separator of a key's columns in its text form (Kafka topic names cannot contain it).
+SEP = "/"
+
+
+@dataclass(frozen=True)
+class RowChange:
+    """One row's state after a transaction: ``row`` is None when the row was deleted."""
+
+    table: str
+    key: str
+    row: dict[str, Any] | None
+
+
+def _key_sql(table: str, prefix: str) -> str:
+    return f" || '{SEP}' || ".join(f"{prefix}.{column}" for column in KEYS[table])
+
+
+def _key_values(table: str, key: str) -> list[Any]:
+    parts = key.split(SEP) if len(KEYS[table]) > 1 else [key]
+    if len(parts) != len(KEYS[table]):
+        raise ValueError(f"bad {table} key {key!r}")
+    return [int(p) if column in ("seq", "partition") else p for column, p in zip(KEYS[table], parts)]
+
+
+class Replica:
+    """Change capture and application over ``self.db`` (mixed into :class:`yadtqd.store.Store`)."""
+
+    db: sqlite3.Connection
+    _columns: dict[str, list[str]]
+
+    def capture(self) -> None:
+        """From now on, note the key of every replicated row this connection changes."""
+        self.db.execute("CREATE TEMP TABLE IF NOT EXISTS changed"
+                        " (tbl TEXT NOT NULL, key TEXT NOT NULL, PRIMARY KEY (tbl, key)) WITHOUT ROWID")
+        for table in KEYS:
+            for op, row in (("INSERT", "new"), ("UPDATE", "new"), ("DELETE", "old")):
+                self.db.execute(
+                    f"CREATE TEMP TRIGGER IF NOT EXISTS changed_{table}_{op.lower()} AFTER {op} ON"
+                    f" main.{table} BEGIN INSERT OR IGNORE INTO changed (tbl, key) VALUES"
+                    f" ('{table}', {_key_sql(table, row)}); END")
+
+    def take_changes(self) -> list[RowChange]:
+        """The rows changed since the last call, as they are now; call inside the transaction
+        that changed them (the notes roll back with it)."""
+        changes: list[RowChange] = []
+        for table in KEYS:
+            keys = [r[0] for r in self.db.execute("SELECT key FROM changed WHERE tbl = ?", (table,))]
+            if not keys:
+                continue
+            key_sql = _key_sql(table, table)  # one column: its index serves the IN
+            found = {r["_key"]: dict(r) for r in self.db.execute(
+                f"SELECT CAST({key_sql} AS TEXT) AS _key, * FROM main.{table} WHERE"
+                f" {key_sql} IN (SELECT key FROM changed WHERE tbl = ?)", (table,))}
+            for key in keys:
+                row = found.get(key)
+                if row is not None:
+                    del row["_key"]
+                changes.append(RowChange(table, key, row))
+        self.db.execute("DELETE FROM changed")
+        return changes
+
+    def apply_changes(self, changes: Iterable[RowChange]) -> int:
+        """Make each row as given (an upsert of the whole row, or a delete); columns this
+        schema does not know are ignored (a newer server's). Returns how many were applied."""
+        count = 0
+        for change in changes:
+            if change.table not in KEYS:
+                continue
+            where = " AND ".join(f"{c} = ?" for c in KEYS[change.table])
+            values = _key_values(change.table, change.key)
+            if change.row is None:
+                self.db.execute(f"DELETE FROM main.{change.table} WHERE {where}", values)
+            else:
+                columns = [c for c in self._table_columns(change.table) if c in change.row]
+                updates = ", ".join(f"{c} = excluded.{c}" for c in columns
+                                    if c not in KEYS[change.table]) or f"{columns[0]} = {columns[0]}"
+                self.db.execute(
+                    f"INSERT INTO main.{change.table} ({', '.join(columns)}) VALUES"
+                    f" ({', '.join('?' * len(columns))}) ON CONFLICT ({', '.join(KEYS[change.table])})"
+                    f" DO UPDATE SET {updates}", [change.row[c] for c in columns])
+            count += 1
+        return count
+
+    def _table_columns(self, table: str) -> list[str]:
+        if not hasattr(self, "_columns"):
+            self._columns = {}
+        if table not in self._columns:
+            self._columns[table] = [r[1] for r in self.db.execute(f"PRAGMA main.table_info({table})")]
+        return self._columns[table]
+
+    def changelog_positions(self) -> dict[int, int]:
+        """The next changelog offset to apply, per partition."""
+        return {r[0]: r[1] for r in self.db.execute(
+            "SELECT partition, next_offset FROM changelog_positions")}
+
+    def save_changelog_positions(self, positions: Mapping[int, int]) -> None:
+        """Note how far the changelog is applied; call inside the transaction that applied it."""
+        self.db.executemany(
+            "INSERT INTO changelog_positions (partition, next_offset) VALUES (?, ?)"
+            " ON CONFLICT (partition) DO UPDATE SET next_offset = excluded.next_offset",
+            list(positions.items()))
+
+    def is_empty(self) -> bool:
+        """Whether this file holds no replicated state at all (a new or lost database)."""
+        return all(self.db.execute(f"SELECT 1 FROM main.{t} LIMIT 1").fetchone() is None for t in KEYS)
