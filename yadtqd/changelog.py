@@ -16,11 +16,19 @@ from typing import Any
 
 import msgspec
 
+from yadtqd.config import Config
 from yadtqd.errors import BadMessage
+from yadtqd.messages import ENVELOPE_BYTES
 from yadtqd.store import RowChange
 from yadtqd.store.replica import KEYS, SEP
 
 _row = msgspec.json.Decoder(dict[str, Any])
+
+
+def record_bytes(config: Config) -> int:
+    """The most bytes one record can take: a task row holds a payload and a result as JSON
+    text inside JSON (escaping at most doubles them), an error and the other columns."""
+    return 2 * (config.server.max_task_bytes + config.worker.max_result_bytes) + 2 * ENVELOPE_BYTES
 
 
 def encode(change: RowChange) -> tuple[bytes, bytes | None]:

@@ -30,13 +30,14 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
 )
 from confluent_kafka.cimpl import NewTopic
 
+from yadtqd.changelog import record_bytes
 from yadtqd.config import Config
 from yadtqd.errors import ConfigError, UnreachableError
 from yadtqd.messages import ENVELOPE_BYTES
 
 log = logging.getLogger("yadtqd.kafka")
 
-TOPICS = ("tasks", "dispatch", "events")
+TOPICS = ("tasks", "dispatch", "events", "changelog")
 #: Replicas from which a topic gets ``min.insync.replicas`` 2 by default.
 SAFE_REPLICAS = 3
 
@@ -50,6 +51,8 @@ class TopicSpec:
     partitions: int
     replication: int = -1
     min_insync: int = 0
+    #: Further topic settings, e.g. the changelog's compaction.
+    settings: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -68,9 +71,15 @@ class TopicHealth:
 
 
 def topic_specs(config: Config) -> list[TopicSpec]:
-    """The project's topics with the partition count and replication from the config."""
-    return [TopicSpec(config.topic(t), config.server.partitions, config.server.replication or -1,
-                      config.server.min_insync_replicas) for t in TOPICS]
+    """The project's topics with the partition count and replication from the config; the
+    changelog compacted, taking a whole task row (:func:`yadtqd.changelog.record_bytes`), and
+    of one partition: one writer, and every change in one order (DESIGN 13 keys its records so
+    that a later split by ``tasks`` partition stays possible)."""
+    changelog = (("cleanup.policy", "compact"), ("max.message.bytes", str(record_bytes(config))))
+    return [TopicSpec(config.topic(t), 1 if t == "changelog" else config.server.partitions,
+                      config.server.replication or -1, config.server.min_insync_replicas,
+                      changelog if t == "changelog" else ())
+            for t in TOPICS]
 
 
 def ensure_topics(admin: AdminClient, specs: Iterable[TopicSpec], timeout: float = 30.0) -> list[str]:
@@ -83,7 +92,8 @@ def ensure_topics(admin: AdminClient, specs: Iterable[TopicSpec], timeout: float
     """
     by_name = {s.name: s for s in specs}
     wanted = [NewTopic(s.name, s.partitions, s.replication,
-                       config={"min.insync.replicas": str(s.min_insync)} if s.min_insync else {})
+                       config={**({"min.insync.replicas": str(s.min_insync)} if s.min_insync else {}),
+                               **dict(s.settings)})
               for s in by_name.values()]
     futures = admin.create_topics(wanted, operation_timeout=timeout, request_timeout=timeout)
     created = []
@@ -138,6 +148,7 @@ def check_message_sizes(admin: AdminClient, config: Config, timeout: float = 30.
     would not fit in what the broker accepts on its topic (``max.message.bytes``)."""
     wanted = {"tasks": ("server", "max_task_bytes"), "dispatch": ("server", "max_task_bytes"),
               "events": ("worker", "max_result_bytes")}
+    _check_changelog(admin, config, timeout)
     try:
         found = _describe(admin, [config.topic(name) for name in wanted], timeout)
     except UnreachableError as exc:
@@ -155,6 +166,25 @@ def check_message_sizes(admin: AdminClient, config: Config, timeout: float = 30.
                 f" {config.topic(name)}, whose max.message.bytes is {limit} (a message needs"
                 f" {ENVELOPE_BYTES} bytes around it): use at most {limit - ENVELOPE_BYTES}, or"
                 " raise the topic's max.message.bytes")
+
+
+def _check_changelog(admin: AdminClient, config: Config, timeout: float) -> None:
+    """A changelog made elsewhere must be compacted and take a whole task row."""
+    name = config.topic("changelog")
+    try:
+        entries = _describe(admin, [name], timeout).get(name, {})
+    except UnreachableError as exc:
+        log.warning("cannot read the changelog's settings (%s): unchecked", exc)
+        return
+    policy = entries.get("cleanup.policy")
+    if policy is not None and "compact" not in str(policy.value):
+        raise ConfigError(f"topic {name} has cleanup.policy={policy.value}: the changelog must be"
+                          " compacted (cleanup.policy=compact), or the store's history is deleted")
+    size = entries.get("max.message.bytes")
+    if size is not None and size.value is not None and int(size.value) < record_bytes(config):
+        raise ConfigError(f"topic {name} has max.message.bytes={size.value}, less than a task"
+                          f" row can take with these limits ({record_bytes(config)}): raise it, or"
+                          " lower [server] max_task_bytes or [worker] max_result_bytes")
 
 
 def _describe(admin: AdminClient, names: list[str], timeout: float) -> dict[str, dict]:  # type: ignore[type-arg]

@@ -97,13 +97,14 @@ def producer_settings(config: Config, client: str, monitor: ConnectionMonitor) -
 
 
 def consumer_settings(config: Config, client: str, monitor: ConnectionMonitor) -> dict[str, object]:
-    """librdkafka settings of a consumer: the user's, with offset commits forced off and an
+    """librdkafka settings of a consumer: the user's, with offset commits forced off, an
     offset that fell out of retention read from the earliest one left (librdkafka's default,
-    ``latest``, would skip every message still in the partition)."""
+    ``latest``, would skip every message still in the partition), and only committed
+    transactions read (a ``run`` is visible once its grant is in the changelog, DESIGN 13)."""
     settings = _base(config, client, monitor)
     settings.setdefault("group.id", f"{config.topic_prefix}.{client}")
     settings.update({"enable.auto.commit": False, "enable.auto.offset.store": False,
-                     "auto.offset.reset": "earliest"})
+                     "auto.offset.reset": "earliest", "isolation.level": "read_committed"})
     settings.setdefault("fetch.wait.max.ms", 100)
     settings.setdefault("enable.partition.eof", False)
     return settings

@@ -47,7 +47,7 @@ def _topic_settings(bootstrap: str, topic: str) -> tuple[int, int]:
 
 def test_topics_are_created_with_three_replicas_and_min_insync_2(replicated: Cluster) -> None:
     replicated.start_server()
-    for name in ("tasks", "dispatch", "events"):
+    for name in ("tasks", "dispatch", "events", "changelog"):
         assert _topic_settings(replicated.bootstrap, f"{replicated.prefix}.{name}") == (3, 2), name
     stats = replicated.client.stats()
     assert stats["warnings"] == []

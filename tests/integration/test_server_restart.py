@@ -31,7 +31,9 @@ def test_restart_resumes_from_stored_offsets(cluster: Cluster, sig: int) -> None
     after = cluster.wait_terminal(during)
     assert [after[t]["result"] for t in during] == [i + 100 for i in range(20)]
     again = cluster.status(before)
-    assert again == first  # not re-applied: same attempt, same timestamps, same results
+    # not re-applied, or re-applied to the same rows: a SIGKILL may land after SQLite's commit
+    # and before the changelog's, and then the last outcomes are read again from `events`
+    assert again == first
     assert cluster.log("server").count("received: add") == received_before + 20
     counters = cluster.client.stats()["counters"]
     assert counters.get("conflicts", 0) == 0

@@ -72,18 +72,3 @@ def test_a_failed_migration_changes_nothing(tmp_path: Path, monkeypatch: pytest.
     db = sqlite3.connect(path)
     assert db.execute("PRAGMA user_version").fetchone()[0] == 0
     assert "grants" not in {r[1] for r in db.execute("PRAGMA table_info(workers)")}
-
-
-def test_durable_transactions_commit_with_synchronous_full(tmp_path: Path) -> None:
-    """A grant's run leaves the process right after its commit: NORMAL could lose the commit
-    to a power loss while the run is out (issue 11, defect 4). Others stay NORMAL."""
-    store = Store(tmp_path / "db", create=True)
-    seen = []
-    store.db.set_trace_callback(lambda sql: seen.append(sql) if "COMMIT" in sql else None)
-    with store.transaction(durable=True):
-        seen.append(store.db.execute("PRAGMA synchronous").fetchone()[0])
-    assert seen == [2, "COMMIT"]  # FULL at the commit
-    assert store.db.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL again
-    with store.transaction():
-        assert store.db.execute("PRAGMA synchronous").fetchone()[0] == 1
-

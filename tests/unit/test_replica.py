@@ -24,6 +24,13 @@ def rows(store: Store) -> dict[str, list[tuple[object, ...]]]:
     return out
 
 
+def sent(writer: Store) -> list[RowChange]:
+    """What the server would send to the changelog now, confirmed as committed."""
+    changes, notes = writer.pending_changes()
+    writer.confirm(notes, {})
+    return changes
+
+
 @pytest.fixture
 def writer(tmp_path: Path) -> Store:
     store = Store(tmp_path / "writer.db", create=True)
@@ -37,7 +44,7 @@ def history(writer: Store) -> list[list[RowChange]]:
     steps: list[list[RowChange]] = []
 
     def step() -> None:
-        steps.append(writer.take_changes())
+        steps.append(sent(writer))
 
     with writer.transaction():
         for i in range(6):
@@ -89,18 +96,32 @@ def test_a_rolled_back_transaction_leaves_no_changes(writer: Store) -> None:
     with pytest.raises(RuntimeError), writer.transaction():
         writer.intake(sub("gone"), 1.0)
         raise RuntimeError
+    assert writer.pending_changes() == ([], []) and not writer.has_pending()
+
+
+def test_a_change_made_after_the_read_stays_pending(writer: Store, tmp_path: Path) -> None:
+    other = Store(writer.path)  # the socket's writer, say
+    other.capture()
+    with other.transaction():
+        other.intake(sub("t1"), 1.0)
+    changes, notes = writer.pending_changes()
     with writer.transaction():
-        assert writer.take_changes() == []
+        writer.grant("t1", "w", "e1", 2.0)  # after the read, before the confirmation
+    writer.confirm(notes, {0: 3})
+    (again,), _ = writer.pending_changes()
+    assert changes[0].row is not None and changes[0].row["status"] == "queued"
+    assert again.row is not None and again.row["status"] == "assigned"
+    assert writer.changelog_positions() == {0: 3}
 
 
 def test_a_deleted_row_is_a_tombstone_and_deletes(writer: Store, tmp_path: Path) -> None:
     replica = Store(tmp_path / "replica.db", create=True)
     with writer.transaction():
         writer.intake(sub("t1"), 1.0)
-        created = writer.take_changes()
+    created = sent(writer)
     with writer.transaction():
         writer.db.execute("DELETE FROM tasks WHERE id = 't1'")  # a purge, later
-        (tombstone,) = writer.take_changes()
+    (tombstone,) = sent(writer)
     assert tombstone == RowChange("tasks", "t1", None)
     with replica.transaction():
         replica.apply_changes(created)
@@ -117,22 +138,24 @@ def test_columns_a_newer_server_added_are_ignored(tmp_path: Path) -> None:
     assert replica.counter_values() == {"stale_events": 3}
 
 
-def test_changelog_positions_are_kept_and_an_empty_file_is_known(writer: Store) -> None:
+def test_positions_are_kept_and_a_wiped_file_is_empty(writer: Store) -> None:
     assert writer.is_empty()
     with writer.transaction():
         writer.save_changelog_positions({0: 5, 1: 7})
-        writer.take_changes()
     assert writer.changelog_positions() == {0: 5, 1: 7}
-    assert writer.is_empty()  # positions alone are not state
+    assert writer.is_empty() and not writer.has_pending()  # positions alone are not state
     with writer.transaction():
         writer.bump("x")
-    assert not writer.is_empty()
+    assert not writer.is_empty() and writer.has_pending()
+    with writer.transaction():
+        writer.wipe()
+    assert writer.is_empty() and not writer.has_pending() and writer.changelog_positions() == {}
 
 
 def test_json_columns_survive_the_trip(writer: Store, tmp_path: Path) -> None:
     with writer.transaction():
         writer.intake_invalid("bad", m.ErrorInfo(type="BadSubmission", message="é"), 1.0)
-        (change,) = writer.take_changes()[:1]
+    (change,) = sent(writer)
     replica = Store(tmp_path / "replica.db", create=True)
     with replica.transaction():
         replica.apply_changes([change])

@@ -4,3 +4,12 @@ CREATE TABLE changelog_positions (
     partition   INTEGER PRIMARY KEY,
     next_offset INTEGER NOT NULL
 );
+-- The rows changed and not yet confirmed in the changelog (tbl, key), written by the triggers
+-- the writers' connections create; gen counts changes, so a confirmation removes only what
+-- it sent. Non-empty at start: the last changes may not have reached Kafka.
+CREATE TABLE changelog_pending (
+    tbl TEXT NOT NULL,
+    key TEXT NOT NULL,
+    gen INTEGER NOT NULL DEFAULT 1,
+    PRIMARY KEY (tbl, key)
+) WITHOUT ROWID;

@@ -1,16 +1,14 @@
 """The server's side of ``dispatch`` (``run``, ``fenced``, ``alive``, ``refused`` to worker
 epochs), and its markers on ``events`` (:mod:`yadtqd.server.evidence`).
 
-Two producers share the topic. Grants that will wait in a worker's prefetch behind other tasks
-go through a batching producer (``linger.ms``, 1 ms by default), so a busy cluster sends few,
-full requests. A grant a free slot is waiting for goes through a producer that sends at once,
-so a lone task is not held back by the batching. The order between the two does not matter:
-every message names its epoch and attempt, and a worker drops repeats (invariant 5).
+Dispatch messages go into the turn's Kafka transaction (:mod:`yadtqd.server.replication`), with
+the changelog records of the grants and deaths they announce: a worker, reading ``dispatch``
+with ``read_committed``, sees a ``run`` only once its grant is in the changelog, and a message
+of an aborted transaction is sent again in the next. Every message names its epoch and attempt,
+and a worker drops repeats (invariant 5).
 
-Every message that matters is delivered or given up for a reason: a delivery report with an
-error (a broker outage longer than ``message.timeout.ms``, say) is logged at error, counted,
-and the message is sent again, a ``run`` only while its grant is still current and unstarted.
-Markers are not sent again: a lost marker is itself the evidence of trouble.
+Markers are not state: they go through a producer of their own that sends at once, outside any
+transaction, and are not sent again: a lost marker is itself the evidence of trouble.
 """
 
 from __future__ import annotations
@@ -18,53 +16,36 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 
 import msgspec
-from confluent_kafka import KafkaError, KafkaException, Message, Producer
+from confluent_kafka import KafkaError, KafkaException, Message
 
 from yadtqd import messages as m
 from yadtqd import transport
 from yadtqd.config import Config
 from yadtqd.server.evidence import Evidence
+from yadtqd.server.replication import Changelog
 from yadtqd.store import Grant
 
 log = logging.getLogger("yadtqd.server")
 
 _payload = msgspec.json.Decoder(tuple[str, list, dict, m.Options])  # type: ignore[type-arg]
-#: Seconds between two rounds of sending again what failed.
-RESEND_EVERY = 1.0
-
-
-@dataclass(frozen=True)
-class Undelivered:
-    """A dispatch message whose delivery failed, to be sent again."""
-
-    worker: str
-    epoch: str
-    partition: int
-    value: bytes
-    #: For a ``run``: (task id, attempt), sent again only while that grant is unstarted.
-    grant: tuple[str, int] | None
-    problem: str
 
 
 class Dispatcher:
-    """Produces runs and fences to each worker's ``dispatch`` partition."""
+    """Queues runs and fences for each worker's ``dispatch`` partition; writes markers."""
 
-    def __init__(self, config: Config, partitions: int, evidence: Evidence) -> None:
+    def __init__(self, config: Config, partitions: int, evidence: Evidence, out: Changelog) -> None:
         self.topic = config.topic("dispatch")
         self.events_topic = config.topic("events")
         self.partitions = partitions
         self.lease = config.server.heartbeat_timeout
         self.evidence = evidence
-        self.batching, _ = transport.make_producer(config, "server")
-        self.express, _ = transport.make_producer(config, "server-express", linger_ms=0)
-        self.failed: list[Undelivered] = []
-        self.undelivered = 0
-        self._last_resend = 0.0
+        self.out = out
+        self.express, _ = transport.make_producer(config, "server-markers", linger_ms=0)
         self._stale_metadata = False
+        self._last_refresh = 0.0
         #: The last reason a marker could not be written (for the warning about unproven
         #: partitions).
         self.marker_problem = ""
@@ -74,18 +55,14 @@ class Dispatcher:
         (workers older than that) the hash of its id."""
         return partition if partition >= 0 else transport.partition_for(worker, self.partitions)
 
-    def runs(self, grants: list[Grant], routes: Mapping[str, int],
-             urgent: Collection[str] = ()) -> None:
-        """Send a ``run`` for every grant, to the partition ``routes`` gives for its epoch; at
-        once for the epochs in ``urgent``."""
+    def runs(self, grants: list[Grant], routes: Mapping[str, int]) -> None:
+        """A ``run`` for every grant, to the partition ``routes`` gives for its epoch."""
         for grant in grants:
             task, args, kwargs, options = _payload.decode(grant.payload)
             run = m.Run(worker=grant.worker, epoch=grant.epoch, task_id=grant.task_id,
                         attempt=grant.attempt, task=task, args=args, kwargs=kwargs, options=options,
                         lease=self.lease, grant=grant.grant_no or None)
-            producer = self.express if grant.epoch in urgent else self.batching
-            self._send(producer, grant.worker, grant.epoch, self.route(grant.worker, routes.get(grant.epoch, -1)),
-                       m.encode(run), (grant.task_id, grant.attempt))
+            self._send(grant.worker, self.route(grant.worker, routes.get(grant.epoch, -1)), m.encode(run))
             # debug: the worker logs "started" at info, which names it; DESIGN 9's trail
             # (received, started, succeeded or failed) does not need a third server line a task
             log.debug("task %s attempt %d granted to %s", grant.task_id, grant.attempt,
@@ -94,17 +71,17 @@ class Dispatcher:
 
     def fence(self, worker: str, epoch: str, partition: int, reason: str) -> None:
         """Tell an epoch it was declared dead."""
-        self._send(self.express, worker, epoch, self.route(worker, partition),
+        self._send(worker, self.route(worker, partition),
                    m.encode(m.Fenced(worker=worker, epoch=epoch, reason=reason)))
 
     def alive(self, worker: str, epoch: str, partition: int, probe: int) -> None:
         """Answer a heartbeat that asked whether its epoch is live: it is."""
-        self._send(self.express, worker, epoch, self.route(worker, partition),
+        self._send(worker, self.route(worker, partition),
                    m.encode(m.Alive(worker=worker, epoch=epoch, probe=probe)))
 
     def refuse(self, worker: str, epoch: str, partition: int, reason: str) -> None:
         """Tell a new epoch that its ``hello`` was refused."""
-        self._send(self.express, worker, epoch, self.route(worker, partition),
+        self._send(worker, self.route(worker, partition),
                    m.encode(m.Refused(worker=worker, epoch=epoch, reason=reason)))
 
     def mark(self, partition: int, nonce: str, mono: float) -> None:
@@ -124,57 +101,19 @@ class Dispatcher:
             self.evidence.acked(partition, seq, False, mono)
 
     def poll(self) -> None:
-        """Serve delivery reports and errors."""
-        self.batching.poll(0)
+        """Serve the markers' delivery reports; learn partitions added to ``events`` when a
+        marker could not be queued (at most once a second)."""
         self.express.poll(0)
-
-    def resend(self, still_granted: Callable[[str, str, int], bool]) -> None:
-        """Send again what failed to deliver (at most once a second). A ``run`` is sent again
-        only while ``still_granted(task_id, epoch, attempt)``."""
         mono = time.monotonic()
-        if not (self.failed or self._stale_metadata) or mono - self._last_resend < RESEND_EVERY:
-            return
-        self._last_resend = mono
-        if self._stale_metadata:  # learn partitions added to the topics since
+        if self._stale_metadata and mono - self._last_refresh >= 1.0:
+            self._last_refresh = mono
             self._stale_metadata = False
-            for producer in (self.express, self.batching):
-                with contextlib.suppress(KafkaException):
-                    producer.list_topics(self.topic, timeout=1.0)
-                    producer.list_topics(self.events_topic, timeout=1.0)
-        failed, self.failed = self.failed, []
-        if failed:
-            log.error("%d dispatch messages were not delivered to Kafka (%s); sending them again",
-                      len(failed), failed[-1].problem, extra={"event": "undelivered"})
-        for item in failed:
-            if item.grant is None or still_granted(item.grant[0], item.epoch, item.grant[1]):
-                self._send(self.batching, item.worker, item.epoch, item.partition, item.value,
-                           item.grant)
-
-    def take_undelivered(self) -> int:
-        """How many messages failed to deliver since the last call (for the counters)."""
-        count, self.undelivered = self.undelivered, 0
-        return count
+            with contextlib.suppress(KafkaException):
+                self.express.list_topics(self.events_topic, timeout=1.0)
 
     def flush(self, timeout: float) -> None:
-        """Deliver what was accepted (at shutdown)."""
-        transport.flush(self.batching, timeout)
+        """Deliver the markers accepted (at shutdown)."""
         transport.flush(self.express, timeout)
 
-    def _send(self, producer: Producer, worker: str, epoch: str, partition: int, value: bytes,
-              grant: tuple[str, int] | None = None) -> None:
-        def delivered(err: KafkaError | None, _msg: Message) -> None:
-            if err is not None:
-                self.undelivered += 1
-                self.failed.append(Undelivered(worker, epoch, partition, value, grant, err.str()))
-
-        problem = transport.send(producer, self.topic, value, worker, partition, delivered)
-        if problem is None:
-            return
-        self.undelivered += 1
-        if transport.TOO_LARGE in problem:  # never sendable: nothing to send again
-            log.error("dispatch message for %s epoch %s cannot be sent: %s", worker, epoch, problem,
-                      extra={"worker_id": worker, "event": "undelivered"})
-            return
-        # most likely a partition added since the producer last read the topic's metadata
-        self._stale_metadata = True
-        self.failed.append(Undelivered(worker, epoch, partition, value, grant, problem))
+    def _send(self, worker: str, partition: int, value: bytes) -> None:
+        self.out.send(self.topic, value, worker, partition)

@@ -230,7 +230,7 @@ class Ingest:
                                     row["dispatch_partition"] if row else -1))
 
     def _started(self, ev: m.Started, now: float) -> None:
-        if not self.store.start(ev, now):
+        if not self.store.start(ev, _when(ev, now)):
             self._stale(ev, f"started {ev.task_id} attempt {ev.attempt} is not the current grant")
             return
         self.scheduler.started(ev.epoch, ev.task_id)
@@ -239,7 +239,7 @@ class Ingest:
                  extra={"task_id": ev.task_id, "worker_id": ev.worker, "event": "task_started"})
 
     def _finished(self, ev: m.Finished, now: float) -> None:
-        outcome = self.store.finish(ev, now)
+        outcome = self.store.finish(ev, _when(ev, now))
         if outcome == "stale":
             self._stale(ev, f"finished {ev.task_id} attempt {ev.attempt} is not the current grant")
             return
@@ -298,3 +298,10 @@ class Ingest:
         task_id = getattr(ev, "task_id", None)
         log.info("stale event from %s epoch %s: %s", ev.worker, ev.epoch, why,
                  extra={"task_id": task_id, "worker_id": ev.worker, "event": "stale_event"})
+
+
+def _when(ev: m.Started | m.Finished, now: float) -> float:
+    """When a task started or ended: the worker's own time in its event, so that an event
+    applied again (after a crash, from the changelog's offsets) makes the same row (DESIGN 13);
+    the server's time for an event without one."""
+    return ev.ts if ev.ts > 0 else now

@@ -32,6 +32,7 @@ from yadtqd.server.dispatch import Dispatcher
 from yadtqd.server.evidence import Evidence
 from yadtqd.server.ingest import Effects, Fence, Ingest
 from yadtqd.server.queries import Changes, Queries, Submitter
+from yadtqd.server.replication import Changelog
 from yadtqd.server.scheduler import Scheduler
 from yadtqd.server.sockets import SocketServer
 from yadtqd.store import Store
@@ -73,10 +74,14 @@ class Server:
         topics.ensure_topics(admin, specs)
         topics.check_message_sizes(admin, self.config)
         self.topic_health = topics.health(admin, [s.name for s in specs])
+        out = Changelog(self.config)
+        out.start()  # an older server is fenced before the changelog's end is read
+        out.restore(store)
+        store.capture()
         consumer, _ = transport.make_consumer(self.config, "server")
         self._assign(consumer, store)
         self.evidence.watch(range(self.counts[self.events_topic]))
-        dispatcher = Dispatcher(self.config, self.counts[self.config.topic("dispatch")], self.evidence)
+        dispatcher = Dispatcher(self.config, self.counts[self.config.topic("dispatch")], self.evidence, out)
         inbox = Inbox(consumer, self.config.server.batch_size,
                       follow={t: n for t, n in self.counts.items() if t != self.config.topic("dispatch")})
         ingest = Ingest(store, self.scheduler, self.config, self.evidence, dispatcher.partitions)
@@ -100,11 +105,12 @@ class Server:
                  self.config.server.database)
         try:
             while not self.stopping:
-                self._turn(store, ingest, inbox, dispatcher)
+                self._turn(store, ingest, inbox, dispatcher, out)
         finally:
             self.notifier.stopping()
             sockets.close()
             inbox.stop()
+            out.close(store)
             dispatcher.flush(10)
             transport.flush(socket_producer, 10)
             consumer.close()
@@ -148,14 +154,15 @@ class Server:
         live = store.live_workers()
         self.scheduler.load(live, store.held(), self.counts[self.events_topic], dispatcher.partitions)
         pending = store.pending_grants()
-        dispatcher.runs(pending, self.scheduler.routes())
+        dispatcher.runs(pending, self.scheduler.routes())  # in the first turn's transaction
         if live or pending:
             log.info("restored %d live workers; re-sent %d grants not yet started",
                      len(live), len(pending))
 
     # ------------------------------------------------------------ the loop
 
-    def _turn(self, store: Store, ingest: Ingest, inbox: Inbox, dispatcher: Dispatcher) -> None:
+    def _turn(self, store: Store, ingest: Ingest, inbox: Inbox, dispatcher: Dispatcher,
+              out: Changelog) -> None:
         select.select([inbox.reader], [], [], 0.1)
         if not inbox.alive:
             raise UnreachableError("the thread reading Kafka died (see the log above); stopping")
@@ -168,13 +175,9 @@ class Server:
             self.changes.signal()  # results are readable now, before the next grants
         fences = effects.fences + self._check_deaths(store, ingest, now)
         self._fail_unroutable(store, now)
-        with store.transaction(durable=True):  # the runs leave right after it
+        with store.transaction():
             grants = self.scheduler.plan(store, now)
-        # a grant into a free slot starts on arrival: send it at once; one that waits in a
-        # worker's prefetch anyway may wait for a batch
-        urgent = {mb.epoch for g in grants if (mb := self.scheduler.members.get(g.epoch))
-                  and mb.outstanding <= mb.slots}
-        dispatcher.runs(grants, self.scheduler.routes(), urgent)
+        dispatcher.runs(grants, self.scheduler.routes())
         for fence in fences:
             dispatcher.fence(fence.worker, fence.epoch, fence.partition, fence.reason)
         for answer in effects.answers:
@@ -182,12 +185,13 @@ class Server:
                 dispatcher.alive(answer.worker, answer.epoch, answer.partition, answer.probe)
             else:
                 dispatcher.refuse(answer.worker, answer.epoch, answer.partition, answer.reason)
+        out.commit(store)  # the turn's changes and messages, one Kafka transaction
         self._follow(inbox)
         dispatcher.poll()  # delivery reports first: a slow turn is not a slow broker
         mono = time.monotonic()
         for partition in self.evidence.due(mono):
             dispatcher.mark(partition, self.nonce, mono)
-        self._resend(store, dispatcher)
+        self._count_undelivered(store, out)
         self._warn_unproven(dispatcher, mono)
         if grants or fences:
             self.changes.signal()
@@ -205,7 +209,7 @@ class Server:
             if silence <= timeout:
                 continue
             reason = f"no heartbeat for {silence:.1f} s"
-            with store.transaction(durable=True):  # the fence leaves right after it
+            with store.transaction():
                 ingest.declare_dead(member.epoch, reason, now)
             fences.append(Fence(member.worker, member.epoch, reason, member.dispatch))
         return fences
@@ -223,7 +227,7 @@ class Server:
         names = [n for n in store.queued_names() if n not in provided]
         self.unprovided = {n: self.unprovided.get(n, mono) for n in names}
         failed = []
-        with store.transaction(durable=True):  # a client may read the failure at once
+        with store.transaction():
             for name, since in self.unprovided.items():
                 if mono - since >= timeout:
                     failed += store.fail_unroutable(name, now - timeout, mono - since, now)
@@ -256,12 +260,8 @@ class Server:
             log.info("%s[%d]: markers read back again", self.events_topic, partition)
         self.unproven = set(unproven)
 
-    def _resend(self, store: Store, dispatcher: Dispatcher) -> None:
-        def still_granted(task_id: str, epoch: str, attempt: int) -> bool:
-            return store.is_assigned(task_id, epoch, attempt)
-
-        dispatcher.resend(still_granted)
-        failed = dispatcher.take_undelivered()
+    def _count_undelivered(self, store: Store, out: Changelog) -> None:
+        failed = out.take_undelivered()
         if failed:
             with store.transaction():
                 store.bump("undelivered", failed)

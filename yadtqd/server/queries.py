@@ -57,6 +57,7 @@ class Submitter:
     def __init__(self, db_path: str, producer: Producer, topic: str, timeout: float = KAFKA_WAIT,
                  on_recorded: Callable[[], None] = lambda: None) -> None:
         self.store = Store(db_path)
+        self.store.capture()  # the main loop's next transaction sends what this one records
         self.lock = threading.Lock()
         self.producer = producer
         self.topic = topic

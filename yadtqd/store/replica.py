@@ -1,13 +1,15 @@
-"""The store's side of replication (DESIGN 13): the row changes a transaction made, and the
-row changes a replica is given.
+"""The store's side of replication (DESIGN 13): the row changes not yet in the changelog, and
+the row changes a replica is given.
 
-The writer's connection captures changes with temporary triggers (they exist on that connection
-only): every insert, update or delete of a replicated row notes the row's key in a temporary
-table, and :meth:`Replica.take_changes` turns the keys noted in the current transaction into
-:class:`RowChange` values (the whole row as it is now, or ``None`` when it was deleted). A
-replica applies them with :meth:`Replica.apply_changes`: an upsert of the whole row, or a
-delete. A row's latest change is its whole state, so a replica that applied the latest change of every
-key holds the same rows as the writer, which is what a compacted changelog keeps.
+A writer's connection captures changes with temporary triggers (:meth:`Replica.capture`: they
+exist on that connection only): every insert, update or delete of a replicated row notes the
+row's key in ``changelog_pending``, in the same transaction. :meth:`Replica.pending_changes`
+turns the noted keys into :class:`RowChange` values (the whole row as it is now, or ``None``
+when it was deleted); once Kafka committed them, :meth:`Replica.confirm` removes the notes it
+sent (a key changed again meanwhile stays noted). A replica applies changes with
+:meth:`Replica.apply_changes`: an upsert of the whole row, or a delete. A row's latest change is
+its whole state, so a replica that applied the latest change of every key holds the same rows
+as the writer, which is what a compacted changelog keeps.
 """
 
 from __future__ import annotations
@@ -57,34 +59,66 @@ class Replica:
 
     def capture(self) -> None:
         """From now on, note the key of every replicated row this connection changes."""
-        self.db.execute("CREATE TEMP TABLE IF NOT EXISTS changed"
-                        " (tbl TEXT NOT NULL, key TEXT NOT NULL, PRIMARY KEY (tbl, key)) WITHOUT ROWID")
         for table in KEYS:
             for op, row in (("INSERT", "new"), ("UPDATE", "new"), ("DELETE", "old")):
                 self.db.execute(
-                    f"CREATE TEMP TRIGGER IF NOT EXISTS changed_{table}_{op.lower()} AFTER {op} ON"
-                    f" main.{table} BEGIN INSERT OR IGNORE INTO changed (tbl, key) VALUES"
-                    f" ('{table}', {_key_sql(table, row)}); END")
+                    f"CREATE TEMP TRIGGER IF NOT EXISTS pending_{table}_{op.lower()} AFTER {op} ON"
+                    f" main.{table} BEGIN INSERT INTO changelog_pending (tbl, key) VALUES"
+                    f" ('{table}', {_key_sql(table, row)}) ON CONFLICT (tbl, key) DO UPDATE SET"
+                    " gen = gen + 1; END")
 
-    def take_changes(self) -> list[RowChange]:
-        """The rows changed since the last call, as they are now; call inside the transaction
-        that changed them (the notes roll back with it)."""
+    def pending_changes(self) -> tuple[list[RowChange], list[tuple[str, str, int]]]:
+        """The rows changed and not yet confirmed, as they are now, and the notes they answer
+        (for :meth:`confirm`); one consistent snapshot, beside other writers."""
         changes: list[RowChange] = []
+        self.db.execute("BEGIN")
+        try:
+            notes = [(r[0], r[1], r[2]) for r in self.db.execute("SELECT tbl, key, gen FROM changelog_pending")]
+            for table in {tbl for tbl, _, _ in notes}:
+                key_sql = _key_sql(table, table)  # one column: its index serves the IN
+                found = {r["_key"]: dict(r) for r in self.db.execute(
+                    f"SELECT CAST({key_sql} AS TEXT) AS _key, * FROM main.{table} WHERE"
+                    f" {key_sql} IN (SELECT key FROM changelog_pending WHERE tbl = ?)", (table,))}
+                for tbl, key, _ in notes:
+                    if tbl == table:
+                        row = found.get(key)
+                        if row is not None:
+                            del row["_key"]
+                        changes.append(RowChange(table, key, row))
+        finally:
+            self.db.execute("COMMIT")
+        return changes, notes
+
+    def confirm(self, notes: Iterable[tuple[str, str, int]], positions: Mapping[int, int]) -> None:
+        """The changes of these notes are committed in the changelog, whose partitions this
+        file is now at ``positions``: forget the notes (not the ones changed since), one
+        transaction."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self.db.executemany("DELETE FROM changelog_pending WHERE tbl = ? AND key = ? AND gen = ?",
+                                list(notes))
+            self.save_changelog_positions(positions)
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def has_pending(self) -> bool:
+        """Whether changes are noted that the changelog may not hold."""
+        return self.db.execute("SELECT 1 FROM changelog_pending LIMIT 1").fetchone() is not None
+
+    def note_all(self) -> None:
+        """Note every replicated row as changed (a database from before the changelog, to be
+        published whole); call inside a transaction."""
         for table in KEYS:
-            keys = [r[0] for r in self.db.execute("SELECT key FROM changed WHERE tbl = ?", (table,))]
-            if not keys:
-                continue
-            key_sql = _key_sql(table, table)  # one column: its index serves the IN
-            found = {r["_key"]: dict(r) for r in self.db.execute(
-                f"SELECT CAST({key_sql} AS TEXT) AS _key, * FROM main.{table} WHERE"
-                f" {key_sql} IN (SELECT key FROM changed WHERE tbl = ?)", (table,))}
-            for key in keys:
-                row = found.get(key)
-                if row is not None:
-                    del row["_key"]
-                changes.append(RowChange(table, key, row))
-        self.db.execute("DELETE FROM changed")
-        return changes
+            self.db.execute(f"INSERT OR IGNORE INTO changelog_pending (tbl, key) SELECT '{table}',"
+                            f" CAST({_key_sql(table, table)} AS TEXT) FROM main.{table}")
+
+    def wipe(self) -> None:
+        """Delete every replicated row, the notes and the positions (before a rebuild from the
+        changelog); call inside a transaction."""
+        for table in (*KEYS, "changelog_pending", "changelog_positions"):
+            self.db.execute(f"DELETE FROM main.{table}")
 
     def apply_changes(self, changes: Iterable[RowChange]) -> int:
         """Make each row as given (an upsert of the whole row, or a delete); columns this

@@ -54,6 +54,6 @@ def connect(path: str | Path, readonly: bool = False) -> sqlite3.Connection:
     else:
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
         conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")  # durable transactions ask for FULL
+        conn.execute("PRAGMA synchronous=NORMAL")  # the changelog is the truth (DESIGN 13)
     conn.row_factory = sqlite3.Row
     return conn

@@ -86,27 +86,15 @@ class Store(Reads, Replica):
         self.db.close()
 
     @contextlib.contextmanager
-    def transaction(self, durable: bool = False) -> Iterator[None]:
-        """One write transaction: ``BEGIN IMMEDIATE`` takes the write lock at once.
-
-        ``durable`` commits with ``synchronous=FULL`` (the WAL is synced at the commit): for a
-        transaction whose effects leave the process right after it (grants, whose runs go out;
-        deaths, whose fences do). Under ``NORMAL`` a power loss may roll back the last commits;
-        a FULL commit syncs every earlier one in the WAL with it.
-        """
-        if durable:
-            self.db.execute("PRAGMA synchronous=FULL")
+    def transaction(self) -> Iterator[None]:
+        """One write transaction: ``BEGIN IMMEDIATE`` takes the write lock at once."""
+        self.db.execute("BEGIN IMMEDIATE")
         try:
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                yield
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
-            self.db.execute("COMMIT")
-        finally:
-            if durable:
-                self.db.execute("PRAGMA synchronous=NORMAL")
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
 
     # ------------------------------------------------------------ intake (invariant 1)
 
@@ -184,12 +172,6 @@ class Store(Reads, Replica):
         )
         return [Grant(r["id"], r["worker"], r["epoch"], r["attempt"], r["payload"], r["grant_no"])
                 for r in rows]
-
-    def is_assigned(self, task_id: str, epoch: str, attempt: int) -> bool:
-        """Whether this grant is still current and unstarted (a ``run`` worth sending again)."""
-        return self.db.execute(
-            "SELECT 1 FROM tasks WHERE id = ? AND epoch = ? AND attempt = ? AND status = 'assigned'",
-            (task_id, epoch, attempt)).fetchone() is not None
 
     def held(self) -> dict[str, list[Held]]:
         """The granted, unfinished tasks each epoch holds."""
