@@ -66,10 +66,11 @@ class Cluster:
         return proc
 
     def start_server(self) -> subprocess.Popen[bytes]:
-        """Start the server and wait until its socket answers."""
+        """Start the server and wait until it is the active one (the servers' group elected it,
+        and it read the changelog to its end)."""
         proc = self.start("server", "server")
-        self.wait_for(lambda: self._answers(), "the server's socket to answer",
-                      alive=proc)
+        self.wait_for(lambda: self.client.stats()["server"]["role"] == "active",
+                      "the server to be active", alive=proc)
         return proc
 
     def start_worker(self, worker_id: str, plugins: str | None = None, slots: int | None = None,
@@ -171,7 +172,3 @@ class Cluster:
             tail = path.read_text(errors="replace").splitlines()[-lines:]
             parts.append(f"----- {path.name}\n" + "\n".join(tail))
         return "\n".join(parts)
-
-    def _answers(self) -> bool:
-        self.client.stats()
-        return True

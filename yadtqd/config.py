@@ -48,6 +48,11 @@ class ServerConfig:
     heartbeat_timeout: float = _setting(
         5.0, "Seconds without a heartbeat before a worker epoch is declared dead.", 0.1
     )
+    session_timeout: float = _setting(
+        6.0, "Seconds an active server may go unheard before a standby takes over (Kafka's"
+        " session.timeout.ms of the servers' group; the broker's group.min.session.timeout.ms,"
+        " 6 s by default, is the floor).", 1.0
+    )
     max_attempts: int = _setting(
         3, "Executions a task may lose to dead workers before it fails with 'worker lost'.", 1
     )

@@ -76,6 +76,8 @@ class Inbox:
             self._writer.send(b"w")
         except BlockingIOError:
             pass  # the socket is full of wake-ups already
+        except OSError:
+            pass  # stopped and closed: nobody waits any more
 
     def take(self) -> list[Message]:
         """Every message read since the last call, and clear the wake-up socket."""
@@ -96,6 +98,11 @@ class Inbox:
         with self._room:
             self._room.notify()
         self._thread.join(5)
+
+    def close(self) -> None:
+        """Close the wake-up socket (after :meth:`stop`, once no signal is sent to it)."""
+        self.reader.close()
+        self._writer.close()
 
     @property
     def alive(self) -> bool:

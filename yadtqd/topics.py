@@ -37,7 +37,9 @@ from yadtqd.messages import ENVELOPE_BYTES
 
 log = logging.getLogger("yadtqd.kafka")
 
-TOPICS = ("tasks", "dispatch", "events", "changelog")
+TOPICS = ("tasks", "dispatch", "events", "changelog", "leader")
+#: Topics of one partition: the changelog (one writer, one order) and the election's topic.
+SINGLE = ("changelog", "leader")
 #: Replicas from which a topic gets ``min.insync.replicas`` 2 by default.
 SAFE_REPLICAS = 3
 
@@ -76,7 +78,7 @@ def topic_specs(config: Config) -> list[TopicSpec]:
     of one partition: one writer, and every change in one order (DESIGN 13 keys its records so
     that a later split by ``tasks`` partition stays possible)."""
     changelog = (("cleanup.policy", "compact"), ("max.message.bytes", str(record_bytes(config))))
-    return [TopicSpec(config.topic(t), 1 if t == "changelog" else config.server.partitions,
+    return [TopicSpec(config.topic(t), 1 if t in SINGLE else config.server.partitions,
                       config.server.replication or -1, config.server.min_insync_replicas,
                       changelog if t == "changelog" else ())
             for t in TOPICS]

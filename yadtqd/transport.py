@@ -185,12 +185,20 @@ def partition_for(key: str, count: int) -> int:
 
 
 def end_offset(consumer: Consumer, topic: str, partition: int, timeout: float = 30.0) -> int:
-    """The partition's high watermark: the offset the next produced message will get."""
-    try:
-        _, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=timeout)
-    except KafkaException as exc:
-        raise UnreachableError(f"cannot read the end of {topic}[{partition}]: {exc.args[0].str()}") from None
-    return int(high)
+    """The partition's high watermark (for a ``read_committed`` consumer, the last stable
+    offset): the offset the next message will get; waits for the broker (and for a topic just
+    created to get its leader) up to ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            _, high = consumer.get_watermark_offsets(TopicPartition(topic, partition),
+                                                     timeout=max(0.1, deadline - time.monotonic()))
+            return int(high)
+        except KafkaException as exc:
+            if time.monotonic() >= deadline:
+                raise UnreachableError(f"cannot read the end of {topic}[{partition}]:"
+                                       f" {exc.args[0].str()}") from None
+        time.sleep(0.2)  # leaders of a new topic propagating; there is no event to wait on
 
 
 def assign(consumer: Consumer, positions: Mapping[tuple[str, int], int]) -> None:

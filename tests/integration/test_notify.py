@@ -107,10 +107,12 @@ def test_wedged_worker_stops_its_watchdog(cluster: Cluster, notify: NotifySocket
 def test_server_ready_status_and_stopping(cluster: Cluster, notify: NotifySocket) -> None:
     proc = cluster.start("server", "server", env=notify.env())
     (ready,) = cluster.wait_for(lambda: notify.seen("READY=1"), "READY=1", alive=proc)
-    assert "STATUS=workers 0, queued 0, running 0" in ready[2]
+    assert "STATUS=standby, lag" in ready[2]  # ready to serve reads; not yet elected
     assert os.path.exists(cluster.socket)  # READY=1 only once the socket is up
+    cluster.wait_for(lambda: notify.seen("STATUS=active, workers 0, queued 0, running 0"),
+                     "a STATUS= saying it is the active", alive=proc)
     cluster.start_worker("w1")
-    cluster.wait_for(lambda: notify.seen("STATUS=workers 1"), "a STATUS= counting the worker")
+    cluster.wait_for(lambda: notify.seen("STATUS=active, workers 1"), "a STATUS= counting the worker")
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == 0
     assert notify.seen("STOPPING=1")

@@ -75,7 +75,7 @@ def test_server_and_worker_start_ready_and_serve(box: Container) -> None:
         assert box.run("systemctl", "is-active", unit).stdout.strip() == "active"
         assert show(box, unit, "User") == "yadtq"
     assert show(box, "yadtqd@worker", "StatusText").startswith("worker box: busy 0/2")
-    wait(lambda: show(box, "yadtqd@server", "StatusText").startswith("workers 1"), "the server's status")
+    wait(lambda: show(box, "yadtqd@server", "StatusText").startswith("active, workers 1"), "the server's status")
     done = ctl(box, "submit", "add", "40", "2", "--wait", "60")
     assert (done.returncode, done.stdout.strip()) == (0, "42")
     mode = box.run("stat", "-c", "%a %G", "/run/yadtq/yadtqd.sock").stdout.split()

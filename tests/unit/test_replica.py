@@ -178,3 +178,40 @@ def test_records_carry_changes_there_and_back(writer: Store) -> None:
 def test_bad_records_are_named(key: bytes | None, value: bytes, problem: str) -> None:
     with pytest.raises(BadMessage, match=problem):
         changelog.decode(key, value)
+
+
+def test_a_backlog_of_notes_goes_in_chunks(writer: Store) -> None:
+    with writer.transaction():
+        for i in range(12):
+            writer.intake(sub(f"t{i}"), 1.0)
+    sizes = []
+    while writer.has_pending():
+        changes, notes = writer.pending_changes(5)
+        sizes.append(len(changes))
+        writer.confirm(notes, {})
+    assert sizes == [5, 5, 2]
+
+
+def test_salvage_finds_the_unfinished_tasks_only_this_file_noted(writer: Store) -> None:
+    with writer.transaction():
+        writer.intake(sub("sent"), 1.0)
+    sent(writer)  # in the changelog already
+    with writer.transaction():
+        writer.intake(sub("granted"), 1.0)
+        hello(writer)
+        writer.grant("granted", "w", "e1", 2.0)
+        writer.intake(sub("only-here"), 3.0)
+    assert sorted(row["id"] for row in writer.salvage()) == ["granted", "only-here"]
+
+
+def test_publishing_is_noted_and_wiped(writer: Store) -> None:
+    with writer.transaction():
+        writer.intake(sub("old"), 1.0)
+    sent(writer)
+    with writer.transaction():
+        writer.note_all()
+        writer.set_publishing(True)
+    assert writer.publishing() and writer.has_pending()
+    with writer.transaction():
+        writer.wipe()
+    assert not writer.publishing()

@@ -181,7 +181,10 @@ def _stats(client: Client, args: argparse.Namespace, as_json: bool) -> int:
     if as_json:
         output.emit_json(stats)
     else:
-        rows = [{"figure": f"tasks {k}", "value": v} for k, v in sorted(stats["tasks"].items())]
+        server = stats.get("server", {})
+        rows = [{"figure": "this server", "value": server.get("role", "active")
+                 + (f", lag {server.get('lag')} records" if server.get("role") == "standby" else "")}]
+        rows += [{"figure": f"tasks {k}", "value": v} for k, v in sorted(stats["tasks"].items())]
         rows += [{"figure": "live workers", "value": stats["workers_live"]},
                  {"figure": "slots", "value": stats["slots"]}]
         rows += [{"figure": k.replace("_", " "), "value": v} for k, v in sorted(stats["counters"].items())]

@@ -13,3 +13,9 @@ CREATE TABLE changelog_pending (
     gen INTEGER NOT NULL DEFAULT 1,
     PRIMARY KEY (tbl, key)
 ) WITHOUT ROWID;
+-- Facts about this file's replication, by name: publishing = 1 while rows that only this file
+-- holds (a database from before the changelog) are being sent to the changelog in chunks.
+CREATE TABLE replication (
+    name  TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);

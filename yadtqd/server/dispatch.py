@@ -115,5 +115,11 @@ class Dispatcher:
         """Deliver the markers accepted (at shutdown)."""
         transport.flush(self.express, timeout)
 
+    def discard(self) -> None:
+        """Drop the markers still held (a term that ends): nothing left in flight."""
+        with contextlib.suppress(KafkaException):
+            self.express.purge()
+            self.express.flush(0)
+
     def _send(self, worker: str, partition: int, value: bytes) -> None:
         self.out.send(self.topic, value, worker, partition)

@@ -239,7 +239,7 @@ class Ingest:
                  extra={"task_id": ev.task_id, "worker_id": ev.worker, "event": "task_started"})
 
     def _finished(self, ev: m.Finished, now: float) -> None:
-        outcome = self.store.finish(ev, _when(ev, now))
+        outcome = self.store.finish(ev, now, _when(ev, now))
         if outcome == "stale":
             self._stale(ev, f"finished {ev.task_id} attempt {ev.attempt} is not the current grant")
             return

@@ -13,6 +13,7 @@ back from ``tasks``.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -32,7 +33,8 @@ from yadtqd.server.dispatch import Dispatcher
 from yadtqd.server.evidence import Evidence
 from yadtqd.server.ingest import Effects, Fence, Ingest
 from yadtqd.server.queries import Changes, Queries, Submitter
-from yadtqd.server.replication import Changelog
+from yadtqd.server.election import Elector
+from yadtqd.server.replication import Changelog, Fenced, Follower
 from yadtqd.server.scheduler import Scheduler
 from yadtqd.server.sockets import SocketServer
 from yadtqd.store import Store
@@ -64,9 +66,17 @@ class Server:
         self.unprovided: dict[str, float] = {}
         self.last_status = 0.0
         self.last_watchdog = 0.0
+        self.inbox: Inbox | None = None
+        #: Fenced (monotonic time until which to stand by even if the group still says we
+        #: lead: it may not have told us of the newer active yet).
+        self.deposed_until = 0.0
+        self.last_unreachable = float("-inf")
+        #: This server's role, as the socket's ``stats`` shows it.
+        self.role: dict[str, object] = {"role": "standby", "lag": -1}
 
     def run(self) -> int:
-        """Serve until SIGTERM; returns the exit status."""
+        """Serve until SIGTERM, as the active server or a standby (DESIGN 13), changing role
+        as the servers' group decides; returns the exit status."""
         lock = _lock(self.config.server.database)
         store = Store(self.config.server.database, create=True)
         admin = transport.make_admin(self.config)
@@ -74,66 +84,180 @@ class Server:
         topics.ensure_topics(admin, specs)
         topics.check_message_sizes(admin, self.config)
         self.topic_health = topics.health(admin, [s.name for s in specs])
+        socket_producer, _ = transport.make_producer(self.config, "server-socket", linger_ms=0)
+        submitter = Submitter(self.config.server.database, socket_producer, self.config.topic("tasks"),
+                              on_recorded=self._wake)
+        queries = Queries(submitter, self.changes, self.config.server.max_task_bytes,
+                          [h.view() for h in self.topic_health], self.role)
+        sockets = SocketServer(self.config.server.socket, queries, self.config.server.database,
+                               self.config.server.max_request_bytes,
+                               self.config.server.max_connections, self.config.server.idle_timeout,
+                               self.config.server.socket_group)
+        sockets.start()
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        signal.signal(signal.SIGINT, self._on_sigterm)
+        elector = Elector(self.config)
+        elector.start()
+        self.notifier.ready(self._status(store))
+        log.info("server ready: socket %s, database %s", self.config.server.socket,
+                 self.config.server.database)
+        try:
+            while not self.stopping:
+                if self._may_lead(elector):
+                    self._active(store, elector, submitter)
+                else:
+                    self._standby(store, elector)
+        finally:
+            self.notifier.stopping()
+            sockets.close()
+            elector.close()  # after the last commit: a standby takes over at once
+            transport.flush(socket_producer, 10)
+            store.close()
+            os.close(lock)
+        log.info("server stopped")
+        return 0
+
+    def _wake(self) -> None:
+        if self.inbox is not None:
+            self.inbox.wake()
+
+    # ------------------------------------------------------------ roles
+
+    def _standby(self, store: Store, elector: Elector) -> None:
+        """Keep the replica: apply the changelog as it comes, until elected or stopped. The
+        broker away (at start, or after an outage cost us the active role) is waited out."""
+        self.role.update(role="standby", lag=-1)
+        follower: Follower | None = None
+        try:
+            while not self.stopping and not self._may_lead(elector):
+                if follower is None:
+                    follower = self._follower(store)
+                    if follower is None:
+                        self._report(store)
+                        elector.changed.wait(1.0)  # the broker away: try again, or get elected
+                        elector.changed.clear()
+                        continue
+                if follower.step(0.2):
+                    self.changes.signal()
+                self.role["lag"] = follower.lag()
+                self._report(store)
+        finally:
+            if follower is not None:
+                follower.close()
+
+    def _follower(self, store: Store) -> Follower | None:
+        try:
+            follower = Follower(self.config, store, timeout=5.0)
+        except UnreachableError as exc:
+            self._unreachable(f"cannot follow {self.config.topic('changelog')} yet: {exc}")
+            return None
+        log.info("standby: following %s", self.config.topic("changelog"), extra={"event": "standby"})
+        return follower
+
+    def _unreachable(self, problem: str) -> None:
+        """Say so once per episode (every minute at most) while the broker stays away."""
+        mono = time.monotonic()
+        if mono - self.last_unreachable >= 60.0:
+            self.last_unreachable = mono
+            log.warning("%s (the broker away?); trying again", problem, extra={"event": "unreachable"})
+
+    def _active(self, store: Store, elector: Elector, submitter: Submitter) -> None:
+        """Take over (fence the old active, read the changelog to its end) and serve as the
+        active until stopped, deposed or fenced; then the next role starts from the store. A
+        takeover the broker cannot complete now is tried again."""
+        started = time.monotonic()
+        self._reset()
         out = Changelog(self.config)
-        out.start()  # an older server is fenced before the changelog's end is read
-        out.restore(store)
-        store.capture()
-        consumer, _ = transport.make_consumer(self.config, "server")
-        self._assign(consumer, store)
+        consumer: Consumer | None = None
+        try:
+            out.start(timeout=10.0)  # an older active is fenced before the changelog's end is read
+            out.restore(store, tick=lambda: self._report(store))
+            store.capture()  # before _assign, which may count lost offsets
+            consumer, _ = transport.make_consumer(self.config, "server")
+            self._assign(consumer, store, timeout=5.0)
+        except UnreachableError as exc:
+            store.stop_capture()
+            out.discard()
+            if consumer is not None:
+                consumer.close()
+            self._unreachable(f"cannot take over yet: {exc}")
+            self._report(store)
+            elector.changed.wait(1.0)
+            elector.changed.clear()
+            return
         self.evidence.watch(range(self.counts[self.events_topic]))
         dispatcher = Dispatcher(self.config, self.counts[self.config.topic("dispatch")], self.evidence, out)
         inbox = Inbox(consumer, self.config.server.batch_size,
                       follow={t: n for t, n in self.counts.items() if t != self.config.topic("dispatch")})
         ingest = Ingest(store, self.scheduler, self.config, self.evidence, dispatcher.partitions)
         self._restore(store, dispatcher)
-        socket_producer, _ = transport.make_producer(self.config, "server-socket", linger_ms=0)
-        submitter = Submitter(self.config.server.database, socket_producer, self.config.topic("tasks"),
-                              on_recorded=inbox.wake)
-        queries = Queries(submitter, self.changes, self.config.server.max_task_bytes,
-                          [h.view() for h in self.topic_health])
-        sockets = SocketServer(self.config.server.socket, queries, self.config.server.database,
-                               self.config.server.max_request_bytes,
-                               self.config.server.max_connections, self.config.server.idle_timeout,
-                               self.config.server.socket_group)
-        sockets.start()
+        self.inbox = inbox
         signal.set_wakeup_fd(inbox.wakeup_fd, warn_on_full_buffer=False)
-        signal.signal(signal.SIGTERM, self._on_sigterm)
-        signal.signal(signal.SIGINT, self._on_sigterm)
         inbox.start()
-        self.notifier.ready(self._status(store))
-        log.info("server ready: socket %s, database %s", self.config.server.socket,
-                 self.config.server.database)
+        with submitter.lock:
+            submitter.recording = True
+        self.role.update(role="active", lag=0, since=time.time())
+        log.warning("active: took over in %.1f s", time.monotonic() - started,
+                    extra={"event": "takeover"})
+        fenced = False
         try:
-            while not self.stopping:
+            while not self.stopping and elector.leading.is_set():
                 self._turn(store, ingest, inbox, dispatcher, out)
+        except Fenced as exc:
+            fenced = True  # not active again before the group has had time to say otherwise
+            self.deposed_until = time.monotonic() + 2 * self.config.server.session_timeout
+            log.error("stepping down: %s", exc, extra={"event": "fenced"})
         finally:
-            self.notifier.stopping()
-            sockets.close()
+            with submitter.lock:
+                submitter.recording = False
+            signal.set_wakeup_fd(-1)
+            self.inbox = None
             inbox.stop()
-            out.close(store)
-            dispatcher.flush(10)
-            transport.flush(socket_producer, 10)
+            inbox.close()
+            if not fenced:  # what is left, if Kafka takes it: fewer rebuilds after a step-down
+                with contextlib.suppress(Fenced):
+                    out.close(store, 10.0 if self.stopping else 3.0)
+            out.discard()
+            dispatcher.flush(2)
+            dispatcher.discard()
             consumer.close()
-            store.close()
-            os.close(lock)
-        log.info("server stopped")
-        return 0
+            store.stop_capture()
+        if not self.stopping:
+            log.warning("stepped down to standby", extra={"event": "step_down"})
+
+    def _may_lead(self, elector: Elector) -> bool:
+        """Whether to be the active now: elected, and not just fenced by a newer active the
+        group has not told us of yet."""
+        if not elector.leading.is_set():
+            self.deposed_until = 0.0  # the group caught up: its next choice stands
+            return False
+        return time.monotonic() >= self.deposed_until
+
+    def _reset(self) -> None:
+        """What an active keeps in memory starts afresh with each term."""
+        self.scheduler = Scheduler()
+        self.counts = {}
+        self.nonce = uuid.uuid4().hex
+        self.evidence = Evidence(self.nonce, self.config.server.heartbeat_timeout, time.monotonic())
+        self.unproven = set()
+        self.unprovided = {}
+        self.last_unroutable = 0.0
 
     def _on_sigterm(self, signum: int, frame: object) -> None:
         self.stopping = True  # the main loop acts on it
 
-    def _assign(self, consumer: Consumer, store: Store) -> None:
+    def _assign(self, consumer: Consumer, store: Store, timeout: float = 30.0) -> None:
         """Read ``tasks`` and ``events`` from the offsets saved in the store (invariant 6); an
         offset that fell out of retention is logged at error with the count of messages lost."""
         saved = store.offsets()
         positions: dict[tuple[str, int], int] = {}
         for name in ("tasks", "events", "dispatch"):
             topic = self.config.topic(name)
-            self.counts[topic] = transport.partition_count(consumer, topic)
+            self.counts[topic] = transport.partition_count(consumer, topic, timeout)
         lost = 0
         for topic in (self.config.topic("tasks"), self.events_topic):
             for p in range(self.counts[topic]):
-                low = transport.low_offset(consumer, topic, p)
+                low = transport.low_offset(consumer, topic, p, timeout)
                 position = saved.get((topic, p))
                 if position is not None and position < low:
                     lost += low - position
@@ -279,10 +403,12 @@ class Server:
             self.notifier.status(self._status(store))
 
     def _status(self, store: Store) -> str:
+        if self.role["role"] != "active":
+            return f"standby, lag {self.role['lag']}"
         counts = store.counts()
         live = sum(1 for mb in self.scheduler.members.values() if mb.accepting)
         running = counts.get("assigned", 0) + counts.get("processing", 0)
-        return f"workers {live}, queued {counts.get('queued', 0)}, running {running}"
+        return f"active, workers {live}, queued {counts.get('queued', 0)}, running {running}"
 
 
 def _lock(database: str) -> int:

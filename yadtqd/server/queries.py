@@ -63,12 +63,22 @@ class Submitter:
         self.topic = topic
         self.timeout = timeout
         self.on_recorded = on_recorded
+        #: True while this server is the active: it records submits; a standby forwards them.
+        #: Flipped by the server under :attr:`lock`.
+        self.recording = False
 
     def submit(self, sub: m.Submission, uid: int = -1) -> Reply:
         """Record (and tell the main loop, which may grant it at once), then produce; reply
-        once Kafka accepted the task."""
-        with self.lock, self.store.transaction():
-            intake = self.store.intake(sub, time.time())
+        once Kafka accepted the task. A standby only produces: the active records the task
+        when it reads it from ``tasks``."""
+        with self.lock:  # the server flips `recording` under this lock too
+            if not self.recording:
+                intake = None
+            else:
+                with self.store.transaction():
+                    intake = self.store.intake(sub, time.time())
+        if intake is None:
+            return self._forward(sub, uid)
         if intake.outcome == "conflict":
             return protocol.error("conflict", f"task id {sub.task_id!r} was submitted before with"
                                   " another payload")
@@ -85,13 +95,33 @@ class Submitter:
         return {"ok": True, "task-id": sub.task_id, "status": "queued",
                 "created": intake.outcome == "new"}
 
+    def _forward(self, sub: m.Submission, uid: int) -> Reply:
+        known = self.store.task_rows([sub.task_id]).get(sub.task_id)  # this replica's view
+        if known is not None and known["payload"] != sub.payload():
+            return protocol.error("conflict", f"task id {sub.task_id!r} was submitted before with"
+                                  " another payload")
+        if known is None:
+            problem = transport.deliver(self.producer, self.topic, m.encode(sub), sub.task_id,
+                                        self.timeout)
+            if problem:
+                return protocol.error("unavailable", f"Kafka did not accept task {sub.task_id}"
+                                      f" within {self.timeout:g} s ({problem}); it may have been"
+                                      " accepted: submit it again with the same id, never another")
+            log.info("task %s forwarded to the active server: %s (socket, uid %d)", sub.task_id,
+                     sub.task, uid, extra={"task_id": sub.task_id, "event": "task_forwarded"})
+        return {"ok": True, "task-id": sub.task_id,
+                "status": "queued" if known is None else known["status"], "created": known is None}
+
 
 class Queries:
     """Runs one request against a read-only store."""
 
     def __init__(self, submitter: Submitter, changes: Changes, max_task_bytes: int,
-                 topics: list[dict[str, Any]] | None = None) -> None:
+                 topics: list[dict[str, Any]] | None = None,
+                 role: dict[str, Any] | None = None) -> None:
         self.submitter = submitter
+        #: This server's role (``active`` or ``standby``) and a standby's lag, kept by the server.
+        self.role = role if role is not None else {"role": "active", "lag": 0}
         self.changes = changes
         self.max_task_bytes = max_task_bytes
         #: The topics' replicas and min.insync.replicas as read at start (yadtqd.topics).
@@ -192,7 +222,7 @@ class Queries:
         return {"ok": True, "stats": {"tasks": visible, "workers_live": len(live),
                                       "slots": sum(r["slots"] for r in live),
                                       "counters": counters, "undelivered": undelivered,
-                                      "topics": self.topics,
+                                      "topics": self.topics, "server": dict(self.role),
                                       "warnings": [t["warning"] for t in self.topics if t["warning"]]}}
 
     def plugins(self, store: Store, req: dict[str, Any]) -> Reply:

@@ -67,18 +67,29 @@ class Replica:
                     f" ('{table}', {_key_sql(table, row)}) ON CONFLICT (tbl, key) DO UPDATE SET"
                     " gen = gen + 1; END")
 
-    def pending_changes(self) -> tuple[list[RowChange], list[tuple[str, str, int]]]:
-        """The rows changed and not yet confirmed, as they are now, and the notes they answer
-        (for :meth:`confirm`); one consistent snapshot, beside other writers."""
+    def stop_capture(self) -> None:
+        """No more notes from this connection (a server that stops being the active)."""
+        for table in KEYS:
+            for op in ("insert", "update", "delete"):
+                self.db.execute(f"DROP TRIGGER IF EXISTS temp.pending_{table}_{op}")
+
+    def pending_changes(self, limit: int = 1_000_000) -> tuple[list[RowChange], list[tuple[str, str, int]]]:
+        """The rows changed and not yet confirmed (at most ``limit``), as they are now, and the
+        notes they answer (for :meth:`confirm`); one consistent snapshot, beside other writers."""
         changes: list[RowChange] = []
         self.db.execute("BEGIN")
         try:
-            notes = [(r[0], r[1], r[2]) for r in self.db.execute("SELECT tbl, key, gen FROM changelog_pending")]
+            notes = [(r[0], r[1], r[2]) for r in self.db.execute(
+                "SELECT tbl, key, gen FROM changelog_pending LIMIT ?", (limit,))]
             for table in {tbl for tbl, _, _ in notes}:
                 key_sql = _key_sql(table, table)  # one column: its index serves the IN
-                found = {r["_key"]: dict(r) for r in self.db.execute(
-                    f"SELECT CAST({key_sql} AS TEXT) AS _key, * FROM main.{table} WHERE"
-                    f" {key_sql} IN (SELECT key FROM changelog_pending WHERE tbl = ?)", (table,))}
+                keys = [key for tbl, key, _ in notes if tbl == table]
+                found: dict[str, dict[str, Any]] = {}
+                for start in range(0, len(keys), 500):
+                    part = keys[start:start + 500]
+                    found.update({r["_key"]: dict(r) for r in self.db.execute(
+                        f"SELECT CAST({key_sql} AS TEXT) AS _key, * FROM main.{table} WHERE"
+                        f" {key_sql} IN ({','.join('?' * len(part))})", part)})
                 for tbl, key, _ in notes:
                     if tbl == table:
                         row = found.get(key)
@@ -103,6 +114,24 @@ class Replica:
             raise
         self.db.execute("COMMIT")
 
+    def publishing(self) -> bool:
+        """Whether rows only this file holds are being published to the changelog."""
+        row = self.db.execute("SELECT value FROM replication WHERE name = 'publishing'").fetchone()
+        return bool(row and row[0])
+
+    def set_publishing(self, on: bool) -> None:
+        """Note that a publish started or ended."""
+        self.db.execute("INSERT INTO replication (name, value) VALUES ('publishing', ?)"
+                        " ON CONFLICT (name) DO UPDATE SET value = excluded.value", (int(on),))
+
+    def salvage(self) -> list[dict[str, Any]]:
+        """Unfinished tasks noted as changed: before a wipe, what only this file may know of,
+        to be submitted again (intake is idempotent: one the changelog holds is a duplicate; one
+        it lacks was never granted in a committed transaction, so no worker ran it)."""
+        return [dict(r) for r in self.db.execute(
+            "SELECT * FROM tasks WHERE status IN ('queued', 'assigned', 'processing') AND id IN"
+            " (SELECT key FROM changelog_pending WHERE tbl = 'tasks')")]
+
     def has_pending(self) -> bool:
         """Whether changes are noted that the changelog may not hold."""
         return self.db.execute("SELECT 1 FROM changelog_pending LIMIT 1").fetchone() is not None
@@ -117,7 +146,7 @@ class Replica:
     def wipe(self) -> None:
         """Delete every replicated row, the notes and the positions (before a rebuild from the
         changelog); call inside a transaction."""
-        for table in (*KEYS, "changelog_pending", "changelog_positions"):
+        for table in (*KEYS, "changelog_pending", "changelog_positions", "replication"):
             self.db.execute(f"DELETE FROM main.{table}")
 
     def apply_changes(self, changes: Iterable[RowChange]) -> int:

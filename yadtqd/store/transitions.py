@@ -219,8 +219,9 @@ class Store(Reads, Replica):
         )
         return cur.rowcount == 1
 
-    def finish(self, ev: m.Finished, now: float) -> str:
-        """Record a task's end for its current grant; returns the outcome.
+    def finish(self, ev: m.Finished, now: float, at: float | None = None) -> str:
+        """Record a task's end for its current grant, which happened ``at`` (default ``now``,
+        the server's clock, which alone times a retry's backoff); returns the outcome.
 
         ``retry`` (failed with retries left: back to ``queued`` after a backoff), ``success``,
         ``failed``, or ``stale`` (not the current grant, or already terminal: nothing changed).
@@ -234,7 +235,7 @@ class Store(Reads, Replica):
                 " AND status IN ('assigned', 'processing') AND failures < max_retries",
                 (_json(ev.error), now, *grant),
             )
-            if cur.rowcount == 1:
+            if cur.rowcount == 1:  # (run_after from the server's clock: waiting() compares it)
                 self.db.execute("UPDATE workers SET failed_runs = failed_runs + 1 WHERE epoch = ?",
                                 (ev.epoch,))
                 return "retry"
@@ -245,7 +246,7 @@ class Store(Reads, Replica):
             " started_at = coalesce(started_at, ?)"
             " WHERE id = ? AND attempt = ? AND worker = ? AND epoch = ?"
             " AND status IN ('assigned', 'processing')",
-            (ev.status, result, error, now, now, *grant),
+            (ev.status, result, error, at or now, at or now, *grant),
         )
         if cur.rowcount != 1:
             return "stale"
