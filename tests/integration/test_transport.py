@@ -28,7 +28,7 @@ def test_topics_are_created_once_with_configured_partitions(bootstrap: str) -> N
     config = _config(bootstrap)
     admin = transport.make_admin(config)
     created = topics.ensure_topics(admin, topics.topic_specs(config))
-    assert sorted(created) == sorted(config.topic(t) for t in ("tasks", "dispatch", "events", "changelog"))
+    assert sorted(created) == sorted(config.topic(t) for t in ("tasks", "dispatch", "events", "changelog", "leader"))
     assert topics.ensure_topics(admin, topics.topic_specs(config)) == []
     consumer, _ = transport.make_consumer(config, "test")
     assert transport.partition_count(consumer, config.topic("events")) == 2

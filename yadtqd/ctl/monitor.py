@@ -46,15 +46,19 @@ def run(client: Client, interval: float, once: bool, as_json: bool) -> int:
 
 def _live(client: Client, interval: float) -> None:
     previous: dict[str, Any] | None = None
-    note = ""
+    lost, note_until = False, 0.0
     while True:
         try:
             for snap in client.watch(interval):
+                if lost:  # the note stays a few seconds, however fast frames follow (a server
+                    # that just started sends one for each change as it takes over)
+                    lost, note_until = False, time.monotonic() + max(3.0, 2 * interval)
+                note = "reconnected to the server" if time.monotonic() < note_until else ""
                 size = shutil.get_terminal_size()
                 _draw(render(snap, previous, size.columns, size.lines, interval, note))
-                previous, note = snap, ""
+                previous = snap
         except UnreachableError as exc:
-            note = "reconnected to the server"
+            lost = True
             size = shutil.get_terminal_size()
             _draw(_cut([f"YADTQ monitor: {exc}", f"reconnecting every {interval:g} s... (Ctrl-C quits)"],
                        size.columns, size.lines))
