@@ -50,8 +50,8 @@ def _history(cluster: Cluster, tmp_path: Path) -> list[str]:
                      "a slow task to start")
     cluster.stop("w1", signal.SIGKILL)  # a failure record, tasks re-queued
     cluster.wait_for(lambda: cluster.client.failures(), "w1 to be declared dead")
+    cluster.wait_terminal(ids)  # before w2 stops: a retry granted to it as it leaves would wait
     cluster.stop("w2")
-    cluster.wait_terminal(ids)
     cluster.stop("server")
     return ids + slow
 
