@@ -65,13 +65,26 @@ class Cluster:
         self.processes[name] = proc
         return proc
 
-    def start_server(self) -> subprocess.Popen[bytes]:
+    def start_server(self, wrap: Callable[[list[str]], list[str]] | None = None) -> subprocess.Popen[bytes]:
         """Start the server and wait until it is the active one (the servers' group elected it,
         and it read the changelog to its end)."""
-        proc = self.start("server", "server")
+        proc = self.start("server", "server", {"YADTQ_SERVER_NAME": "server"}, wrap)
         self.wait_for(lambda: self.client.stats()["server"]["role"] == "active",
                       "the server to be active", alive=proc)
         return proc
+
+    def start_standby(self, name: str) -> Client:
+        """Start server ``name`` without waiting to see it elected: ``server`` on the cluster's
+        database and socket, any other name on its own (``NAME.db``, ``NAME.sock``). Returns
+        its client once its socket answers."""
+        env = {"YADTQ_SERVER_NAME": name}
+        if name != "server":
+            env.update(YADTQ_SERVER_DATABASE=str(self.dir / f"{name}.db"),
+                       YADTQ_SERVER_SOCKET=str(self.dir / f"{name}.sock"))
+        proc = self.start(name, "server", env)
+        client = Client(env.get("YADTQ_SERVER_SOCKET", self.socket), timeout=30)
+        self.wait_for(lambda: client.stats(), f"{name}'s socket to answer", alive=proc)
+        return client
 
     def start_worker(self, worker_id: str, plugins: str | None = None, slots: int | None = None,
                      wait: bool = True, env: dict[str, str] | None = None,

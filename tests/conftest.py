@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.cluster import Cluster
+from tests.netns import Netns
 from yadtqd.testing.broker import Broker
 
 _BROKERS: list[Broker] = []
@@ -70,6 +71,17 @@ def cluster(bootstrap: str, tmp_path: Path, request: pytest.FixtureRequest) -> I
         failed = getattr(request.node, "rep_call", None)
         if failed is not None and failed.failed:
             print(c.logs_tail())
+
+
+@pytest.fixture
+def netns(bootstrap: str) -> Iterator[Netns]:
+    """A network namespace whose processes reach the session's broker until :meth:`Netns.cut`."""
+    ns = Netns()
+    ns.create(int(bootstrap.rsplit(":", 1)[1]))
+    try:
+        yield ns
+    finally:
+        ns.delete()
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -45,6 +45,10 @@ class ServerConfig:
         "", "Group of the socket (mode 0660): its members may submit and query; empty = the"
         " daemon's group. The packaged unit sets yadtq-clients."
     )
+    name: str = _setting(
+        "", "This server's name in stats and takeover records (DESIGN 13); empty means the host"
+        " name."
+    )
     heartbeat_timeout: float = _setting(
         5.0, "Seconds without a heartbeat before a worker epoch is declared dead.", 0.1
     )
@@ -82,6 +86,11 @@ class ServerConfig:
         3600.0, "Seconds a task of a name no live worker provides waits before it fails;"
         " 0 = forever.", 0
     )
+
+    @property
+    def server_name(self) -> str:
+        """The configured name, or the host name."""
+        return self.name or socket.gethostname()
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,14 @@ Operations, with examples::
 
 A snapshot has ``ts``, ``at``, ``totals`` (per status, and ``submitted``), ``queued`` and
 ``running`` (``count`` and the oldest ``tasks``), ``workers``, ``failures`` (``count`` and the
-newest ``items``) and ``counters``.
+newest ``items``), ``counters`` and ``server`` (as in ``stats``).
+
+``stats`` has ``server``: this server's ``name``, ``role`` (``active`` or ``standby``), ``lag``
+(changelog records not yet applied; -1 unknown) and ``lag_seconds``; ``standbys`` (on the
+active: each standby heard from in the last 5 s, with its lag); ``active`` (the active server's
+name, host, pid, term and since when; null when none is) and ``last_takeover`` (``at``, the
+``server`` that took over, ``from`` whom, ``why`` the previous term ended, and how long it
+``took``, in seconds).
 
 Error codes: ``bad_request`` (not JSON, not an object, wrong fields), ``too_large`` (line over
 the limit), ``unknown_op``, ``bad_task`` (a submit whose task is malformed), ``unroutable`` (no
@@ -46,6 +53,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import sqlite3
+from collections.abc import Sequence
 from typing import Any
 
 VISIBLE_STATUS = {"queued": "queued", "assigned": "queued", "processing": "processing",
@@ -88,6 +96,21 @@ def task_view(row: sqlite3.Row | None, reason: str | None = None) -> dict[str, A
     if reason:
         view["waiting"] = reason
     return view
+
+
+def servers_view(terms: Sequence[sqlite3.Row]) -> dict[str, Any]:
+    """Which server is active and how the last takeover went, from the newest two terms
+    (newest first; DESIGN 13)."""
+    if not terms:
+        return {"active": None, "last_takeover": None}
+    term, previous = terms[0], (terms[1] if len(terms) > 1 else None)
+    active = None if term["ended_at"] is not None else {
+        "server": term["server"], "host": term["host"], "pid": term["pid"], "term": term["term"],
+        "since": iso(term["started_at"])}
+    takeover = {"at": iso(term["started_at"]), "server": term["server"], "term": term["term"],
+                "took": term["took"], "from": previous["server"] if previous else None,
+                "why": (previous["ended"] or "") if previous else "the first active server"}
+    return {"active": active, "last_takeover": takeover}
 
 
 def worker_view(row: sqlite3.Row, holding: dict[str, int] | None = None) -> dict[str, Any]:

@@ -100,6 +100,59 @@ def test_scenario_2_server_killed_three_times_while_submissions_continue(cluster
     assert verdict.re_executions == 0
 
 
+def test_scenario_6_three_takeovers_in_a_row_with_worker_kills(cluster: Cluster, tmp_path: Path) -> None:
+    """Two servers (DESIGN 13): the active SIGKILLed three times in a row, each time after two
+    busy workers were SIGKILLed, while submissions continue; each killed server comes back as
+    the standby. The contract holds on the ledger, and the terms count every takeover."""
+    _start(cluster, WORKERS)
+    clients = {"server": cluster.client, "server2": cluster.start_standby("server2")}
+    rng = random.Random(6)
+    book = tmp_path / "ledger"
+    expected: dict[str, int] = {}
+    done = threading.Event()
+
+    def producer() -> None:
+        with KafkaSubmitter({"bootstrap.servers": cluster.bootstrap}, cluster.prefix) as kafka:
+            for i in range(600):
+                expected[kafka.submit("ledger", str(book), rng.uniform(0.02, 0.2), i)] = i
+                if done.wait(0.03):
+                    return
+
+    def busy() -> str | None:
+        running = sorted(w["worker"] for w in cluster.client.workers() if w["state"] == "live" and w["running"])
+        return rng.choice(running) if running else None
+
+    thread = threading.Thread(target=producer)
+    thread.start()
+    active, standby = "server", "server2"
+    try:
+        for round_ in range(3):
+            cluster.wait_for(lambda: cluster.client.stats()["tasks"].get("success", 0) >= 60 * (round_ + 1),
+                             f"progress before takeover {round_ + 1}", timeout=120)
+            for _ in range(2):
+                victim = cluster.wait_for(busy, "a worker running a task")
+                cluster.stop(victim, signal.SIGKILL)
+                cluster.start_worker(victim)
+            cluster.wait_for(lambda: clients[standby].stats()["server"]["lag"] >= 0, f"{standby} to follow")
+            cluster.stop(active, signal.SIGKILL)
+            cluster.wait_for(lambda: clients[standby].stats()["server"]["role"] == "active",
+                             f"{standby} to take over from {active}")
+            cluster.client = clients[standby]
+            clients[active] = cluster.start_standby(active)
+            active, standby = standby, active
+    finally:
+        thread.join(300)
+        done.set()
+    assert len(expected) == 600
+    cluster.wait_terminal(list(expected), timeout=300)
+    verdict = ledger.check_contract(cluster, book, expected)
+    print(f"scenario 6: {verdict}")
+    server = cluster.client.stats()["server"]
+    assert server["active"]["term"] == 4 and server["active"]["server"] == active
+    assert server["last_takeover"]["from"] == standby
+    assert verdict.dead_epochs >= 6  # each killed worker declared dead, whichever server was active
+
+
 def test_scenario_3_broker_stopped_and_started_during_a_run(own_cluster: Cluster, own_broker: Broker,
                                                              tmp_path: Path) -> None:
     cluster = own_cluster

@@ -8,38 +8,31 @@ import os
 import signal
 import sqlite3
 import subprocess
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from tests import ledger
 from tests.cluster import Cluster
+from tests.netns import Netns
 from yadtqd.client import Client
 
 pytestmark = pytest.mark.kafka
-
-
-def _second(cluster: Cluster, name: str = "server2") -> tuple[subprocess.Popen[bytes], Client]:
-    """Another server of the same cluster, with its own database and socket."""
-    env = {"YADTQ_SERVER_DATABASE": str(cluster.dir / f"{name}.db"),
-           "YADTQ_SERVER_SOCKET": str(cluster.dir / f"{name}.sock")}
-    proc = cluster.start(name, "server", env)
-    client = Client(env["YADTQ_SERVER_SOCKET"], timeout=30)
-    cluster.wait_for(lambda: client.stats(), f"{name}'s socket to answer", alive=proc)
-    return proc, client
 
 
 def _role(client: Client) -> str:
     return str(client.stats()["server"]["role"])
 
 
-def _two_servers(cluster: Cluster) -> Client:
-    """The first server active, a second standing by, three workers."""
+def _two_servers(cluster: Cluster, wrap: Callable[[list[str]], list[str]] | None = None) -> Client:
+    """The first server active (run through ``wrap``), a second standing by, three workers."""
     cluster.write_config(worker={"slots": 2})
-    cluster.start_server()
+    cluster.start_server(wrap)
     cluster.wait_for(lambda: _role(cluster.client) == "active", "the first server to be elected")
-    _, standby = _second(cluster)
+    standby = cluster.start_standby("server2")
     assert _role(standby) == "standby"
     for worker in ("w1", "w2", "w3"):
         cluster.start_worker(worker)
@@ -63,6 +56,12 @@ def test_the_standby_takes_over_and_every_task_runs_once(cluster: Cluster, tmp_p
     verdict = ledger.check_contract(cluster, book, {t: i for i, t in enumerate(ids)})
     assert verdict.re_executions == 0 and cluster.client.failures() == []  # no worker died
     assert "active: took over" in cluster.log("server2")
+    server = standby.stats()["server"]
+    assert server["active"]["server"] == "server2"
+    takeover = server["last_takeover"]
+    assert (takeover["server"], takeover["from"]) == ("server2", "server")
+    assert takeover["why"] == ("stopped (SIGTERM)" if sig == signal.SIGTERM else
+                               "ended without stepping down (killed, frozen or cut off from the broker)")
 
 
 def test_a_standby_serves_reads_and_forwards_submits(cluster: Cluster) -> None:
@@ -74,6 +73,19 @@ def test_a_standby_serves_reads_and_forwards_submits(cluster: Cluster) -> None:
     assert standby.result(forwarded, wait=60)["result"] == 42
     assert "forwarded to the active server" in cluster.log("server2")
     cluster.wait_for(lambda: standby.stats()["server"]["lag"] == 0, "the standby to catch up")
+    assert standby.stats()["server"]["lag_seconds"] == 0.0
+    assert standby.stats()["server"]["active"]["server"] == "server"  # from the replicated terms
+    # the active shows the standby's own report of its lag, and so do the operator's commands
+    cluster.wait_for(lambda: [(s["server"], s["lag"]) for s in cluster.client.stats()["server"]["standbys"]]
+                     == [("server2", 0)], "the active to hear the standby caught up")
+    stats = cluster.ctl("stats").stdout
+    assert "this server: server, active" in stats and "standby server2 on " in stats
+    assert "last takeover: " in stats and "server in " in stats  # the first term: from nobody
+    workers = cluster.ctl("workers").stdout
+    assert "w1" in workers and "active server: server on " in workers
+    on_standby = subprocess.run([sys.executable, "-m", "yadtqd.ctl.main", "--socket", standby.socket_path, "stats"],
+                                capture_output=True, text=True, timeout=60).stdout
+    assert "this server: server2, standby, lag 0 records (0 s)" in on_standby
 
 
 def test_a_frozen_active_is_replaced_and_steps_down_when_it_wakes(cluster: Cluster, tmp_path: Path) -> None:
@@ -98,6 +110,34 @@ def test_a_frozen_active_is_replaced_and_steps_down_when_it_wakes(cluster: Clust
     verdict = ledger.check_contract(cluster, book, {t: i for i, t in enumerate(ids)})
     assert verdict.re_executions == 0 and cluster.client.failures() == []
     assert "no longer active" in cluster.log("server") or "stepping down" in cluster.log("server")
+
+
+def test_an_active_cut_off_from_the_broker_is_replaced_and_stands_by_once_back(
+        cluster: Cluster, netns: Netns, tmp_path: Path) -> None:
+    """The active in its own network namespace, cut off while tasks flow: a standby takes over;
+    the cut-off server grants nothing a worker acts on, and stands by once reconnected."""
+    standby = _two_servers(cluster, wrap=netns.wrap)
+    first = cluster.client  # its Unix socket still answers: only the network is cut
+    book = tmp_path / "ledger"
+    ids = [first.submit("ledger", str(book), 0.01, i) for i in range(1000)]
+    cluster.wait_for(lambda: sum(v["status"] == "success" for v in cluster.status(ids).values()) >= 100,
+                     "tasks to flow")
+    netns.cut()
+    try:
+        cluster.client = standby
+        cluster.wait_for(lambda: _role(standby) == "active", "the standby to take over")
+        cluster.wait_for(lambda: _role(first) == "standby", "the cut-off server to stand down by itself")
+    finally:
+        netns.heal()
+    statuses = cluster.wait_terminal(ids, timeout=300)
+    assert all(v["status"] == "success" for v in statuses.values())
+    verdict = ledger.check_contract(cluster, book, {t: i for i, t in enumerate(ids)})
+    assert verdict.re_executions == 0 and cluster.client.failures() == []
+    takeover = standby.stats()["server"]["last_takeover"]
+    assert (takeover["server"], takeover["from"]) == ("server2", "server")
+    cluster.wait_for(lambda: first.stats()["server"]["lag"] == 0, "the old active to follow the new one")
+    assert _role(first) == "standby"
+    assert "no longer active" in cluster.log("server")
 
 
 def test_a_standbys_replica_equals_the_actives_rows(cluster: Cluster, tmp_path: Path) -> None:

@@ -4,7 +4,6 @@ elsewhere."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,16 +13,6 @@ from tests.cluster import Cluster
 from tests.netns import Netns
 
 pytestmark = pytest.mark.kafka
-
-
-@pytest.fixture
-def netns(bootstrap: str) -> Iterator[Netns]:
-    ns = Netns()
-    ns.create(int(bootstrap.rsplit(":", 1)[1]))
-    try:
-        yield ns
-    finally:
-        ns.delete()
 
 
 def test_partitioned_worker_is_fenced_and_task_completes_once_elsewhere(

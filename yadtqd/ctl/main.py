@@ -162,6 +162,7 @@ def _workers(client: Client, args: argparse.Namespace, as_json: bool) -> int:
         rows = [{**w, "tasks": len(w["tasks"])} for w in workers]
         output.emit_table(rows, ["worker", "state", "host", "pid", "slots", "running", "granted",
                                  "succeeded", "failed", "last_heartbeat", "tasks"], "no workers")
+        print("\n" + "\n".join(output.server_lines(client.stats().get("server", {}))))
     return 0
 
 
@@ -181,10 +182,8 @@ def _stats(client: Client, args: argparse.Namespace, as_json: bool) -> int:
     if as_json:
         output.emit_json(stats)
     else:
-        server = stats.get("server", {})
-        rows = [{"figure": "this server", "value": server.get("role", "active")
-                 + (f", lag {server.get('lag')} records" if server.get("role") == "standby" else "")}]
-        rows += [{"figure": f"tasks {k}", "value": v} for k, v in sorted(stats["tasks"].items())]
+        print("\n".join(output.server_lines(stats.get("server", {}))) + "\n")
+        rows = [{"figure": f"tasks {k}", "value": v} for k, v in sorted(stats["tasks"].items())]
         rows += [{"figure": "live workers", "value": stats["workers_live"]},
                  {"figure": "slots", "value": stats["slots"]}]
         rows += [{"figure": k.replace("_", " "), "value": v} for k, v in sorted(stats["counters"].items())]

@@ -77,7 +77,8 @@ def render(snap: dict[str, Any], previous: dict[str, Any] | None, width: int, he
     head = [f"YADTQ monitor  {snap['at']}  refresh {interval:g} s  (Ctrl-C quits)", *([note] if note else []),
             "tasks: " + "  ".join(f"{k} {totals[k]}" for k in
                                   ("queued", "processing", "success", "failed", "submitted")),
-            "per second: " + _rates(snap, previous)]
+            "per second: " + _rates(snap, previous),
+            *(output.server_lines(snap["server"]) if "server" in snap else [])]
     live = sum(w["state"] == "live" for w in snap["workers"])
     sections = [
         (f"WORKERS ({live} live)", ["worker", "state", "slots", "running", "granted", "succeeded",

@@ -10,21 +10,30 @@ at once. The group only says who should be active: the new active's ``init_trans
 fences the old one's producer, so a deposed active that has not noticed yet can change nothing.
 
 A thread polls the group's consumer (heartbeats and rebalance callbacks are served there) and
-sets :attr:`Elector.leading`; :attr:`Elector.changed` wakes whoever waits for a change.
+sets :attr:`Elector.leading`; :attr:`Elector.changed` wakes whoever waits for a change. Standbys
+report their lag on the topic every second (:class:`~yadtqd.messages.StandbyReport`): the
+active, the one member assigned its partition, reads them there (:meth:`Elector.standbys`).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
+from typing import Any
 
-from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
+from yadtqd import messages as m
 from yadtqd import transport
 from yadtqd.config import Config
+from yadtqd.errors import BadMessage
 
 log = logging.getLogger("yadtqd.server")
+
+#: Seconds a standby's report counts: one not renewed for that long is no longer shown.
+REPORT_AGE = 5.0
 
 
 class Elector:
@@ -38,12 +47,20 @@ class Elector:
         session_ms = int(config.server.session_timeout * 1000)
         settings.update({"group.id": self.group, "partition.assignment.strategy": "cooperative-sticky",
                          "session.timeout.ms": session_ms,
-                         "heartbeat.interval.ms": max(100, session_ms // 6)})
+                         "heartbeat.interval.ms": max(100, session_ms // 6),
+                         # the reports are current state, not work: read from the newest on
+                         "enable.auto.commit": True, "enable.auto.offset.store": True,
+                         "auto.offset.reset": "latest"})
         self.consumer = Consumer(settings)
         self.on_change = on_change
+        self.name = config.server.server_name
         #: Set while this server holds the active role.
         self.leading = threading.Event()
         self.changed = threading.Event()
+        #: Why the role last changed, as the group said it.
+        self.why = ""
+        self._reports: dict[str, tuple[m.StandbyReport, float]] = {}
+        self._reports_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="yadtq-election", daemon=True)
 
@@ -68,7 +85,9 @@ class Elector:
         try:
             while not self._stop.is_set():
                 try:
-                    self.consumer.poll(0.1)  # serves heartbeats and rebalances; the topic is empty
+                    msg = self.consumer.poll(0.1)  # serves heartbeats and rebalances too
+                    if msg is not None:
+                        self._read(msg)
                 except KafkaException as exc:
                     log.warning("servers' group: %s", exc.args[0].str())
         except BaseException:
@@ -77,6 +96,33 @@ class Elector:
         finally:
             if not self._stop.is_set():  # a member nobody polls must not be taken for active
                 self._set(False, "the thread serving the servers' group ended")
+
+    def standbys(self) -> list[dict[str, Any]]:
+        """The standbys heard from in the last :data:`REPORT_AGE` seconds (what the active
+        shows), by name."""
+        mono = time.monotonic()
+        with self._reports_lock:
+            current = sorted(((r, mono - at) for r, at in self._reports.values()
+                              if mono - at <= REPORT_AGE and r.server != self.name),
+                             key=lambda item: item[0].server)
+        return [{"server": r.server, "host": r.host, "pid": r.pid, "lag": r.lag,
+                 "lag_seconds": r.lag_seconds, "heard": round(age, 1)} for r, age in current]
+
+    def _read(self, msg: Message) -> None:
+        err = msg.error()
+        if err is not None:
+            if err.code() != KafkaError._PARTITION_EOF:
+                log.warning("reading %s: %s", self.topic, err.str())
+            return
+        try:
+            report = m.parse_report(msg.value())
+        except BadMessage as exc:
+            log.warning("skipped a bad message at %s[%d]@%d: %s", self.topic, msg.partition() or 0,
+                        msg.offset() or 0, exc, extra={"event": "bad_message"})
+            return
+        if time.time() - report.ts <= REPORT_AGE:  # not an old one read after a takeover
+            with self._reports_lock:
+                self._reports[report.server] = (report, time.monotonic())
 
     def _assigned(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         if any(tp.partition == 0 for tp in partitions):
@@ -94,6 +140,7 @@ class Elector:
     def _set(self, leading: bool, why: str) -> None:
         if leading == self.leading.is_set():
             return
+        self.why = why
         if leading:
             self.leading.set()
         else:

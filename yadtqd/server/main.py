@@ -19,12 +19,14 @@ import logging
 import os
 import select
 import signal
+import socket
 import time
 import uuid
 from pathlib import Path
 
-from confluent_kafka import Consumer
+from confluent_kafka import Consumer, Producer
 
+from yadtqd import messages as m
 from yadtqd import topics, transport
 from yadtqd.config import Config
 from yadtqd.errors import ConfigError, UnreachableError
@@ -72,7 +74,13 @@ class Server:
         self.deposed_until = 0.0
         self.last_unreachable = float("-inf")
         #: This server's role, as the socket's ``stats`` shows it.
-        self.role: dict[str, object] = {"role": "standby", "lag": -1}
+        self.name = config.server.server_name
+        self.role: dict[str, object] = {"role": "standby", "name": self.name, "lag": -1,
+                                        "lag_seconds": None, "standbys": []}
+        self.term = 0
+        self.stop_signal = ""
+        self.elector: Elector | None = None
+        self.producer: Producer | None = None
 
     def run(self) -> int:
         """Serve until SIGTERM, as the active server or a standby (DESIGN 13), changing role
@@ -98,6 +106,7 @@ class Server:
         signal.signal(signal.SIGINT, self._on_sigterm)
         elector = Elector(self.config)
         elector.start()
+        self.elector, self.producer = elector, socket_producer
         self.notifier.ready(self._status(store))
         log.info("server ready: socket %s, database %s", self.config.server.socket,
                  self.config.server.database)
@@ -126,7 +135,7 @@ class Server:
     def _standby(self, store: Store, elector: Elector) -> None:
         """Keep the replica: apply the changelog as it comes, until elected or stopped. The
         broker away (at start, or after an outage cost us the active role) is waited out."""
-        self.role.update(role="standby", lag=-1)
+        self.role.update(role="standby", lag=-1, lag_seconds=None, standbys=[])
         follower: Follower | None = None
         try:
             while not self.stopping and not self._may_lead(elector):
@@ -139,7 +148,8 @@ class Server:
                         continue
                 if follower.step(0.2):
                     self.changes.signal()
-                self.role["lag"] = follower.lag()
+                lag = follower.lag()
+                self.role.update(lag=lag, lag_seconds=follower.lag_seconds(lag))
                 self._report(store)
         finally:
             if follower is not None:
@@ -191,18 +201,26 @@ class Server:
                       follow={t: n for t, n in self.counts.items() if t != self.config.topic("dispatch")})
         ingest = Ingest(store, self.scheduler, self.config, self.evidence, dispatcher.partitions)
         self._restore(store, dispatcher)
+        took = round(time.monotonic() - started, 3)
+        with store.transaction():  # in the first turn's Kafka transaction
+            self.term = store.begin_term(self.name, socket.gethostname(), os.getpid(), time.time(), took,
+                                         "ended without stepping down (killed, frozen or cut off from"
+                                         " the broker)")
         self.inbox = inbox
         signal.set_wakeup_fd(inbox.wakeup_fd, warn_on_full_buffer=False)
         inbox.start()
         with submitter.lock:
             submitter.recording = True
-        self.role.update(role="active", lag=0, since=time.time())
-        log.warning("active: took over in %.1f s", time.monotonic() - started,
+        self.role.update(role="active", lag=0, lag_seconds=0.0, standbys=[])
+        log.warning("active: took over in %.1f s (term %d)", took, self.term,
                     extra={"event": "takeover"})
         fenced = False
         try:
             while not self.stopping and elector.leading.is_set():
                 self._turn(store, ingest, inbox, dispatcher, out)
+            with store.transaction():  # said in the last transaction, if Kafka takes it
+                store.end_term(self.term, time.time(), f"stopped ({self.stop_signal})" if self.stopping
+                               else f"stepped down: {elector.why}")
         except Fenced as exc:
             fenced = True  # not active again before the group has had time to say otherwise
             self.deposed_until = time.monotonic() + 2 * self.config.server.session_timeout
@@ -245,6 +263,7 @@ class Server:
 
     def _on_sigterm(self, signum: int, frame: object) -> None:
         self.stopping = True  # the main loop acts on it
+        self.stop_signal = signal.Signals(signum).name
 
     def _assign(self, consumer: Consumer, store: Store, timeout: float = 30.0) -> None:
         """Read ``tasks`` and ``events`` from the offsets saved in the store (invariant 6); an
@@ -401,6 +420,22 @@ class Server:
         if mono - self.last_status >= 1.0:
             self.last_status = mono
             self.notifier.status(self._status(store))
+            self._servers()
+
+    def _servers(self) -> None:
+        """Once a second: the active notes the standbys heard from; a standby reports its lag
+        on ``leader`` for the active to show."""
+        if self.elector is None or self.producer is None:
+            return
+        if self.role["role"] == "active":
+            self.role["standbys"] = self.elector.standbys()
+            return
+        lag, seconds = self.role["lag"], self.role["lag_seconds"]
+        report = m.StandbyReport(server=self.name, host=socket.gethostname(), pid=os.getpid(),
+                                 ts=time.time(), lag=lag if isinstance(lag, int) else -1,
+                                 lag_seconds=seconds if isinstance(seconds, float) else None)
+        transport.send(self.producer, self.config.topic("leader"), m.encode(report), self.name)
+        self.producer.poll(0)
 
     def _status(self, store: Store) -> str:
         if self.role["role"] != "active":

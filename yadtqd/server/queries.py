@@ -222,7 +222,7 @@ class Queries:
         return {"ok": True, "stats": {"tasks": visible, "workers_live": len(live),
                                       "slots": sum(r["slots"] for r in live),
                                       "counters": counters, "undelivered": undelivered,
-                                      "topics": self.topics, "server": dict(self.role),
+                                      "topics": self.topics, "server": self.server(store),
                                       "warnings": [t["warning"] for t in self.topics if t["warning"]]}}
 
     def plugins(self, store: Store, req: dict[str, Any]) -> Reply:
@@ -259,8 +259,14 @@ class Queries:
             "failures": {"count": store.failure_count(),
                          "items": [protocol.failure_view(r) for r in store.failure_rows(limit)]},
             "counters": store.counter_values(),
+            "server": self.server(store),
         }
         return {"ok": True, "snapshot": snap}
+
+    def server(self, store: Store) -> dict[str, Any]:
+        """This server's role and lag, the standbys the active heard from, which server is
+        active and how the last takeover went (DESIGN 13)."""
+        return {**self.role, **protocol.servers_view(store.last_terms(2))}
 
     def watch(self, store: Store, req: dict[str, Any], send: Callable[[Reply], None]) -> None:
         """Send a snapshot every ``interval`` seconds until the client goes away."""

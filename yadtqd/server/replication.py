@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import msgspec
 from confluent_kafka import (
     OFFSET_BEGINNING,
+    TIMESTAMP_NOT_AVAILABLE,
     Consumer,
     KafkaError,
     KafkaException,
@@ -408,10 +409,27 @@ class Follower:
         self.partitions = [TopicPartition(self.topic, p, positions.get(p, OFFSET_BEGINNING))
                            for p in range(partitions)]
         self.consumer.assign(self.partitions)
+        #: When the active wrote the newest record applied (its Kafka timestamp), if known.
+        self.written: float | None = None
 
     def step(self, timeout: float) -> int:
         """Apply what arrived within ``timeout``; returns the changes applied."""
-        return apply_batch(self.store, self.topic, self.consumer.consume(RESTORE_BATCH, timeout))
+        batch = self.consumer.consume(RESTORE_BATCH, timeout)
+        for msg in reversed(batch):
+            kind, ms = msg.timestamp()
+            if msg.error() is None and kind != TIMESTAMP_NOT_AVAILABLE:
+                self.written = ms / 1000
+                break
+        return apply_batch(self.store, self.topic, batch)
+
+    def lag_seconds(self, lag: int) -> float | None:
+        """With ``lag`` records still to apply: the seconds since the active wrote the newest
+        change applied here, by the two hosts' clocks (0 when nothing is left; None: not known)."""
+        if lag == 0:
+            return 0.0
+        if lag < 0 or self.written is None:
+            return None
+        return round(max(0.0, time.time() - self.written), 3)
 
     def lag(self) -> int:
         """Records not yet applied, as far as the last fetch knows (-1: not known yet)."""

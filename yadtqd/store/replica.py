@@ -26,6 +26,7 @@ KEYS: dict[str, tuple[str, ...]] = {
     "failures": ("seq",),
     "counters": ("name",),
     "offsets": ("topic", "partition"),
+    "terms": ("term",),
 }
 #: The separator of a key's columns in its text form (Kafka topic names cannot contain it).
 SEP = "/"
@@ -48,7 +49,7 @@ def _key_values(table: str, key: str) -> list[Any]:
     parts = key.split(SEP) if len(KEYS[table]) > 1 else [key]
     if len(parts) != len(KEYS[table]):
         raise ValueError(f"bad {table} key {key!r}")
-    return [int(p) if column in ("seq", "partition") else p for column, p in zip(KEYS[table], parts)]
+    return [int(p) if column in ("seq", "partition", "term") else p for column, p in zip(KEYS[table], parts)]
 
 
 class Replica:

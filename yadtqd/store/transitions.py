@@ -8,11 +8,9 @@ caller being single-threaded::
 
 A transition that matches no row did not happen; the caller treats the event as stale.
 Offsets consumed from Kafka are saved in the same transaction as the changes they cause
-(invariant 6). Transactions whose effects leave the process at once (a grant's ``run``, a
-death's ``fenced``) commit with ``synchronous=FULL``, so they survive a power loss; the others
-with ``NORMAL``, which may lose the last commits to one but never corrupts, and what they did is
-read again from Kafka (docs/design.md, "Server"). The server's main loop is the one writer;
-queries read through their own connections beside it.
+(invariant 6). Commits use ``synchronous=NORMAL``: a power loss may cost the last ones, which
+the changelog still holds (DESIGN 13; docs/design.md, "The changelog"). The server's main loop
+is the one writer; queries read through their own connections beside it.
 """
 
 from __future__ import annotations
@@ -30,6 +28,7 @@ from yadtqd import messages as m
 from yadtqd.store.reads import Reads
 from yadtqd.store.replica import Replica
 from yadtqd.store.schema import connect, migrate, schema_version
+from yadtqd.store.terms import Terms
 
 WORKER_LOST = "WorkerLost"
 
@@ -70,8 +69,9 @@ class Grant:
     grant_no: int = 0
 
 
-class Store(Reads, Replica):
-    """The task state machine, its queries and its replication, over one SQLite connection."""
+class Store(Reads, Replica, Terms):
+    """The task state machine, its queries, its replication and the servers' terms, over one
+    SQLite connection."""
 
     def __init__(self, path: str | Path, readonly: bool = False, create: bool = False) -> None:
         self.path = str(path)
