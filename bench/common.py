@@ -38,8 +38,10 @@ def broker() -> Iterator[str]:
 
 @contextmanager
 def cluster(bootstrap: str, workers: int, slots: int = 2, log_level: str = "info",
-            prefetch: int = -1, kafka: dict[str, object] | None = None) -> Iterator[Cluster]:
-    """A server and ``workers`` workers on a fresh set of topics."""
+            prefetch: int = -1, kafka: dict[str, object] | None = None,
+            standby: bool = False) -> Iterator[Cluster]:
+    """A server (and, with ``standby``, a second one standing by) and ``workers`` workers on
+    a fresh set of topics."""
     with tempfile.TemporaryDirectory() as tmp:
         c = Cluster(bootstrap, Path(tmp))
         c.write_config(worker={"slots": slots, "heartbeat_interval": 1.0, "prefetch": prefetch},
@@ -47,6 +49,8 @@ def cluster(bootstrap: str, workers: int, slots: int = 2, log_level: str = "info
         c.log_level = log_level
         try:
             c.start_server()
+            if standby:
+                c.start_standby("server2")
             for i in range(workers):
                 c.start_worker(f"bench{i}")
             yield c

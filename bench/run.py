@@ -5,7 +5,8 @@
 
 Throughput (first submit to last result readable) with 1, 2 and 4 workers and the submit rate
 alone; sequential latency; the raw-Kafka limit through the same hops on the same broker, and
-YADTQ as a ratio of it; failover; with ``--scale N``, the server's rate with 100 simulated
+YADTQ as a ratio of it; throughput and latency with a standby server following; failover of a
+worker and takeovers of the active server (``--kills`` each); with ``--scale N``, the server's rate with 100 simulated
 workers and its database and memory after N tasks. Each figure is the median of ``--runs``
 runs with min and max. Uses ``YADTQ_TEST_BOOTSTRAP`` if set, else starts a broker of its own. Logging is at the
 default level (info), as deployed. First, ``--warmup`` tasks go through YADTQ and as many
@@ -28,9 +29,10 @@ from common import broker, cluster, percentile, submit_all, summary, wait_done  
 from tabulate import tabulate  # noqa: E402
 
 
-def throughput(bootstrap: str, tasks: int, workers: int, prefetch: int = -1) -> tuple[float, float]:
+def throughput(bootstrap: str, tasks: int, workers: int, prefetch: int = -1,
+               standby: bool = False) -> tuple[float, float]:
     """(end-to-end tasks/s, submit rate/s) for one run."""
-    with cluster(bootstrap, workers, prefetch=prefetch) as c:
+    with cluster(bootstrap, workers, prefetch=prefetch, standby=standby) as c:
         start = time.perf_counter()
         _, submit_seconds = submit_all(bootstrap, c.prefix, tasks)
         wait_done(c, tasks)
@@ -48,9 +50,10 @@ def log_lines(bootstrap: str, tasks: int) -> tuple[float, float]:
         return lines["server"] / tasks, (lines["bench0"] + lines["bench1"]) / tasks
 
 
-def latency(bootstrap: str, count: int, kafka: dict[str, object] | None = None) -> list[float]:
+def latency(bootstrap: str, count: int, kafka: dict[str, object] | None = None,
+            standby: bool = False) -> list[float]:
     """Seconds from submit to result readable, one task at a time, over the socket."""
-    with cluster(bootstrap, 1, kafka=kafka) as c:
+    with cluster(bootstrap, 1, kafka=kafka, standby=standby) as c:
         out = []
         for i in range(count):
             start = time.perf_counter()
@@ -89,6 +92,9 @@ def main() -> int:
             rows.append([f"throughput, {workers} worker(s) x 2 slots", "tasks/s", fmt(results[workers])])
             if workers == 1:
                 rows.append(["submit rate alone (plain producer)", "tasks/s", fmt([r[1] for r in runs])])
+        with_standby = [throughput(bootstrap, args.tasks, 2, standby=True)[0] for _ in range(args.runs)]
+        rows.append(["throughput, 2 workers x 2 slots, a standby server following", "tasks/s",
+                     fmt(with_standby)])
         fixed = [throughput(bootstrap, args.tasks, 2, prefetch=2)[0] for _ in range(args.runs)]
         rows.append(["throughput, 2 workers x 2 slots, fixed prefetch 2 (the old default)", "tasks/s",
                      fmt(fixed)])
@@ -100,10 +106,13 @@ def main() -> int:
                      f"{summary(best)[0] / summary(raw_tp)[0]:.2f}"])
         lat = [latency(bootstrap, args.latency) for _ in range(args.runs)]
         lat0 = [latency(bootstrap, args.latency, {"linger.ms": 0}) for _ in range(args.runs)]
+        lat_standby = [latency(bootstrap, args.latency, standby=True) for _ in range(args.runs)]
         raw_lat = [raw.latencies(bootstrap, args.latency) for _ in range(args.runs)]
         for q, name in ((0.5, "p50"), (0.95, "p95"), (0.99, "p99")):
             rows.append([f"latency {name} (sequential, {args.latency} tasks)", "ms",
                          fmt([percentile(run, q) for run in lat], scale=1000, digits=1)])
+            rows.append([f"latency {name}, a standby server following", "ms",
+                         fmt([percentile(run, q) for run in lat_standby], scale=1000, digits=1)])
             rows.append([f"latency {name}, linger.ms = 0", "ms",
                          fmt([percentile(run, q) for run in lat0], scale=1000, digits=1)])
             rows.append([f"raw Kafka latency {name}, same hops", "ms",
@@ -117,6 +126,15 @@ def main() -> int:
                          f"{min(restarts):.2f}..{max(restarts):.2f})"])
             rows.append(["failover: result readable", "s",
                          f"{summary(readable)[0]:.2f} (p99 {percentile(readable, 0.99):.2f})"])
+            import takeover
+
+            for sig in (takeover.signal.SIGKILL, takeover.signal.SIGTERM):
+                active, readable = takeover.run(bootstrap, Path(takeover.tempfile.mkdtemp()), args.kills, sig)
+                name = takeover.signal.Signals(sig).name
+                rows.append([f"takeover after {name} of the active: standby active", "s",
+                             f"{summary(active)[0]:.2f} (p99 {percentile(active, 0.99):.2f})"])
+                rows.append([f"takeover after {name}: a task's result readable", "s",
+                             f"{summary(readable)[0]:.2f} (p99 {percentile(readable, 0.99):.2f})"])
         if args.scale:
             import scale
 

@@ -47,7 +47,8 @@ class Elector:
         session_ms = int(config.server.session_timeout * 1000)
         settings.update({"group.id": self.group, "partition.assignment.strategy": "cooperative-sticky",
                          "session.timeout.ms": session_ms,
-                         "heartbeat.interval.ms": max(100, session_ms // 6),
+                         # a standby hears of a rebalance (the active left) at its next heartbeat
+                         "heartbeat.interval.ms": max(100, min(250, session_ms // 6)),
                          # the reports are current state, not work: read from the newest on
                          "enable.auto.commit": True, "enable.auto.offset.store": True,
                          "auto.offset.reset": "latest"})

@@ -179,12 +179,16 @@ class Server:
         self._reset()
         out = Changelog(self.config)
         consumer: Consumer | None = None
+        phases = [started]
         try:
             out.start(timeout=10.0)  # an older active is fenced before the changelog's end is read
+            phases.append(time.monotonic())
             out.restore(store, tick=lambda: self._report(store))
+            phases.append(time.monotonic())
             store.capture()  # before _assign, which may count lost offsets
             consumer, _ = transport.make_consumer(self.config, "server")
             self._assign(consumer, store, timeout=5.0)
+            phases.append(time.monotonic())
         except UnreachableError as exc:
             store.stop_capture()
             out.discard()
@@ -212,7 +216,8 @@ class Server:
         with submitter.lock:
             submitter.recording = True
         self.role.update(role="active", lag=0, lag_seconds=0.0, standbys=[])
-        log.warning("active: took over in %.1f s (term %d)", took, self.term,
+        log.warning("active: took over in %.1f s (term %d; fencing %.2f s, changelog %.2f s, offsets"
+                    " %.2f s)", took, self.term, *(b - a for a, b in zip(phases, phases[1:])),
                     extra={"event": "takeover"})
         fenced = False
         try:

@@ -180,7 +180,7 @@ class Changelog:
         applied, started = 0, time.monotonic()
         deadline = started + timeout
         while todo:
-            batch = consumer.consume(RESTORE_BATCH, 1.0)
+            batch = consumer.consume(RESTORE_BATCH, 0.05)  # a full batch, or what came: no idle wait
             applied += apply_batch(store, self.topic, batch)
             tick()
             for msg in batch:
