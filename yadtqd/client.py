@@ -18,6 +18,7 @@ Straight to Kafka, for producers on hosts without the socket (:class:`KafkaSubmi
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import socket
@@ -31,7 +32,7 @@ from yadtqd import messages as m
 from yadtqd.errors import RequestError, UnreachableError, UsageError, WaitTimeout
 
 DEFAULT_SOCKET = "/run/yadtq/yadtqd.sock"
-TERMINAL = ("success", "failed")
+TERMINAL = ("success", "failed", "cancelled")
 #: Seconds between two tries while the server cannot be reached (it may be restarting).
 RETRY_PAUSE = 0.5
 
@@ -48,11 +49,23 @@ def new_task_id() -> str:
 
 def submission(task: str, args: tuple[Any, ...] | list[Any], kwargs: Mapping[str, Any] | None = None,
                task_id: str | None = None, timeout: float | None = None,
-               max_retries: int | None = None, retry_backoff: float | None = None) -> dict[str, Any]:
-    """The JSON object of a submission, in the seed's format plus optional fields."""
+               max_retries: int | None = None, retry_backoff: float | None = None,
+               priority: int = 0, delay: float | None = None, eta: str | dt.datetime | None = None,
+               then: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The JSON object of a submission, in the seed's format plus optional fields: ``priority``
+    (higher first), ``delay`` (seconds) or ``eta`` (ISO 8601 text, or an aware datetime),
+    ``then`` (a follow-up: ``{"task", "args", "kwargs", "options", "then"}``)."""
     body: dict[str, Any] = {"task-id": task_id or new_task_id(), "task": task, "args": list(args)}
     if kwargs:
         body["kwargs"] = dict(kwargs)
+    if priority:
+        body["priority"] = priority
+    if delay is not None:
+        body["delay"] = delay
+    if eta is not None:
+        body["eta"] = eta.isoformat() if isinstance(eta, dt.datetime) else eta
+    if then is not None:
+        body["then"] = dict(then)
     options = {k: v for k, v in (("timeout", timeout), ("max_retries", max_retries),
                                  ("retry_backoff", retry_backoff)) if v is not None}
     if options:
@@ -104,14 +117,20 @@ class Client:
     def submit(self, task: str, *args: Any, kwargs: Mapping[str, Any] | None = None,
                task_id: str | None = None, timeout: float | None = None,
                max_retries: int | None = None, retry_backoff: float | None = None,
-               queue_anyway: bool = False) -> str:
+               queue_anyway: bool = False, priority: int = 0, delay: float | None = None,
+               eta: str | dt.datetime | None = None, then: Mapping[str, Any] | None = None) -> str:
         """Submit a task; returns its id once the task is recorded and Kafka accepted it.
+        ``priority``: higher runs first (FIFO within one); ``delay`` (seconds) or ``eta``
+        (ISO 8601, or an aware datetime): the task is ``scheduled`` until then. ``then``: a
+        follow-up (``{"task": ..., "args": [...]}``) queued when this task succeeds, with its
+        result as the first argument, under the id ``<id>.then``.
 
         A task name no live worker provides is refused (:class:`RequestError`, code
         ``unroutable``, naming what is provided) unless ``queue_anyway``: then it waits for a
         worker that provides it, at most the server's ``unroutable_timeout``.
         """
-        body = submission(task, args, kwargs, task_id, timeout, max_retries, retry_backoff)
+        body = submission(task, args, kwargs, task_id, timeout, max_retries, retry_backoff,
+                          priority, delay, eta, then)
         request: dict[str, Any] = {"op": "submit", "task": body}
         if queue_anyway:
             request["queue_anyway"] = True
@@ -170,6 +189,28 @@ class Client:
             req["status"] = [status]
         return list(self.request(req)["tasks"])
 
+    def cancel(self, *task_ids: str) -> dict[str, dict[str, Any]]:
+        """Cancel tasks. Each id's ``outcome``: ``cancelled`` (it had not started),
+        ``cancelling`` (a worker is stopping it; it ends ``cancelled``), ``ended`` (it ended
+        first and keeps its result), ``unknown``, or ``requested`` (the active has not applied
+        it within a few seconds; it will); with the task's status view."""
+        return dict(self.request({"op": "cancel", "ids": list(task_ids)})["tasks"])
+
+    def retry(self, *task_ids: str) -> dict[str, dict[str, Any]]:
+        """Run failed or cancelled tasks again as new attempts (their earlier runs kept in
+        ``history``). Each id's ``outcome``: ``retried``, ``succeeded`` or ``not_ended`` (nothing
+        to retry), ``unknown`` or ``requested``; with the task's status view."""
+        return dict(self.request({"op": "retry", "ids": list(task_ids)})["tasks"])
+
+    def purge(self, older_than: float, statuses: tuple[str, ...] = ()) -> dict[str, Any]:
+        """Order the deletion of tasks that ended more than ``older_than`` seconds ago (only
+        these terminal ``statuses``, if given); returns ``before`` (ISO 8601) and how many
+        tasks ``matching`` now. The active server deletes them in batches."""
+        request: dict[str, Any] = {"op": "purge", "older_than": older_than}
+        if statuses:
+            request["status"] = list(statuses)
+        return self.request(request)
+
     def workers(self) -> list[dict[str, Any]]:
         """Worker epochs, live ones first."""
         return list(self.request({"op": "workers"})["workers"])
@@ -226,9 +267,13 @@ class KafkaSubmitter:
 
     def submit(self, task: str, *args: Any, kwargs: Mapping[str, Any] | None = None,
                task_id: str | None = None, timeout: float | None = None,
-               max_retries: int | None = None, retry_backoff: float | None = None) -> str:
-        """Produce a submission and wait until Kafka accepted it; returns the task id."""
-        body = submission(task, args, kwargs, task_id, timeout, max_retries, retry_backoff)
+               max_retries: int | None = None, retry_backoff: float | None = None,
+               priority: int = 0, delay: float | None = None, eta: str | dt.datetime | None = None,
+               then: Mapping[str, Any] | None = None) -> str:
+        """Produce a submission and wait until Kafka accepted it; returns the task id.
+        ``priority``, ``delay``, ``eta`` and ``then`` as for :meth:`Client.submit`."""
+        body = submission(task, args, kwargs, task_id, timeout, max_retries, retry_backoff,
+                          priority, delay, eta, then)
         try:
             m.parse_submission(json.dumps(body).encode(), 1 << 30)
         except Exception as exc:

@@ -86,6 +86,13 @@ class ServerConfig:
         3600.0, "Seconds a task of a name no live worker provides waits before it fails;"
         " 0 = forever.", 0
     )
+    keep_finished: float = _setting(
+        7 * 86400.0, "Seconds a task that succeeded or was cancelled is kept after it ended; then"
+        " it is deleted (its id answers 'unknown', 'purged'). 0 = forever.", 0
+    )
+    keep_failures: float = _setting(
+        30 * 86400.0, "Seconds a failed task and a worker-failure record are kept; 0 = forever.", 0
+    )
 
     @property
     def server_name(self) -> str:
@@ -110,6 +117,10 @@ class WorkerConfig:
     )
     stop_timeout: float = _setting(
         60.0, "Seconds a stopping worker waits for running tasks to finish.", 0
+    )
+    cancel_grace: float = _setting(
+        10.0, "Seconds a cancelled running task has, after SIGTERM, before its process group is"
+        " killed.", 0
     )
     max_result_bytes: int = _setting(
         512 * 1024, "Largest task result (bytes of JSON); larger results fail the task.", 64

@@ -19,6 +19,8 @@ message from an older peer still parses (see docs/design.md, "Liveness" and "Gra
 
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -39,6 +41,9 @@ TaskId = Annotated[str, Meta(pattern=TASK_ID_PATTERN)]
 TaskName = Annotated[str, Meta(min_length=1, max_length=200)]
 Attempt = Annotated[int, Meta(ge=1)]
 Count = Annotated[int, Meta(ge=0)]
+Priority = Annotated[int, Meta(ge=-1_000_000, le=1_000_000)]
+#: The longest ``delay`` a submission may ask for: ten years, in seconds.
+MAX_DELAY = 10 * 366 * 86400.0
 
 
 # ---------------------------------------------------------------- tasks topic
@@ -52,6 +57,25 @@ class Options(Struct, kw_only=True, omit_defaults=True, frozen=True):
     retry_backoff: Annotated[float, Meta(ge=0, le=86400)] = 1.0
 
 
+class FollowUp(Struct, kw_only=True, omit_defaults=True):
+    """A chain's next task: queued when the task that names it succeeds, with that task's result
+    as its first argument (before ``args``); it may name a follow-up of its own."""
+
+    task: TaskName
+    args: list[Any] = []
+    kwargs: dict[str, Any] = {}
+    options: Options = Options()
+    then: FollowUp | None = None
+
+
+def follow_up_id(parent: str) -> str:
+    """The id of the follow-up of task ``parent``: ``<parent>.then``, or, when that would be
+    too long for an id, a digest of the parent's id with ``.then``."""
+    if len(parent) + 5 <= 128:
+        return f"{parent}.then"
+    return f"{hashlib.sha256(parent.encode()).hexdigest()[:40]}.then"
+
+
 class Submission(Struct, kw_only=True, omit_defaults=True):
     """A task submitted on the ``tasks`` topic or through the socket."""
 
@@ -61,9 +85,33 @@ class Submission(Struct, kw_only=True, omit_defaults=True):
     kwargs: dict[str, Any] = {}
     options: Options = Options()
     submitted_at: float | str | None = None
+    #: Higher runs first; FIFO within one priority.
+    priority: Priority = 0
+    #: Seconds after intake before the task may run (``scheduled`` until then).
+    delay: Annotated[float, Meta(ge=0, le=MAX_DELAY)] | None = None
+    #: When the task may run, ISO 8601 (UTC when no offset is given); not with ``delay``.
+    eta: str | None = None
+    #: The task to queue when this one succeeds (a chain).
+    then: FollowUp | None = None
     #: "socket" on the copy a server produces of a socket submit it recorded already.
     via: str = ""
     v: int = 1
+
+    def __post_init__(self) -> None:
+        if self.delay is not None and self.eta is not None:
+            raise ValueError("give delay or eta, not both")
+        if self.eta is not None:
+            self.due(0.0)
+
+    def due(self, now: float) -> float:
+        """When the task may run: ``now``, ``now + delay``, or its ``eta`` (epoch seconds)."""
+        if self.eta is not None:
+            try:
+                at = dt.datetime.fromisoformat(self.eta)
+            except ValueError:
+                raise ValueError(f"eta {self.eta[:60]!r} is not an ISO 8601 time") from None
+            return (at if at.tzinfo else at.replace(tzinfo=dt.timezone.utc)).timestamp()
+        return now + (self.delay or 0.0)
 
     def payload(self) -> str:
         """The canonical text of what the task is, to tell a resubmit from a conflict."""
@@ -97,6 +145,55 @@ def _peek_id(raw: bytes) -> str | None:
         return _id_only.decode(raw).task_id
     except msgspec.DecodeError:
         return None
+
+
+#: The terminal statuses a purge may name.
+Ended = Literal["success", "failed", "cancelled"]
+
+
+class Control(Struct, kw_only=True, omit_defaults=True):
+    """An operator's order on the ``tasks`` topic (``yadtqctl cancel``, ``retry``, ``purge``),
+    keyed like a submission of the same task, so it is read after that submission. Told apart
+    from a submission by its ``op``, which no submission has."""
+
+    op: Literal["cancel", "retry", "purge"]
+    task_id: TaskId | None = field(name="task-id", default=None)
+    #: purge: tasks that ended more than this many seconds before ``ts``.
+    older_than: Annotated[float, Meta(ge=0)] | None = None
+    #: purge: only these statuses (all terminal ones when empty).
+    statuses: list[Ended] = []
+    ts: float = 0.0
+    #: The user who asked, as the socket saw them (-1: unknown).
+    uid: int = -1
+    v: int = 1
+
+    def __post_init__(self) -> None:
+        if self.op == "purge" and self.older_than is None:
+            raise ValueError("a purge needs older_than")
+        if self.op != "purge" and self.task_id is None:
+            raise ValueError(f"{self.op} needs a task-id")
+
+
+class _Op(Struct):
+    op: str = ""
+
+
+_control = msgspec.json.Decoder(Control)
+_op = msgspec.json.Decoder(_Op)
+
+
+def parse_tasks_message(raw: bytes | None, max_bytes: int) -> Submission | Control:
+    """Parse a message read from the ``tasks`` topic: a submission, or an operator's order."""
+    try:
+        is_order = bool(raw) and _op.decode(raw or b"").op != ""
+    except msgspec.DecodeError:
+        is_order = False  # not even JSON: the submission parser says what is wrong
+    if not is_order:
+        return parse_submission(raw, max_bytes)
+    try:
+        return _control.decode(raw or b"")
+    except msgspec.DecodeError as exc:
+        raise BadMessage(f"invalid order: {exc}", task_id=None) from None
 
 
 # ---------------------------------------------------------------- dispatch topic
@@ -155,7 +252,21 @@ class Refused(Struct, kw_only=True, tag_field="type", tag="refused"):
     v: int = 1
 
 
-Dispatch = Run | Fenced | Alive | Refused
+class Cancel(Struct, kw_only=True, tag_field="type", tag="cancel"):
+    """An operator cancelled a task this epoch holds: drop it if not started, else stop its
+    execution process (SIGTERM, SIGKILL after ``[worker] cancel_grace``); either way answer
+    ``finished`` with status ``cancelled``, unless the task ended first."""
+
+    worker: str
+    epoch: str
+    task_id: TaskId = field(name="task-id")
+    attempt: Attempt
+    #: The grant's number within the epoch, as its ``run`` had it (None from a grant without).
+    grant: Annotated[int, Meta(ge=1)] | None = None
+    v: int = 1
+
+
+Dispatch = Run | Fenced | Alive | Refused | Cancel
 _dispatch: msgspec.json.Decoder[Dispatch] = msgspec.json.Decoder(Dispatch)
 
 
@@ -269,7 +380,7 @@ class Finished(Struct, kw_only=True, tag_field="type", tag="finished", omit_defa
     ts: float
     task_id: TaskId = field(name="task-id")
     attempt: Attempt
-    status: Literal["success", "failed"]
+    status: Literal["success", "failed", "cancelled"]
     result: Raw = Raw(b"null")
     error: ErrorInfo | None = None
     #: Seconds the execution ran, measured by the worker (None from older workers).

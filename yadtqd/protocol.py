@@ -56,8 +56,13 @@ import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
-VISIBLE_STATUS = {"queued": "queued", "assigned": "queued", "processing": "processing",
-                  "success": "success", "failed": "failed"}
+from yadtqd import messages as m
+
+VISIBLE_STATUS = {"scheduled": "scheduled", "queued": "queued", "assigned": "queued",
+                  "processing": "processing", "success": "success", "failed": "failed",
+                  "cancelled": "cancelled"}
+#: The statuses a task never leaves.
+TERMINAL = ("success", "failed", "cancelled")
 
 
 def error(code: str, message: str) -> dict[str, Any]:
@@ -77,9 +82,14 @@ def iso(ts: float | None) -> str | None:
     return dt.datetime.fromtimestamp(ts, dt.timezone.utc).isoformat(timespec="milliseconds")
 
 
-def task_view(row: sqlite3.Row | None, reason: str | None = None) -> dict[str, Any]:
-    """A task in the result-backend shape: ``{"status": ..., "result": ..., ...}``."""
+def task_view(row: sqlite3.Row | None, reason: str | None = None,
+              purged_at: float | None = None) -> dict[str, Any]:
+    """A task in the result-backend shape: ``{"status": ..., "result": ..., ...}``; an id
+    deleted by retention or a purge is ``unknown`` with ``purged`` (and when), while that is
+    remembered."""
     if row is None:
+        if purged_at is not None:
+            return {"status": "unknown", "result": None, "purged": True, "purged_at": iso(purged_at)}
         return {"status": "unknown", "result": None}
     view: dict[str, Any] = {
         "status": VISIBLE_STATUS[row["status"]],
@@ -91,6 +101,20 @@ def task_view(row: sqlite3.Row | None, reason: str | None = None) -> dict[str, A
         "started_at": iso(row["started_at"]),
         "finished_at": iso(row["finished_at"]),
     }
+    if row["priority"]:
+        view["priority"] = row["priority"]
+    if row["status"] == "scheduled":
+        view["due_at"] = iso(row["run_after"])
+    if row["cancel_requested"] is not None and row["status"] in ("assigned", "processing"):
+        view["cancelling"] = True  # the worker holding it is stopping it
+    if row["then_task"] is not None:
+        view["then"] = m.follow_up_id(row["id"])  # queued once this task succeeds
+    if row["parent"] is not None:
+        view["parent"] = row["parent"]
+    if row["history"]:
+        view["history"] = [{**h, "started_at": iso(h.get("started_at")),
+                            "finished_at": iso(h.get("finished_at")),
+                            "retried_at": iso(h.get("retried_at"))} for h in json.loads(row["history"])]
     if row["error"] is not None:
         view["error"] = json.loads(row["error"])
     if reason:

@@ -40,6 +40,8 @@ log = logging.getLogger("yadtqd.kafka")
 TOPICS = ("tasks", "dispatch", "events", "changelog", "leader")
 #: Topics of one partition: the changelog (one writer, one order) and the election's topic.
 SINGLE = ("changelog", "leader")
+#: The election's topic keeps the standbys' reports (one a second each) for a minute.
+LEADER = (("retention.ms", "60000"), ("segment.ms", "60000"))
 #: Replicas from which a topic gets ``min.insync.replicas`` 2 by default.
 SAFE_REPLICAS = 3
 
@@ -78,9 +80,10 @@ def topic_specs(config: Config) -> list[TopicSpec]:
     of one partition: one writer, and every change in one order (DESIGN 13 keys its records so
     that a later split by ``tasks`` partition stays possible)."""
     changelog = (("cleanup.policy", "compact"), ("max.message.bytes", str(record_bytes(config))))
+    settings = {"changelog": changelog, "leader": LEADER}
     return [TopicSpec(config.topic(t), 1 if t in SINGLE else config.server.partitions,
                       config.server.replication or -1, config.server.min_insync_replicas,
-                      changelog if t == "changelog" else ())
+                      settings.get(t, ()))
             for t in TOPICS]
 
 
@@ -168,6 +171,20 @@ def check_message_sizes(admin: AdminClient, config: Config, timeout: float = 30.
                 f" {config.topic(name)}, whose max.message.bytes is {limit} (a message needs"
                 f" {ENVELOPE_BYTES} bytes around it): use at most {limit - ENVELOPE_BYTES}, or"
                 " raise the topic's max.message.bytes")
+
+
+def keep_leader_short(admin: AdminClient, config: Config, timeout: float = 30.0) -> None:
+    """The election's topic carries only the standbys' reports of the last seconds: give it
+    :data:`LEADER`'s short retention, also when an older version made it without."""
+    name = config.topic("leader")
+    resource = ConfigResource(ResourceType.TOPIC, name, incremental_configs=[
+        ConfigEntry(key, value, incremental_operation=AlterConfigOpType.SET) for key, value in LEADER])
+    try:
+        for future in admin.incremental_alter_configs([resource], request_timeout=timeout).values():
+            future.result(timeout)
+    except KafkaException as exc:
+        log.warning("cannot set %s's retention (%s): standby reports kept as the broker's"
+                    " default says", name, exc.args[0].str())
 
 
 def _check_changelog(admin: AdminClient, config: Config, timeout: float) -> None:

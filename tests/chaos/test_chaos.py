@@ -140,9 +140,10 @@ def test_scenario_6_three_takeovers_in_a_row_with_worker_kills(cluster: Cluster,
             cluster.client = clients[standby]
             clients[active] = cluster.start_standby(active)
             active, standby = standby, active
-    finally:
         thread.join(300)
+    finally:
         done.set()
+        thread.join(300)
     assert len(expected) == 600
     cluster.wait_terminal(list(expected), timeout=300)
     verdict = ledger.check_contract(cluster, book, expected)

@@ -128,6 +128,8 @@ def test_once_and_json_outputs_match_the_store(fast: Cluster, tmp_path: Path) ->
     assert snap["totals"] == {"queued": by_status.get("queued", 0) + by_status.get("assigned", 0),
                               "processing": by_status.get("processing", 0),
                               "success": by_status["success"], "failed": by_status["failed"],
+                              "scheduled": by_status.get("scheduled", 0),
+                              "cancelled": by_status.get("cancelled", 0),
                               "submitted": sum(by_status.values())}
     queued_ids = [r[0] for r in db.execute("SELECT id FROM tasks WHERE status='queued' ORDER BY seq")]
     assert [t["task-id"] for t in snap["queued"]["tasks"]] == queued_ids == waiting

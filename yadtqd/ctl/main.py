@@ -1,7 +1,7 @@
 """``yadtqctl``: the operator's CLI over the server's socket (DESIGN section 12).
 
-Exit codes: 0 done; 1 the awaited task failed; 2 usage or bad input (an unknown task id, a task
-name no live worker provides); 3 the server or broker cannot be reached; 4 not done yet (timed
+Exit codes: 0 done; 1 the awaited task failed or was cancelled; 2 usage or bad input (an
+unknown task id, a task name no live worker provides); 3 the server or broker cannot be reached; 4 not done yet (timed
 out waiting, or asked without waiting about a task that is still queued or running).
 
 The socket: ``--socket``, else ``$YADTQ_SERVER_SOCKET``, else ``[server] socket`` of the daemons'
@@ -18,7 +18,7 @@ import sys
 from typing import Any
 
 from yadtqd import config as configuration
-from yadtqd.client import Client
+from yadtqd.client import TERMINAL, Client
 from yadtqd.ctl import monitor, output
 from yadtqd.errors import UsageError, WaitTimeout, YadtqError
 
@@ -38,8 +38,9 @@ def parser() -> argparse.ArgumentParser:
                         help="print JSON instead of tables")
     p = argparse.ArgumentParser(prog="yadtqctl", parents=[common],
                                 description="Submit and inspect YADTQ tasks.",
-                                epilog="Exit status: 0 done, 1 the awaited task failed, 2 usage "
-                                       "or bad input, 3 server or broker unreachable, 4 timed out.")
+                                epilog="Exit status: 0 done, 1 the awaited task failed or was"
+                                       " cancelled, 2 usage or bad input, 3 server or broker"
+                                       " unreachable, 4 timed out.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     s = sub.add_parser("submit", parents=[common], help="submit a task")
     s.add_argument("task", help="the task's name, as a plugin registered it")
@@ -50,6 +51,14 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--retries", type=int, metavar="N", help="retry a failing task N times")
     s.add_argument("--wait", nargs="?", type=float, const=FOREVER, metavar="S",
                    help="wait (up to S seconds) for the result")
+    s.add_argument("--priority", type=int, default=0, metavar="N",
+                   help="higher runs first (default 0; FIFO within one priority)")
+    when = s.add_mutually_exclusive_group()
+    when.add_argument("--delay", type=float, metavar="S", help="run no sooner than S seconds from now")
+    when.add_argument("--at", metavar="TIME",
+                      help="run no sooner than TIME, ISO 8601 (UTC unless it names an offset)")
+    s.add_argument("--then", nargs="+", metavar=("TASK", "ARG"),
+                   help="a follow-up queued when this task succeeds, its result first (then ARGs)")
     s.add_argument("--queue-anyway", action="store_true",
                    help="queue a task no live worker provides (its plugin will be installed later)")
     st = sub.add_parser("status", parents=[common], help="status of tasks")
@@ -60,10 +69,20 @@ def parser() -> argparse.ArgumentParser:
                    help="wait (up to S seconds) until the task is done; an id not seen yet is"
                         " waited for too (it may still be on its way through Kafka)")
     t = sub.add_parser("tasks", parents=[common], help="list tasks, newest first")
-    t.add_argument("--status", choices=("queued", "processing", "success", "failed"),
+    t.add_argument("--status", choices=("scheduled", "queued", "processing", "success", "failed",
+                                        "cancelled"),
                    help="only tasks in this status")
     t.add_argument("--limit", type=int, default=100, metavar="N",
                    help="at most N tasks (default 100, at most 10000)")
+    c = sub.add_parser("cancel", parents=[common], help="cancel tasks (a running one is stopped)")
+    c.add_argument("ids", nargs="+", metavar="ID", help="task ids")
+    rt = sub.add_parser("retry", parents=[common], help="run failed or cancelled tasks again")
+    rt.add_argument("ids", nargs="+", metavar="ID", help="task ids")
+    pg = sub.add_parser("purge", parents=[common], help="delete tasks that ended long ago")
+    pg.add_argument("--older-than", required=True, type=_duration, metavar="DURATION",
+                    help="ended more than DURATION ago: seconds, or a number with s, m, h or d")
+    pg.add_argument("--status", action="append", choices=("success", "failed", "cancelled"),
+                    help="only tasks in this status (repeat for several; default: all three)")
     mon = sub.add_parser("monitor", parents=[common], help="live view of the cluster")
     mon.add_argument("--once", action="store_true", help="print one frame and exit")
     mon.add_argument("--interval", type=float, default=1.0, metavar="S",
@@ -93,14 +112,63 @@ def _submit(client: Client, args: argparse.Namespace, as_json: bool) -> int:
     kwargs = _kwargs(args.kwargs)
     task_id = client.submit(args.task, *[_arg(a) for a in args.args], kwargs=kwargs,
                             task_id=args.id, timeout=args.timeout, max_retries=args.retries,
-                            queue_anyway=args.queue_anyway)
+                            queue_anyway=args.queue_anyway, priority=args.priority,
+                            delay=args.delay, eta=args.at,
+                            then={"task": args.then[0], "args": [_arg(a) for a in args.then[1:]]}
+                            if args.then else None)
     if args.wait is None:
         if as_json:
-            output.emit_json({"task-id": task_id, "status": "queued"})
+            later = args.delay is not None or args.at is not None
+            output.emit_json({"task-id": task_id, "status": "scheduled" if later else "queued"})
         else:
             print(task_id)
         return 0
     return _show_result(task_id, client.result(task_id, wait=args.wait), as_json)
+
+
+def _cancel(client: Client, args: argparse.Namespace, as_json: bool) -> int:
+    return _orders(client.cancel(*args.ids), as_json)
+
+
+def _retry(client: Client, args: argparse.Namespace, as_json: bool) -> int:
+    return _orders(client.retry(*args.ids), as_json)
+
+
+def _orders(tasks: dict[str, dict[str, Any]], as_json: bool) -> int:
+    """What came of a cancel or retry per id; exit 2 when an id is unknown."""
+    if as_json:
+        output.emit_json(tasks)
+    else:
+        output.emit_table([{"id": i, **v} for i, v in tasks.items()],
+                          ["id", "outcome", "status", "task", "worker", "attempt"], "no tasks")
+    unknown = [i for i, v in tasks.items() if v["outcome"] == "unknown"]
+    if unknown:
+        output.fail(f"unknown task{'s' if len(unknown) > 1 else ''}: {', '.join(unknown)}")
+        return UsageError.exit_code
+    return 0
+
+
+def _purge(client: Client, args: argparse.Namespace, as_json: bool) -> int:
+    reply = client.purge(args.older_than, tuple(args.status or ()))
+    if as_json:
+        output.emit_json({k: v for k, v in reply.items() if k != "ok"})
+    else:
+        print(f"purge ordered: {reply['matching']} tasks ({'/'.join(args.status or ['success', 'failed', 'cancelled'])})"
+              f" that ended before {reply['before']}; the active server deletes them in batches")
+    return 0
+
+
+def _duration(text: str) -> float:
+    """``90``, ``90s``, ``30m``, ``1h``, ``7d``: seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "s")
+    try:
+        value = float(number) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration (e.g. 90, 30m, 1h, 7d)") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("a duration cannot be negative")
+    return value
 
 
 def _status(client: Client, args: argparse.Namespace, as_json: bool) -> int:
@@ -123,7 +191,7 @@ def _result(client: Client, args: argparse.Namespace, as_json: bool) -> int:
         view = client.result(args.id)
     if view["status"] == "unknown":
         raise UsageError(f"unknown task {args.id}" + (f" (waited {args.wait:g} s)" if args.wait else ""))
-    if view["status"] not in ("success", "failed"):
+    if view["status"] not in TERMINAL:
         if as_json:
             output.emit_json({args.id: view})
         else:
@@ -139,7 +207,8 @@ def _show_result(task_id: str, view: dict[str, Any], as_json: bool) -> int:
         print(json.dumps(view["result"]))
     else:
         err = view.get("error") or {}
-        output.fail(f"task {task_id} failed: {err.get('type')}: {err.get('message')}")
+        verb = "was cancelled" if view["status"] == "cancelled" else "failed"
+        output.fail(f"task {task_id} {verb}: {err.get('type')}: {err.get('message')}")
     return 0 if view["status"] == "success" else 1
 
 
@@ -214,7 +283,7 @@ def _monitor(client: Client, args: argparse.Namespace, as_json: bool) -> int:
     return monitor.run(client, args.interval, args.once or as_json, as_json)
 
 
-COMMANDS = {"monitor": _monitor, "submit": _submit, "status": _status, "result": _result, "tasks": _tasks,
+COMMANDS = {"monitor": _monitor, "submit": _submit, "cancel": _cancel, "retry": _retry, "purge": _purge, "status": _status, "result": _result, "tasks": _tasks,
             "workers": _workers, "failures": _failures, "stats": _stats, "plugins": _plugins}
 
 

@@ -76,7 +76,8 @@ def render(snap: dict[str, Any], previous: dict[str, Any] | None, width: int, he
     totals = snap["totals"]
     head = [f"YADTQ monitor  {snap['at']}  refresh {interval:g} s  (Ctrl-C quits)", *([note] if note else []),
             "tasks: " + "  ".join(f"{k} {totals[k]}" for k in
-                                  ("queued", "processing", "success", "failed", "submitted")),
+                                  ("scheduled", "queued", "processing", "success", "failed",
+                                   "cancelled", "submitted") if k in totals),
             "per second: " + _rates(snap, previous),
             *(output.server_lines(snap["server"]) if "server" in snap else [])]
     live = sum(w["state"] == "live" for w in snap["workers"])

@@ -74,6 +74,13 @@ class Dispatcher:
         self._send(worker, self.route(worker, partition),
                    m.encode(m.Fenced(worker=worker, epoch=epoch, reason=reason)))
 
+    def cancel(self, worker: str, epoch: str, partition: int, task_id: str, attempt: int,
+               grant: int | None) -> None:
+        """Tell the epoch holding a task that an operator cancelled it."""
+        self._send(worker, self.route(worker, partition),
+                   m.encode(m.Cancel(worker=worker, epoch=epoch, task_id=task_id, attempt=attempt,
+                                     grant=grant)))
+
     def alive(self, worker: str, epoch: str, partition: int, probe: int) -> None:
         """Answer a heartbeat that asked whether its epoch is live: it is."""
         self._send(worker, self.route(worker, partition),

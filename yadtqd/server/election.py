@@ -1,7 +1,7 @@
 """Which server is active (DESIGN 13): Kafka's group coordinator decides, not us.
 
 Every server joins the consumer group ``<prefix>.servers`` on the one-partition topic
-``<prefix>.leader`` (it holds no messages); the member assigned that partition is the active.
+``<prefix>.leader``; the member assigned that partition is the active.
 ``cooperative-sticky`` assignment keeps the partition where it is when a standby joins or
 leaves, so a new standby never takes the role from a live active. A member that stops
 heartbeating for ``[server] session_timeout`` seconds (killed, frozen, cut off) is removed by the
@@ -17,13 +17,14 @@ active, the one member assigned its partition, reads them there (:meth:`Elector.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from yadtqd import messages as m
 from yadtqd import transport
@@ -49,10 +50,14 @@ class Elector:
                          "session.timeout.ms": session_ms,
                          # a standby hears of a rebalance (the active left) at its next heartbeat
                          "heartbeat.interval.ms": max(100, min(250, session_ms // 6)),
-                         # the reports are current state, not work: read from the newest on
-                         "enable.auto.commit": True, "enable.auto.offset.store": True,
+                         # the reports are current state, not work: no offsets are committed,
+                         # so each assignment reads from the topic's end
                          "auto.offset.reset": "latest"})
         self.consumer = Consumer(settings)
+        reports = transport.producer_settings(config, "server-reports", transport.ConnectionMonitor(
+            "server reports producer"))
+        reports.update({"linger.ms": 0, "message.timeout.ms": 5000})  # stale soon: never queue long
+        self.reporter = Producer(reports)
         self.on_change = on_change
         self.name = config.server.server_name
         #: Set while this server holds the active role.
@@ -71,9 +76,17 @@ class Elector:
                                 on_lost=self._lost)
         self._thread.start()
 
+    def report(self, report: m.StandbyReport) -> None:
+        """Tell the active how far this standby is behind (once a second)."""
+        transport.send(self.reporter, self.topic, m.encode(report), report.server)
+        self.reporter.poll(0)
+
     def close(self) -> None:
         """Leave the group at once (a standby takes over without waiting for the session
         timeout)."""
+        with contextlib.suppress(KafkaException):
+            self.reporter.purge()  # reports not sent by now are stale: none outlives us
+            self.reporter.flush(0)
         self._stop.set()
         self._thread.join(10)
         try:
@@ -121,9 +134,12 @@ class Elector:
             log.warning("skipped a bad message at %s[%d]@%d: %s", self.topic, msg.partition() or 0,
                         msg.offset() or 0, exc, extra={"event": "bad_message"})
             return
-        if time.time() - report.ts <= REPORT_AGE:  # not an old one read after a takeover
-            with self._reports_lock:
-                self._reports[report.server] = (report, time.monotonic())
+        mono = time.monotonic()
+        with self._reports_lock:
+            self._reports[report.server] = (report, mono)
+            for name, (_, at) in list(self._reports.items()):
+                if mono - at > 10 * REPORT_AGE:  # a standby gone for good
+                    del self._reports[name]
 
     def _assigned(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         if any(tp.partition == 0 for tp in partitions):

@@ -49,12 +49,25 @@ class Answer:
     reason: str = ""
 
 
+@dataclass(frozen=True)
+class CancelHeld:
+    """A cancelled task a worker epoch holds: the epoch is to be told."""
+
+    worker: str
+    epoch: str
+    task_id: str
+    attempt: int
+    grant: int | None
+    partition: int
+
+
 @dataclass
 class Effects:
     """What a batch changed beyond the store."""
 
     fences: list[Fence] = field(default_factory=list)
     answers: list[Answer] = field(default_factory=list)
+    cancels: list[CancelHeld] = field(default_factory=list)
     positions: dict[tuple[str, int], int] = field(default_factory=dict)
 
 
@@ -71,13 +84,17 @@ class Ingest:
         #: The partition count of ``dispatch``, for workers too old to say which one they read.
         self.dispatch_partitions = dispatch_partitions
         self._refenced: dict[str, float] = {}
+        #: When tasks that end in the batch being applied started (their ``started`` not applied).
+        self._began: dict[tuple[str, int, str], float] = {}
 
     def apply(self, batch: list[Message], now: float) -> Effects:
         """Apply a batch and save its offsets; call inside a transaction.
 
         A ``started`` whose ``finished`` is in the same batch is not applied on its own: the
         task goes from ``assigned`` to its end in one update (nobody could have seen it
-        ``processing`` in between), and ``started_at`` is set with the end.
+        ``processing`` in between), and ``started_at`` is set with the end, to the worker's time
+        in the ``started`` (so the row is the same however the events were batched: a replay
+        after a crash batches them otherwise).
         """
         effects = Effects()
         positions = effects.positions
@@ -85,7 +102,7 @@ class Ingest:
         ended = {(ev.task_id, ev.attempt, ev.epoch) for ev in events if isinstance(ev, m.Finished)}
         for msg, ev in zip(batch, events):
             if ev is None:
-                self._submission(msg, now)
+                self._submission(msg, now, effects)
             elif isinstance(ev, BadMessage):
                 self.store.bump("bad_messages")
                 log.warning("skipped bad event at %s[%d]@%d: %s", msg.topic(), msg.partition(),
@@ -95,21 +112,26 @@ class Ingest:
                     self.evidence.read_back(msg.partition() or 0, ev.seq)
             elif isinstance(ev, m.Started) and (ev.task_id, ev.attempt, ev.epoch) in ended:
                 self.scheduler.started(ev.epoch, ev.task_id)
+                self._began[(ev.task_id, ev.attempt, ev.epoch)] = _when(ev, now)
             else:
                 self._event(ev, msg.partition() or 0, now, effects)
             topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
             assert topic is not None and partition is not None and offset is not None
             positions[(topic, partition)] = offset + 1
         self.store.save_offsets(positions)
+        self._began.clear()
         return effects
 
     # ------------------------------------------------------------ submissions
 
-    def _submission(self, msg: Message, now: float) -> None:
+    def _submission(self, msg: Message, now: float, effects: Effects) -> None:
         try:
-            sub = m.parse_submission(msg.value(), self.config.server.max_task_bytes)
+            sub = m.parse_tasks_message(msg.value(), self.config.server.max_task_bytes)
         except BadMessage as exc:
             self._bad_submission(msg, exc, now)
+            return
+        if isinstance(sub, m.Control):
+            self._order(sub, now, effects)
             return
         intake = self.store.intake(sub, now)
         if intake.outcome == "new":
@@ -121,6 +143,34 @@ class Ingest:
             self.store.bump("conflicts")
             log.warning("task %s rejected: the id was submitted before with another payload",
                         sub.task_id, extra={"task_id": sub.task_id, "event": "task_conflict"})
+
+    def _order(self, order: m.Control, now: float, effects: Effects) -> None:
+        """An operator's cancel, retry or purge (``yadtqctl``), read in order with the
+        submissions of the same task."""
+        who = f"uid {order.uid}" if order.uid >= 0 else "a client"
+        if order.op == "purge":
+            before = (order.ts or now) - (order.older_than or 0.0)
+            self.store.order_purge(before, order.statuses, now)
+            log.warning("purge ordered by %s: tasks %s that ended before %s", who,
+                        "/".join(order.statuses) or "success/failed/cancelled",
+                        time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(before)),
+                        extra={"event": "purge_ordered"})
+            return
+        task_id = order.task_id or ""
+        extra = {"task_id": task_id, "event": f"task_{order.op}"}
+        if order.op == "retry":
+            outcome = self.store.retry_task(task_id, now)
+            log.log(logging.WARNING if outcome == "retried" else logging.INFO,
+                    "task %s %s by %s", task_id, outcome.replace("_", " "), who, extra=extra)
+            return
+        outcome, row = self.store.cancel(task_id, now, f"cancelled by {who}")
+        log.log(logging.WARNING if outcome in ("cancelled", "cancelling") else logging.INFO,
+                "task %s %s by %s", task_id, {"ended": "had ended: not cancelled"}.get(outcome, outcome),
+                who, extra=extra)
+        if row is not None:
+            member = self.scheduler.members.get(row["epoch"])
+            effects.cancels.append(CancelHeld(row["worker"], row["epoch"], task_id, row["attempt"],
+                                              row["grant_no"] or None, member.dispatch if member else -1))
 
     def _bad_submission(self, msg: Message, exc: BadMessage, now: float) -> None:
         where = f"{msg.topic()}[{msg.partition()}]@{msg.offset()}"
@@ -239,14 +289,18 @@ class Ingest:
                  extra={"task_id": ev.task_id, "worker_id": ev.worker, "event": "task_started"})
 
     def _finished(self, ev: m.Finished, now: float) -> None:
-        outcome = self.store.finish(ev, now, _when(ev, now))
+        began = self._began.pop((ev.task_id, ev.attempt, ev.epoch), None)
+        outcome = self.store.finish(ev, now, _when(ev, now), began)
         if outcome == "stale":
             self._stale(ev, f"finished {ev.task_id} attempt {ev.attempt} is not the current grant")
             return
-        self.scheduler.finished(ev.epoch, ev.task_id, ev.runtime)
+        # a cancelled run's length says nothing of the task's
+        self.scheduler.finished(ev.epoch, ev.task_id, ev.runtime, measured=outcome != "cancelled")
         extra = {"task_id": ev.task_id, "worker_id": ev.worker, "event": f"task_{outcome}"}
         if outcome == "success":
             log.info("task %s succeeded on %s", ev.task_id, ev.worker, extra=extra)
+        elif outcome == "cancelled":
+            log.info("task %s cancelled on %s", ev.task_id, ev.worker, extra=extra)
         elif outcome == "retry":
             log.info("task %s failed on %s (%s), retrying", ev.task_id, ev.worker,
                      ev.error.type if ev.error else "?", extra=extra)

@@ -24,7 +24,7 @@ import time
 import uuid
 from pathlib import Path
 
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Consumer
 
 from yadtqd import messages as m
 from yadtqd import topics, transport
@@ -37,6 +37,7 @@ from yadtqd.server.ingest import Effects, Fence, Ingest
 from yadtqd.server.queries import Changes, Queries, Submitter
 from yadtqd.server.election import Elector
 from yadtqd.server.replication import Changelog, Fenced, Follower
+from yadtqd.server.retention import Retention
 from yadtqd.server.scheduler import Scheduler
 from yadtqd.server.sockets import SocketServer
 from yadtqd.store import Store
@@ -64,6 +65,7 @@ class Server:
         self.topic_health: list[topics.TopicHealth] = []
         self.unproven: set[int] = set()
         self.last_unroutable = 0.0
+        self.retention = Retention(config)
         #: Task name → since when (monotonic) this process has seen it queued and unprovided.
         self.unprovided: dict[str, float] = {}
         self.last_status = 0.0
@@ -80,7 +82,6 @@ class Server:
         self.term = 0
         self.stop_signal = ""
         self.elector: Elector | None = None
-        self.producer: Producer | None = None
 
     def run(self) -> int:
         """Serve until SIGTERM, as the active server or a standby (DESIGN 13), changing role
@@ -91,6 +92,7 @@ class Server:
         specs = topics.topic_specs(self.config)
         topics.ensure_topics(admin, specs)
         topics.check_message_sizes(admin, self.config)
+        topics.keep_leader_short(admin, self.config)
         self.topic_health = topics.health(admin, [s.name for s in specs])
         socket_producer, _ = transport.make_producer(self.config, "server-socket", linger_ms=0)
         submitter = Submitter(self.config.server.database, socket_producer, self.config.topic("tasks"),
@@ -106,7 +108,7 @@ class Server:
         signal.signal(signal.SIGINT, self._on_sigterm)
         elector = Elector(self.config)
         elector.start()
-        self.elector, self.producer = elector, socket_producer
+        self.elector = elector
         self.notifier.ready(self._status(store))
         log.info("server ready: socket %s, database %s", self.config.server.socket,
                  self.config.server.database)
@@ -265,6 +267,7 @@ class Server:
         self.unproven = set()
         self.unprovided = {}
         self.last_unroutable = 0.0
+        self.retention = Retention(self.config)
 
     def _on_sigterm(self, signum: int, frame: object) -> None:
         self.stopping = True  # the main loop acts on it
@@ -302,7 +305,11 @@ class Server:
         live = store.live_workers()
         self.scheduler.load(live, store.held(), self.counts[self.events_topic], dispatcher.partitions)
         pending = store.pending_grants()
-        dispatcher.runs(pending, self.scheduler.routes())  # in the first turn's transaction
+        routes = self.scheduler.routes()
+        dispatcher.runs(pending, routes)  # in the first turn's transaction
+        for row in store.cancelling():  # cancels the workers may not have been told of
+            dispatcher.cancel(row["worker"], row["epoch"], routes.get(row["epoch"], -1), row["id"],
+                              row["attempt"], row["grant_no"] or None)
         if live or pending:
             log.info("restored %d live workers; re-sent %d grants not yet started",
                      len(live), len(pending))
@@ -323,11 +330,17 @@ class Server:
             self.changes.signal()  # results are readable now, before the next grants
         fences = effects.fences + self._check_deaths(store, ingest, now)
         self._fail_unroutable(store, now)
+        if self.retention.step(store, now):
+            self.changes.signal()
         with store.transaction():
+            promoted = store.promote_due(now)  # scheduled tasks now due join the queue
             grants = self.scheduler.plan(store, now)
         dispatcher.runs(grants, self.scheduler.routes())
         for fence in fences:
             dispatcher.fence(fence.worker, fence.epoch, fence.partition, fence.reason)
+        for cancel in effects.cancels:
+            dispatcher.cancel(cancel.worker, cancel.epoch, cancel.partition, cancel.task_id,
+                              cancel.attempt, cancel.grant)
         for answer in effects.answers:
             if answer.probe:
                 dispatcher.alive(answer.worker, answer.epoch, answer.partition, answer.probe)
@@ -341,7 +354,7 @@ class Server:
             dispatcher.mark(partition, self.nonce, mono)
         self._count_undelivered(store, out)
         self._warn_unproven(dispatcher, mono)
-        if grants or fences:
+        if grants or fences or promoted:
             self.changes.signal()
         self._report(store)
 
@@ -430,7 +443,7 @@ class Server:
     def _servers(self) -> None:
         """Once a second: the active notes the standbys heard from; a standby reports its lag
         on ``leader`` for the active to show."""
-        if self.elector is None or self.producer is None:
+        if self.elector is None:
             return
         if self.role["role"] == "active":
             self.role["standbys"] = self.elector.standbys()
@@ -439,8 +452,7 @@ class Server:
         report = m.StandbyReport(server=self.name, host=socket.gethostname(), pid=os.getpid(),
                                  ts=time.time(), lag=lag if isinstance(lag, int) else -1,
                                  lag_seconds=seconds if isinstance(seconds, float) else None)
-        transport.send(self.producer, self.config.topic("leader"), m.encode(report), self.name)
-        self.producer.poll(0)
+        self.elector.report(report)
 
     def _status(self, store: Store) -> str:
         if self.role["role"] != "active":

@@ -24,6 +24,8 @@ from yadtqd.store import Store
 log = logging.getLogger("yadtqd.server")
 Reply = dict[str, Any]
 MAX_WAIT = 3600.0
+#: Seconds a cancel or retry waits to see its outcome in the store before it answers.
+ORDER_WAIT = 5.0
 #: The most rows one request may ask for.
 MAX_LIMIT = 10_000
 #: Seconds a socket submit waits for Kafka's acknowledgement: well inside a client's own
@@ -92,8 +94,15 @@ class Submitter:
                 return protocol.error("unavailable", f"Kafka did not accept task {sub.task_id}"
                                       f" within {self.timeout:g} s ({problem}); it is recorded as"
                                       " queued and will run: do not submit it again under another id")
-        return {"ok": True, "task-id": sub.task_id, "status": "queued",
+        now = time.time()
+        return {"ok": True, "task-id": sub.task_id, "status": "scheduled" if sub.due(now) > now else "queued",
                 "created": intake.outcome == "new"}
+
+    def order(self, control: m.Control) -> str | None:
+        """Produce an operator's order to ``tasks``, keyed like its task (so it is read after
+        the task's submission); returns the problem if Kafka did not take it in time."""
+        return transport.deliver(self.producer, self.topic, m.encode(control),
+                                 control.task_id or "purge", self.timeout)
 
     def _forward(self, sub: m.Submission, uid: int) -> Reply:
         known = self.store.task_rows([sub.task_id]).get(sub.task_id)  # this replica's view
@@ -131,17 +140,22 @@ class Queries:
             "tasks": self.tasks, "workers": self.workers, "failures": self.failures,
             "stats": self.stats, "plugins": self.plugins, "snapshot": self.snapshot,
         }
+        self.orders: dict[str, Callable[[Store, dict[str, Any], int], Reply]] = {
+            "submit": self.submit, "cancel": self.cancel, "retry": self.retry, "purge": self.purge}
 
     def handle(self, store: Store, request: dict[str, Any], uid: int = -1) -> Reply:
         """Run one request from the user ``uid`` (the socket's peer; -1 unknown)."""
         op = request.get("op")
+        order = self.orders.get(op) if isinstance(op, str) else None
         handler = self.ops.get(op) if isinstance(op, str) else None
-        if handler is None:
-            return protocol.error("unknown_op", f"unknown op {op!r}; known: {', '.join(self.ops)}")
+        if handler is None and order is None:
+            return protocol.error("unknown_op", f"unknown op {op!r}; known:"
+                                  f" {', '.join(sorted({*self.ops, *self.orders}))}")
         log.debug("socket request %s from uid %d", op, uid)
         try:
-            if handler == self.submit:
-                return self.submit(store, request, uid)
+            if order is not None:  # who asked is logged with what they ordered
+                return order(store, request, uid)
+            assert handler is not None
             return handler(store, request)
         except _BadRequest as exc:
             return protocol.error("bad_request", str(exc))
@@ -166,12 +180,62 @@ class Queries:
         sub = msgspec.structs.replace(sub, submitted_at=at, via="socket")
         return self.submitter.submit(sub, uid)
 
+    def cancel(self, store: Store, req: dict[str, Any], uid: int = -1) -> Reply:
+        """Cancel tasks: an order on ``tasks`` per id, then each one's outcome as the store
+        shows it within :data:`ORDER_WAIT` (``requested`` if not yet)."""
+        return self._order_each(store, "cancel", _strings(req, "ids"), uid, _cancel_outcome)
+
+    def retry(self, store: Store, req: dict[str, Any], uid: int = -1) -> Reply:
+        """Retry failed or cancelled tasks as new attempts, their history kept."""
+        return self._order_each(store, "retry", _strings(req, "ids"), uid, _retry_outcome)
+
+    def purge(self, store: Store, req: dict[str, Any], uid: int = -1) -> Reply:
+        """Order the deletion of tasks that ended more than ``older_than`` seconds ago (in
+        ``status``, all terminal ones by default); worked through in batches by the active."""
+        older_than = _number(req, "older_than", -1.0)
+        if older_than < 0:
+            raise _BadRequest("'older_than' must be a number of seconds, at least 0")
+        statuses = _strings(req, "status", required=False)
+        wrong = [s for s in statuses if s not in protocol.TERMINAL]
+        if wrong:
+            raise _BadRequest(f"a purge takes terminal statuses ({', '.join(protocol.TERMINAL)}),"
+                              f" not {', '.join(wrong)}")
+        now = time.time()
+        order = m.Control(op="purge", older_than=older_than, statuses=statuses, ts=now, uid=uid)  # type: ignore[arg-type]
+        problem = self.submitter.order(order)
+        if problem:
+            return protocol.error("unavailable", f"Kafka did not accept the purge: {problem}")
+        return {"ok": True, "ordered": True, "before": protocol.iso(now - older_than),
+                "matching": store.count_ended(statuses or protocol.TERMINAL, now - older_than)}
+
+    def _order_each(self, store: Store, op: str, ids: list[str], uid: int,
+                    outcome: Callable[[Any, Any], str]) -> Reply:
+        before = store.task_rows(ids)
+        for task_id in ids:
+            problem = self.submitter.order(m.Control(op=op, task_id=task_id, ts=time.time(), uid=uid))  # type: ignore[arg-type]
+            if problem:
+                return protocol.error("unavailable", f"Kafka did not accept the {op} of {task_id}:"
+                                      f" {problem}; asking again is safe")
+        deadline = time.monotonic() + ORDER_WAIT
+        seen = self.changes.version
+        while True:
+            rows = store.task_rows(ids)
+            found = {i: outcome(before.get(i), rows.get(i)) for i in ids}
+            left = deadline - time.monotonic()
+            if left <= 0 or "requested" not in found.values():
+                break
+            seen = self.changes.wait(seen, min(left, 1.0))
+        return {"ok": True, "tasks": {i: {"outcome": "unknown" if rows.get(i) is None else o,
+                                          **protocol.task_view(rows.get(i))} for i, o in found.items()}}
+
     def status(self, store: Store, req: dict[str, Any]) -> Reply:
         ids = _strings(req, "ids")
         rows = store.task_rows(ids)
         provided = _provided(store)
         now = time.time()
-        return {"ok": True, "tasks": {i: protocol.task_view(rows.get(i), _waiting(rows.get(i), provided, now))
+        purged = store.purged([i for i in ids if i not in rows])
+        return {"ok": True, "tasks": {i: protocol.task_view(rows.get(i), _waiting(rows.get(i), provided, now),
+                                                            purged.get(i))
                                       for i in ids}}
 
     def result(self, store: Store, req: dict[str, Any]) -> Reply:
@@ -183,7 +247,7 @@ class Queries:
         seen = self.changes.version
         while True:
             row = store.task_rows([task_id]).get(task_id)
-            terminal = row is not None and row["status"] in ("success", "failed")
+            terminal = row is not None and row["status"] in protocol.TERMINAL
             left = deadline - time.monotonic()
             if terminal or left <= 0:
                 view = protocol.task_view(row, _waiting(row, _provided(store), time.time()))
@@ -239,7 +303,7 @@ class Queries:
         now = time.time()
         provided = _provided(store)
         counts = store.counts()
-        totals = {s: 0 for s in ("queued", "processing", "success", "failed")}
+        totals = {s: 0 for s in dict.fromkeys(protocol.VISIBLE_STATUS.values())}
         for status, n in counts.items():
             totals[protocol.VISIBLE_STATUS[status]] += n
         holding = store.holding()
@@ -321,6 +385,8 @@ def _waiting(row: Any, provided: set[str], now: float) -> str | None:
     """Why a queued task waits, in words for the operator."""
     if row is not None and row["status"] == "assigned":
         return f"granted to {row['worker']}; starts when one of its slots is free"
+    if row is not None and row["status"] == "scheduled":
+        return f"scheduled: due in {max(0.0, row['run_after'] - now):.1f} s"
     if row is None or row["status"] != "queued":
         return None
     if row["name"] not in provided:
@@ -328,3 +394,33 @@ def _waiting(row: Any, provided: set[str], now: float) -> str | None:
     if row["run_after"] > now:
         return f"retry after a failure, in {row['run_after'] - now:.1f} s"
     return "waiting for a free slot"
+
+
+def _cancel_outcome(before: Any, row: Any) -> str:
+    """What came of a cancel, as the store shows it: ``cancelled``, ``cancelling`` (the worker
+    holding it is stopping it), ``ended`` (it ended first and keeps its outcome), or
+    ``requested`` (not applied yet)."""
+    if row is None:
+        return "requested"
+    if row["status"] == "cancelled":
+        return "cancelled"
+    if row["status"] in ("success", "failed"):
+        return "ended"
+    if row["cancel_requested"] is not None:
+        return "cancelling"
+    return "requested"
+
+
+def _retry_outcome(before: Any, row: Any) -> str:
+    """What came of a retry: ``retried`` (a new attempt is queued), ``succeeded`` or
+    ``not_ended`` (nothing to retry), or ``requested`` (not applied yet)."""
+    if row is None:
+        return "requested"
+    runs = len(json.loads(row["history"] or "[]"))
+    if before is not None and runs > len(json.loads(before["history"] or "[]")):
+        return "retried"
+    if row["status"] == "success":
+        return "succeeded"
+    if row["status"] in ("failed", "cancelled"):
+        return "requested"
+    return "not_ended"

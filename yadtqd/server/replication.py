@@ -273,10 +273,13 @@ class Changelog:
         return count
 
     def close(self, store: Store, timeout: float = 10.0) -> None:
-        """Commit what is left (at shutdown)."""
+        """Commit what is left (at shutdown): every transaction it takes, until nothing is
+        open, noted or queued (a commit that only finished an earlier transaction, or a backlog
+        over :data:`CHUNK` rows, needs more than one)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.commit(store, min(COMMIT_WAIT * 3, max(0.1, deadline - time.monotonic()))):
+            if (self.commit(store, min(COMMIT_WAIT * 3, max(0.1, deadline - time.monotonic())))
+                    and self.state == "idle" and not self.queued and not store.has_pending()):
                 return
         log.error("the last changes did not reach %s before shutdown: the next start rebuilds"
                   " the database from the changelog", self.topic)

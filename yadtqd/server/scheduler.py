@@ -223,16 +223,18 @@ class Scheduler:
         if member is not None and task_id in member.held:
             member.running[task_id] = time.monotonic()
 
-    def finished(self, epoch: str, task_id: str, runtime: float | None = None) -> None:
-        """A task held by an epoch ended: its time updates its name's estimate. ``runtime`` is
-        the worker's own measure; without it (older workers), the time between applying its
-        ``started`` and its ``finished``, which a backlog or a replay squeezes."""
+    def finished(self, epoch: str, task_id: str, runtime: float | None = None,
+                 measured: bool = True) -> None:
+        """A task held by an epoch ended: its time updates its name's estimate (unless not
+        ``measured``: a cancelled run). ``runtime`` is the worker's own measure; without it
+        (older workers), the time between applying its ``started`` and its ``finished``, which
+        a backlog or a replay squeezes."""
         member = self.members.get(epoch)
         if member is None:
             return
         began = member.running.get(task_id)
         name = member.release(task_id)
-        if name is None:
+        if name is None or not measured:
             return
         if runtime is None and began is not None:
             runtime = time.monotonic() - began

@@ -5,7 +5,8 @@
 - :mod:`~yadtqd.store.transitions`: the task state machine and what the server's loop reads;
 - :mod:`~yadtqd.store.reads`: the read-only queries behind the socket's operations;
 - :mod:`~yadtqd.store.replica`: the row changes a transaction made, and applying them;
-- :mod:`~yadtqd.store.terms`: the active servers' terms (who was active when, and why it ended).
+- :mod:`~yadtqd.store.terms`: the active servers' terms (who was active when, and why it ended);
+- :mod:`~yadtqd.store.lifecycle`: the operator's cancel, retry and purge, and retention.
 """
 
 from yadtqd.store.replica import RowChange

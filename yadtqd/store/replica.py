@@ -27,6 +27,8 @@ KEYS: dict[str, tuple[str, ...]] = {
     "counters": ("name",),
     "offsets": ("topic", "partition"),
     "terms": ("term",),
+    "purged": ("id",),
+    "purge_orders": ("seq",),
 }
 #: The separator of a key's columns in its text form (Kafka topic names cannot contain it).
 SEP = "/"

@@ -25,6 +25,7 @@ from typing import Any
 import msgspec
 
 from yadtqd import messages as m
+from yadtqd.store.lifecycle import Lifecycle
 from yadtqd.store.reads import Reads
 from yadtqd.store.replica import Replica
 from yadtqd.store.schema import connect, migrate, schema_version
@@ -69,9 +70,9 @@ class Grant:
     grant_no: int = 0
 
 
-class Store(Reads, Replica, Terms):
-    """The task state machine, its queries, its replication and the servers' terms, over one
-    SQLite connection."""
+class Store(Reads, Replica, Terms, Lifecycle):
+    """The task state machine, its queries, its replication, the servers' terms and the
+    operator's lifecycle orders, over one SQLite connection."""
 
     def __init__(self, path: str | Path, readonly: bool = False, create: bool = False) -> None:
         self.path = str(path)
@@ -99,21 +100,26 @@ class Store(Reads, Replica, Terms):
     # ------------------------------------------------------------ intake (invariant 1)
 
     def intake(self, sub: m.Submission, now: float) -> Intake:
-        """Record a submission as ``queued``; the same id again is a no-op or a conflict.
+        """Record a submission as ``queued`` (``scheduled`` when its delay or eta is still to
+        come); the same id again is a no-op or a conflict.
 
         Precondition: none. An id is inserted once; a second submission with the same payload is
         a ``duplicate`` (no change), with another payload a ``conflict`` (no change).
         """
         payload = sub.payload()
+        due = sub.due(now)
+        then = _json(sub.then) if sub.then is not None else None
         cur = self.db.execute(
             "INSERT OR IGNORE INTO tasks (id, name, payload, status, max_retries, retry_backoff,"
-            " submitted_at) VALUES (?, ?, ?, 'queued', ?, ?, ?)",
-            (sub.task_id, sub.task, payload, sub.options.max_retries, sub.options.retry_backoff, now),
+            " submitted_at, priority, run_after, then_task) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (sub.task_id, sub.task, payload, "scheduled" if due > now else "queued",
+             sub.options.max_retries, sub.options.retry_backoff, now, sub.priority, due, then),
         )
         if cur.rowcount == 1:
             return Intake(sub.task_id, "new")
-        row = self.db.execute("SELECT payload FROM tasks WHERE id = ?", (sub.task_id,)).fetchone()
-        return Intake(sub.task_id, "duplicate" if row["payload"] == payload else "conflict")
+        row = self.db.execute("SELECT payload, then_task FROM tasks WHERE id = ?", (sub.task_id,)).fetchone()
+        same = row["payload"] == payload and row["then_task"] == then
+        return Intake(sub.task_id, "duplicate" if same else "conflict")
 
     def intake_invalid(self, task_id: str, error: m.ErrorInfo, now: float) -> bool:
         """Record a submission that could not be parsed as ``failed`` with the reason.
@@ -129,19 +135,28 @@ class Store(Reads, Replica, Terms):
 
     # ------------------------------------------------------------ grants (invariant 2)
 
+    def promote_due(self, now: float, limit: int = 5000) -> int:
+        """``scheduled`` → ``queued`` for the tasks now due (at most ``limit``, earliest first,
+        by their own index: the tasks not yet due are never read); returns how many."""
+        cur = self.db.execute(
+            "UPDATE tasks SET status = 'queued' WHERE id IN (SELECT id FROM tasks WHERE"
+            " status = 'scheduled' AND run_after <= ? ORDER BY run_after LIMIT ?)", (now, limit))
+        return cur.rowcount
+
     def waiting(self, names: Iterable[str], limit: int, now: float) -> list[Waiting]:
-        """Queued tasks that may run now and that some live worker provides, oldest first.
+        """Queued tasks that may run now and that some live worker provides: the highest
+        priority first, oldest first within one.
 
         One indexed query per name, merged: queued tasks of names nobody provides are never
         read, however many there are.
         """
-        found: list[tuple[int, str, str]] = []
+        found: list[tuple[int, int, str, str]] = []
         for name in set(names):
-            found += [(r["seq"], r["id"], name) for r in self.db.execute(
-                "SELECT seq, id FROM tasks WHERE status = 'queued' AND name = ? AND run_after <= ?"
-                " ORDER BY seq LIMIT ?", (name, now, limit))]
+            found += [(-r["priority"], r["seq"], r["id"], name) for r in self.db.execute(
+                "SELECT priority, seq, id FROM tasks WHERE status = 'queued' AND name = ?"
+                " AND run_after <= ? ORDER BY priority DESC, seq LIMIT ?", (name, now, limit))]
         found.sort()
-        return [Waiting(task_id, name) for _, task_id, name in found[:max(limit, 0)]]
+        return [Waiting(task_id, name) for _, _, task_id, name in found[:max(limit, 0)]]
 
     def grant(self, task_id: str, worker: str, epoch: str, now: float, grant_no: int = 0) -> Grant | None:
         """Grant the next attempt of a queued task to a worker epoch, atomically; ``grant_no``
@@ -205,7 +220,7 @@ class Store(Reads, Replica, Terms):
         rows = self.db.execute(
             "UPDATE tasks SET status = 'failed', error = ?, finished_at = ? WHERE id IN"
             " (SELECT id FROM tasks WHERE status = 'queued' AND name = ? AND submitted_at < ?"
-            " ORDER BY seq LIMIT ?) RETURNING id", (error, now, name, older_than, limit))
+            " ORDER BY priority DESC, seq LIMIT ?) RETURNING id", (error, now, name, older_than, limit))
         return [r["id"] for r in rows]
 
     # ------------------------------------------------------------ worker events (invariant 3)
@@ -219,9 +234,11 @@ class Store(Reads, Replica, Terms):
         )
         return cur.rowcount == 1
 
-    def finish(self, ev: m.Finished, now: float, at: float | None = None) -> str:
+    def finish(self, ev: m.Finished, now: float, at: float | None = None,
+               began: float | None = None) -> str:
         """Record a task's end for its current grant, which happened ``at`` (default ``now``,
-        the server's clock, which alone times a retry's backoff); returns the outcome.
+        the server's clock, which alone times a retry's backoff; ``began``: when it started,
+        if its start was not recorded); returns the outcome.
 
         ``retry`` (failed with retries left: back to ``queued`` after a backoff), ``success``,
         ``failed``, or ``stale`` (not the current grant, or already terminal: nothing changed).
@@ -232,7 +249,8 @@ class Store(Reads, Replica, Terms):
                 "UPDATE tasks SET status = 'queued', worker = NULL, epoch = NULL, error = ?,"
                 " failures = failures + 1, run_after = ? + retry_backoff * (1 << min(failures, 20))"
                 " WHERE id = ? AND attempt = ? AND worker = ? AND epoch = ?"
-                " AND status IN ('assigned', 'processing') AND failures < max_retries",
+                " AND status IN ('assigned', 'processing') AND failures < max_retries"
+                " AND cancel_requested IS NULL",
                 (_json(ev.error), now, *grant),
             )
             if cur.rowcount == 1:  # (run_after from the server's clock: waiting() compares it)
@@ -241,18 +259,21 @@ class Store(Reads, Replica, Terms):
                 return "retry"
         result = bytes(ev.result).decode() if ev.status == "success" else None
         error = _json(ev.error) if ev.status == "failed" else None
-        cur = self.db.execute(
-            "UPDATE tasks SET status = ?, result = ?, error = ?, finished_at = ?,"
+        cur = self.db.execute(  # a cancelled task keeps the reason noted when it was cancelled
+            "UPDATE tasks SET status = ?, result = ?, finished_at = ?,"
+            " error = CASE WHEN ? = 'cancelled' THEN error ELSE ? END,"
             " started_at = coalesce(started_at, ?)"
             " WHERE id = ? AND attempt = ? AND worker = ? AND epoch = ?"
             " AND status IN ('assigned', 'processing')",
-            (ev.status, result, error, at or now, at or now, *grant),
+            (ev.status, result, at or now, ev.status, error, began or at or now, *grant),
         )
         if cur.rowcount != 1:
             return "stale"
-        column = "succeeded" if ev.status == "success" else "failed_runs"
-        self.db.execute(f"UPDATE workers SET executed = executed + 1, {column} = {column} + 1"
-                        " WHERE epoch = ?", (ev.epoch,))
+        if ev.status == "success":
+            self.queue_follow_up(ev.task_id, result or "null", at or now)  # the same transaction
+        outcome = {"success": ", succeeded = succeeded + 1",
+                   "failed": ", failed_runs = failed_runs + 1"}.get(ev.status, "")  # cancelled: neither
+        self.db.execute(f"UPDATE workers SET executed = executed + 1{outcome} WHERE epoch = ?", (ev.epoch,))
         return ev.status
 
     # ------------------------------------------------------------ workers
@@ -331,9 +352,14 @@ class Store(Reads, Replica, Terms):
         return cur.rowcount == 1
 
     def hand_back(self, epoch: str, refs: Sequence[m.TaskRef]) -> list[str]:
-        """Unstarted grants handed back in ``bye`` go back to ``queued`` (not counted as lost)."""
+        """Unstarted grants handed back in ``bye`` go back to ``queued`` (not counted as lost),
+        or end ``cancelled`` when an operator cancelled them meanwhile."""
         back = []
         for ref in refs:
+            self.db.execute(
+                "UPDATE tasks SET status = 'cancelled', finished_at = cancel_requested"
+                " WHERE id = ? AND attempt = ? AND epoch = ? AND status = 'assigned'"
+                " AND cancel_requested IS NOT NULL", (ref.task_id, ref.attempt, epoch))
             cur = self.db.execute(
                 "UPDATE tasks SET status = 'queued', worker = NULL, epoch = NULL"
                 " WHERE id = ? AND attempt = ? AND epoch = ? AND status = 'assigned'",
@@ -357,6 +383,9 @@ class Store(Reads, Replica, Terms):
         if row is None:
             return []
         self.db.execute("UPDATE workers SET state = 'dead', left_at = ? WHERE epoch = ?", (now, epoch))
+        self.db.execute(  # cancelled by an operator: ends cancelled, never runs again
+            "UPDATE tasks SET status = 'cancelled', finished_at = ? WHERE epoch = ?"
+            " AND status IN ('assigned', 'processing') AND cancel_requested IS NOT NULL", (now, epoch))
         lost = m.ErrorInfo(type=WORKER_LOST, message=(
             f"worker {row['worker']} was lost while running this task {max_attempts} times"
             f" (last: {reason})"))

@@ -123,7 +123,7 @@ def _run_workload(client: Client) -> None:
     while True:
         statuses = client.status(*ids)
         counts = {s: sum(v["status"] == s for v in statuses.values())
-                  for s in ("queued", "processing", "success", "failed")}
+                  for s in ("queued", "processing", "success", "failed")}  # the demo's words
         print("  " + "  ".join(f"{k} {v:2d}" for k, v in counts.items()))
         if counts["queued"] + counts["processing"] == 0:
             break

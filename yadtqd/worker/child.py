@@ -67,6 +67,15 @@ class Outcome(msgspec.Struct, kw_only=True, omit_defaults=True):
 
 _job = msgspec.json.Decoder(Job)
 
+#: Set while a task function runs (in the main thread, where signal handlers run too).
+_in_task = False
+_parent = 0
+
+
+class TaskCancelled(BaseException):
+    """Raised in a running task when the worker stops it for an operator's cancel (SIGTERM from
+    the worker): the task's ``finally`` blocks run; ``except Exception`` does not catch it."""
+
 
 def main(conn: Connection, max_result_bytes: int, only: tuple[str, ...], max_memory: int = 0) -> None:
     """Entry point of an execution process (started by the pool with the spawn method)."""
@@ -156,8 +165,15 @@ def run(registry: plugins.Registry, job: Job, max_result_bytes: int, max_memory:
         return _failed(job, "UnknownTask", f"no installed plugin provides task {job.task!r}")
     context._set(context.TaskContext(job.task_id, job.attempt, job.worker, job.epoch))
     began = time.monotonic()
+    global _in_task
     try:
-        value = entry.function(*job.args, **job.kwargs)
+        _in_task = True
+        try:
+            value = entry.function(*job.args, **job.kwargs)
+        finally:
+            _in_task = False
+    except TaskCancelled:
+        outcome = _failed(job, "Cancelled", "stopped by an operator's cancel")
     except MemoryError as exc:
         traceback.clear_frames(exc.__traceback__)  # free what the task held before formatting
         del exc
@@ -217,8 +233,12 @@ def _address_space() -> int:
 
 def _die_with_parent() -> None:
     """End this process's group when the worker process dies: the kernel sends SIGTERM then
-    (Linux ``PR_SET_PDEATHSIG``), whose handler ends the group, task subprocesses included."""
-    signal.signal(signal.SIGTERM, lambda signum, frame: _end_group())
+    (Linux ``PR_SET_PDEATHSIG``), whose handler ends the group, task subprocesses included. A
+    SIGTERM while the worker lives is its cancel of the running task (:class:`TaskCancelled`),
+    ignored between tasks (the task ended first)."""
+    global _parent
+    _parent = os.getppid()
+    signal.signal(signal.SIGTERM, _on_sigterm)
     # a task's fork is not the group's leader: SIGTERM must end it alone, as usual
     os.register_at_fork(after_in_child=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
     try:
@@ -228,6 +248,13 @@ def _die_with_parent() -> None:
         pass  # not Linux: the pipe's end still ends the group
     if os.getppid() == 1:  # the worker died before the request took effect
         _end_group()
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    if os.getppid() != _parent:
+        _end_group()  # the worker died
+    if _in_task:
+        raise TaskCancelled()
 
 
 def _end_group() -> None:

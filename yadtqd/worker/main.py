@@ -256,6 +256,8 @@ class Worker:
             self.lease.alive(order.probe)
         elif isinstance(order, m.Refused):
             raise ConfigError(f"the server refused worker {self.worker_id!r}: {order.reason}")
+        elif isinstance(order, m.Cancel):
+            self._on_cancel(order)
         else:
             self._on_run(order)
 
@@ -274,6 +276,25 @@ class Worker:
             while True:
                 time.sleep(3600)
         self.pending.append(run)
+
+    def _on_cancel(self, cancel: m.Cancel) -> None:
+        """An operator cancelled a task this epoch holds: drop it if it has not started (or
+        never arrived: its run, should it come, is then a repeat), stop it if it runs; a task
+        that ended first keeps its outcome, already on its way."""
+        extra = {"task_id": cancel.task_id, "event": "task_cancelled"}
+        if self.pool.cancel(cancel.task_id, cancel.attempt, self.config.worker.cancel_grace):
+            log.info("task %s attempt %d cancelled: stopping it", cancel.task_id, cancel.attempt, extra=extra)
+            return
+        unstarted = [r for r in self.pending if (r.task_id, r.attempt) == (cancel.task_id, cancel.attempt)]
+        if not unstarted and not self.seen.take(cancel.grant, cancel.task_id, cancel.attempt):
+            return  # it ran here and ended: its outcome is on its way
+        for run in unstarted:
+            self.pending.remove(run)
+        log.info("task %s attempt %d cancelled before it started", cancel.task_id, cancel.attempt,
+                 extra=extra)
+        self._send(m.Finished(worker=self.worker_id, epoch=cancel.epoch, ts=time.time(),
+                              task_id=cancel.task_id, attempt=cancel.attempt, status="cancelled",
+                              error=m.ErrorInfo(type="Cancelled", message="cancelled before it started")))
 
     def _on_fenced(self, fence: m.Fenced) -> None:
         killed = self.pool.kill_running()
@@ -311,9 +332,10 @@ class Worker:
             self.done += 1
         else:
             self.failed += 1
+        status = outcome.status if outcome.status in ("success", "cancelled") else "failed"
         self._send(m.Finished(worker=self.worker_id, epoch=outcome.epoch, ts=time.time(),
                               task_id=outcome.task_id, attempt=outcome.attempt,
-                              status="success" if outcome.status == "success" else "failed",
+                              status=status,  # type: ignore[arg-type]
                               result=msgspec.Raw(outcome.result.encode()), error=error,
                               runtime=outcome.runtime),
                    urgent=self._quiet())

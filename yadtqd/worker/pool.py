@@ -14,6 +14,7 @@ blocking at import), the reload is abandoned and the slots keep the plugins they
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -53,6 +54,8 @@ class Slot:
     last_answer: float = 0.0
     #: When the running job was given to it (monotonic).
     began: float = 0.0
+    #: The job is being stopped for an operator's cancel.
+    cancelled: bool = False
 
 
 class Pool:
@@ -139,10 +142,13 @@ class Pool:
                 if slot.generation == self.generation:
                     self.tasks, self.problems = hello.tasks, hello.problems
                 continue
-            outcomes.append(_outcome.decode(raw))
+            outcome = _outcome.decode(raw)
+            if slot.cancelled and outcome.status != "success":
+                outcome.status = "cancelled"  # stopped by the cancel (a success came first)
+            outcomes.append(outcome)
             slot.job, slot.deadline = None, None
-            if slot.generation != self.generation:
-                self._replace(slot, "", "")
+            if slot.generation != self.generation or slot.cancelled:
+                self._replace(slot, "", "")  # a cancelled task's subprocesses end with its group
         return outcomes
 
     def _collect_exits(self, ready: Sequence[object]) -> list[Outcome]:
@@ -233,6 +239,21 @@ class Pool:
         deadlines = [s.deadline for s in self.slots if s.deadline is not None]
         return min(deadlines) if deadlines else None
 
+    def cancel(self, task_id: str, attempt: int, grace: float) -> bool:
+        """Stop a running job for an operator's cancel: SIGTERM to its execution process (the
+        task sees :class:`~yadtqd.worker.child.TaskCancelled`), SIGKILL of its group after
+        ``grace`` seconds; its outcome then says ``cancelled``. False when it is not running."""
+        for slot in self.slots:
+            if slot.job is not None and (slot.job.task_id, slot.job.attempt) == (task_id, attempt):
+                if not slot.cancelled and slot.process.pid is not None:
+                    slot.cancelled = True
+                    deadline = time.monotonic() + grace
+                    slot.deadline = min(slot.deadline or deadline, deadline)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(slot.process.pid, signal.SIGTERM)
+                return True
+        return False
+
     def kill_running(self) -> list[Job]:
         """Kill every running job (the epoch was fenced); return the jobs killed."""
         killed = [s.job for s in self.slots if s.job is not None]
@@ -284,8 +305,11 @@ class Pool:
                 log.warning("execution process %s %s; replaced", slot.process.pid,
                             _death(slot.process))
             return []
+        if slot.cancelled:
+            kind, message = "Cancelled", f"stopped by an operator's cancel ({message})"
         error = {"type": kind, "message": message}
-        return [Outcome(task_id=job.task_id, attempt=job.attempt, epoch=job.epoch, status="failed",
+        return [Outcome(task_id=job.task_id, attempt=job.attempt, epoch=job.epoch,
+                        status="cancelled" if slot.cancelled else "failed",
                         error=error, runtime=time.monotonic() - slot.began)]
 
 

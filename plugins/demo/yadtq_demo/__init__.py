@@ -31,6 +31,20 @@ def sleep(seconds: float) -> float:
     return seconds
 
 
+def stubborn(seconds: float, path: str = "") -> float:
+    """Sleep, ignoring every attempt to stop it (a cancel's SIGTERM included: only SIGKILL
+    ends it); with ``path``, append a line there each time it ignores one."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        try:
+            time.sleep(max(0.0, end - time.monotonic()))
+        except BaseException as exc:  # noqa: B036 the point of this task
+            if path:
+                with open(path, "a") as f:
+                    f.write(f"ignored {type(exc).__name__}\n")
+    return seconds
+
+
 def fail(exception: str = "RuntimeError", message: str = "failed on purpose", repeat: int = 1) -> None:
     """Raise the named built-in exception (``ValueError``, ``KeyError``...) with a message
     (``repeat`` times over: a huge message for tests)."""
@@ -134,6 +148,12 @@ def ledger(path: str, seconds: float = 0.0, value: Any = None) -> Any:
     return value
 
 
+def ledger_after(previous: Any, path: str, seconds: float = 0.0) -> Any:
+    """A chain's follow-up of a ``ledger`` task: the same ledger lines; returns ``previous``
+    (the parent's result, which a follow-up gets first)."""
+    return ledger(path, seconds, previous)
+
+
 def _append(path: str, phase: str) -> None:
     ctx = current()
     line = json.dumps({
@@ -151,6 +171,6 @@ def _append(path: str, phase: str) -> None:
 @yadtqd.hookimpl
 def yadtq_register_tasks(register: Register) -> None:
     """Register the demo tasks."""
-    for function in (sleep, fail, flaky, echo, cpu, ledger, hog, blob, not_json, exit, segfault,
+    for function in (sleep, stubborn, fail, flaky, echo, cpu, ledger, ledger_after, hog, blob, not_json, exit, segfault,
                      spawn, fork_and_exit, allocate, environment):
         register(function.__name__, function)
