@@ -211,6 +211,11 @@ class Client:
             request["status"] = list(statuses)
         return self.request(request)
 
+    def schedules(self) -> list[dict[str, Any]]:
+        """The configured schedules: name, task, args, cron, missed, last_tick, fired,
+        next_tick."""
+        return list(self.request({"op": "schedules"})["schedules"])
+
     def workers(self) -> list[dict[str, Any]]:
         """Worker epochs, live ones first."""
         return list(self.request({"op": "workers"})["workers"])

@@ -23,6 +23,7 @@ from typing import Any
 
 from yadtqd.errors import ConfigError
 from yadtqd.messages import ENVELOPE_BYTES, PRODUCER_DEFAULT_MAX
+from yadtqd.schedules import Schedule, parse_schedules
 
 DEFAULT_PATH = Path("/etc/yadtq/yadtq.toml")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -163,6 +164,8 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    #: The ``[schedules.NAME]`` tables (:mod:`yadtqd.schedules`).
+    schedules: tuple[Schedule, ...] = ()
     source: str = "defaults"
 
     def topic(self, name: str) -> str:
@@ -248,6 +251,10 @@ def _merge_file(layered: dict[str, dict[str, tuple[Any, str]]], raw: dict[str, A
                 raise ConfigError(f"{where}: [{key}] must be a table")
             for sub, subvalue in value.items():
                 layered.setdefault(key, {})[sub] = (subvalue, f"{where}: [{key}] {sub}")
+        elif key == "schedules":
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: [schedules] must hold tables: [schedules.NAME]")
+            layered["schedules"] = {"": (value, where)}
         elif key in TOP_LEVEL:
             layered.setdefault("", {})[key] = (value, f"{where}: {key}")
         else:
@@ -287,7 +294,9 @@ def _build(layered: dict[str, dict[str, tuple[Any, str]]], source: str) -> Confi
     sections = {name: _section(cls, layered.get(name, {})) for name, cls in SECTIONS.items()}
     top = {k: _coerce(Config, k, v, where) for k, (v, where) in layered.get("", {}).items()}
     sources = {key: where for key, (_, where) in layered.get("kafka", {}).items()}
-    config = Config(kafka=kafka, kafka_sources=sources, source=source, **top, **sections)
+    tables, where = layered.get("schedules", {}).get("", ({}, source))
+    config = Config(kafka=kafka, kafka_sources=sources, source=source,
+                    schedules=parse_schedules(tables, where), **top, **sections)
     _check_sizes(config, layered)
     return config
 

@@ -88,6 +88,7 @@ def parser() -> argparse.ArgumentParser:
     mon.add_argument("--interval", type=float, default=1.0, metavar="S",
                      help="seconds between two frames (default 1)")
     for name, text in (("workers", "list workers"), ("failures", "worker failure history"),
+                       ("schedules", "the schedules in the configuration, with their ticks"),
                        ("stats", "task counts and counters"), ("plugins", "tasks live workers provide")):
         sub.add_parser(name, parents=[common], help=text)
     return p
@@ -246,6 +247,16 @@ def _failures(client: Client, args: argparse.Namespace, as_json: bool) -> int:
     return 0
 
 
+def _schedules(client: Client, args: argparse.Namespace, as_json: bool) -> int:
+    schedules = client.schedules()
+    if as_json:
+        output.emit_json(schedules)
+    else:
+        output.emit_table(schedules, ["name", "task", "args", "cron", "missed", "last_tick", "next_tick",
+                                      "fired"], "no schedules ([schedules.NAME] in the configuration)")
+    return 0
+
+
 def _stats(client: Client, args: argparse.Namespace, as_json: bool) -> int:
     stats = client.stats()
     if as_json:
@@ -283,7 +294,8 @@ def _monitor(client: Client, args: argparse.Namespace, as_json: bool) -> int:
     return monitor.run(client, args.interval, args.once or as_json, as_json)
 
 
-COMMANDS = {"monitor": _monitor, "submit": _submit, "cancel": _cancel, "retry": _retry, "purge": _purge, "status": _status, "result": _result, "tasks": _tasks,
+COMMANDS = {"monitor": _monitor, "submit": _submit, "cancel": _cancel, "retry": _retry, "purge": _purge,
+            "schedules": _schedules, "status": _status, "result": _result, "tasks": _tasks,
             "workers": _workers, "failures": _failures, "stats": _stats, "plugins": _plugins}
 
 

@@ -37,6 +37,7 @@ from yadtqd.server.ingest import Effects, Fence, Ingest
 from yadtqd.server.queries import Changes, Queries, Submitter
 from yadtqd.server.election import Elector
 from yadtqd.server.replication import Changelog, Fenced, Follower
+from yadtqd.server.cron import Cron
 from yadtqd.server.retention import Retention
 from yadtqd.server.scheduler import Scheduler
 from yadtqd.server.sockets import SocketServer
@@ -66,6 +67,7 @@ class Server:
         self.unproven: set[int] = set()
         self.last_unroutable = 0.0
         self.retention = Retention(config)
+        self.cron = Cron(config.schedules)
         #: Task name → since when (monotonic) this process has seen it queued and unprovided.
         self.unprovided: dict[str, float] = {}
         self.last_status = 0.0
@@ -98,7 +100,7 @@ class Server:
         submitter = Submitter(self.config.server.database, socket_producer, self.config.topic("tasks"),
                               on_recorded=self._wake)
         queries = Queries(submitter, self.changes, self.config.server.max_task_bytes,
-                          [h.view() for h in self.topic_health], self.role)
+                          [h.view() for h in self.topic_health], self.role, self.config.schedules)
         sockets = SocketServer(self.config.server.socket, queries, self.config.server.database,
                                self.config.server.max_request_bytes,
                                self.config.server.max_connections, self.config.server.idle_timeout,
@@ -268,6 +270,7 @@ class Server:
         self.unprovided = {}
         self.last_unroutable = 0.0
         self.retention = Retention(self.config)
+        self.cron = Cron(self.config.schedules)
 
     def _on_sigterm(self, signum: int, frame: object) -> None:
         self.stopping = True  # the main loop acts on it
@@ -330,7 +333,7 @@ class Server:
             self.changes.signal()  # results are readable now, before the next grants
         fences = effects.fences + self._check_deaths(store, ingest, now)
         self._fail_unroutable(store, now)
-        if self.retention.step(store, now):
+        if self.retention.step(store, now) + self.cron.step(store, now):
             self.changes.signal()
         with store.transaction():
             promoted = store.promote_due(now)  # scheduled tasks now due join the queue

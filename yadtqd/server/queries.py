@@ -19,6 +19,7 @@ from confluent_kafka import Producer
 
 from yadtqd import messages as m
 from yadtqd import protocol, transport
+from yadtqd.schedules import Schedule
 from yadtqd.store import Store
 
 log = logging.getLogger("yadtqd.server")
@@ -127,18 +128,20 @@ class Queries:
 
     def __init__(self, submitter: Submitter, changes: Changes, max_task_bytes: int,
                  topics: list[dict[str, Any]] | None = None,
-                 role: dict[str, Any] | None = None) -> None:
+                 role: dict[str, Any] | None = None, schedules: tuple[Schedule, ...] = ()) -> None:
         self.submitter = submitter
         #: This server's role (``active`` or ``standby``) and a standby's lag, kept by the server.
         self.role = role if role is not None else {"role": "active", "lag": 0}
         self.changes = changes
         self.max_task_bytes = max_task_bytes
+        self.schedules = schedules
         #: The topics' replicas and min.insync.replicas as read at start (yadtqd.topics).
         self.topics = topics or []
         self.ops: dict[str, Callable[[Store, dict[str, Any]], Reply]] = {
             "submit": self.submit, "status": self.status, "result": self.result,
             "tasks": self.tasks, "workers": self.workers, "failures": self.failures,
             "stats": self.stats, "plugins": self.plugins, "snapshot": self.snapshot,
+            "schedules": self.schedules_view,
         }
         self.orders: dict[str, Callable[[Store, dict[str, Any], int], Reply]] = {
             "submit": self.submit, "cancel": self.cancel, "retry": self.retry, "purge": self.purge}
@@ -288,6 +291,19 @@ class Queries:
                                       "counters": counters, "undelivered": undelivered,
                                       "topics": self.topics, "server": self.server(store),
                                       "warnings": [t["warning"] for t in self.topics if t["warning"]]}}
+
+    def schedules_view(self, store: Store, req: dict[str, Any]) -> Reply:
+        """The configured schedules, each with its last tick fired, the tasks it made and its
+        next tick."""
+        ticks = store.schedule_ticks()
+        now = time.time()
+        out = []
+        for s in self.schedules:
+            last, fired = ticks.get(s.name, (None, 0))
+            out.append({"name": s.name, "task": s.task, "args": list(s.args), "cron": s.cron,
+                        "missed": s.missed, "last_tick": protocol.iso(last), "fired": fired,
+                        "next_tick": protocol.iso(s.next_after(max(now, last or now)))})
+        return {"ok": True, "schedules": out}
 
     def plugins(self, store: Store, req: dict[str, Any]) -> Reply:
         tasks: dict[str, list[dict[str, str]]] = {}

@@ -87,6 +87,21 @@ class Lifecycle:
              now, _json(sub.then) if sub.then is not None else None, parent))
         return sub.task_id
 
+    # ------------------------------------------------------------ schedules
+
+    def schedule_ticks(self) -> dict[str, tuple[float, int]]:
+        """Each schedule's last tick fired (or considered) and how many tasks it made."""
+        return {r[0]: (r[1], r[2]) for r in self.db.execute(
+            "SELECT name, last_tick, fired FROM schedules")}
+
+    def schedule_fired(self, name: str, last_tick: float, fired: int) -> None:
+        """Note a schedule's newest tick considered and the tasks it made just now; call in the
+        transaction that recorded those tasks."""
+        self.db.execute(
+            "INSERT INTO schedules (name, last_tick, fired) VALUES (?, ?, ?) ON CONFLICT (name)"
+            " DO UPDATE SET last_tick = excluded.last_tick, fired = fired + excluded.fired",
+            (name, last_tick, fired))
+
     # ------------------------------------------------------------ retry
 
     def retry_task(self, task_id: str, now: float) -> str:

@@ -29,6 +29,7 @@ KEYS: dict[str, tuple[str, ...]] = {
     "terms": ("term",),
     "purged": ("id",),
     "purge_orders": ("seq",),
+    "schedules": ("name",),
 }
 #: The separator of a key's columns in its text form (Kafka topic names cannot contain it).
 SEP = "/"
