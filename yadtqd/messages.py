@@ -165,6 +165,8 @@ class Control(Struct, kw_only=True, omit_defaults=True):
     ts: float = 0.0
     #: The user who asked, as the socket saw them (-1: unknown).
     uid: int = -1
+    #: retry: the attempt it retries (an order delivered twice then retries once).
+    attempt: int | None = None
     v: int = 1
 
     def __post_init__(self) -> None:
@@ -172,6 +174,10 @@ class Control(Struct, kw_only=True, omit_defaults=True):
             raise ValueError("a purge needs older_than")
         if self.op != "purge" and self.task_id is None:
             raise ValueError(f"{self.op} needs a task-id")
+
+
+#: The operator's orders on ``tasks``; a message with another ``op`` is read as a submission.
+ORDERS = ("cancel", "retry", "purge")
 
 
 class _Op(Struct):
@@ -185,7 +191,7 @@ _op = msgspec.json.Decoder(_Op)
 def parse_tasks_message(raw: bytes | None, max_bytes: int) -> Submission | Control:
     """Parse a message read from the ``tasks`` topic: a submission, or an operator's order."""
     try:
-        is_order = bool(raw) and _op.decode(raw or b"").op != ""
+        is_order = bool(raw) and _op.decode(raw or b"").op in ORDERS
     except msgspec.DecodeError:
         is_order = False  # not even JSON: the submission parser says what is wrong
     if not is_order:

@@ -87,8 +87,10 @@ def test_orders_are_told_from_submissions() -> None:
     with pytest.raises(BadMessage, match="invalid order") as caught:
         m.parse_tasks_message(b'{"op": "cancel"}', 1000)  # no task-id
     assert caught.value.task_id is None  # a bad order fails no task
-    with pytest.raises(BadMessage, match="invalid order"):
+    with pytest.raises(BadMessage, match="invalid submission"):  # not an order: a submission
         m.parse_tasks_message(b'{"op": "explode", "task-id": "t1"}', 1000)
+    sub = m.parse_tasks_message(b'{"op": "submit", "task-id": "t1", "task": "add"}', 1000)
+    assert isinstance(sub, m.Submission) and sub.task == "add"
     with pytest.raises(BadMessage, match="a purge needs older_than"):
         m.parse_tasks_message(b'{"op": "purge"}', 1000)
 
@@ -159,7 +161,7 @@ def test_a_handed_back_cancelled_grant_ends_cancelled(store: Store) -> None:
     with store.transaction():
         store.grant("t1", "w", "e1", 11.0, 1)
         store.cancel("t1", 12.0, "by test")
-        assert store.hand_back("e1", [m.TaskRef(task_id="t1", attempt=1)]) == []
+        assert store.hand_back("e1", [m.TaskRef(task_id="t1", attempt=1)]) == ([], ["t1"])
     assert status(store, "t1") == "cancelled"
 
 
@@ -257,3 +259,50 @@ def test_the_same_id_with_another_follow_up_is_a_conflict(store: Store) -> None:
     sub = msgspec.convert({"task-id": "p", "task": "add", "args": [1, 2], "then": {"task": "div"}}, m.Submission)
     with store.transaction():
         assert store.intake(sub, 11.0).outcome == "conflict"
+
+
+@pytest.mark.parametrize("query, index", [
+    ("SELECT id FROM tasks INDEXED BY tasks_scheduled WHERE status = 'scheduled' AND run_after <= 5"
+     " ORDER BY run_after LIMIT 10", "tasks_scheduled"),
+    ("SELECT id FROM tasks WHERE status = 'success' AND finished_at < 5 ORDER BY finished_at LIMIT 10",
+     "tasks_ended (status=? AND finished_at<?)"),
+    ("SELECT priority, seq, id FROM tasks WHERE status = 'queued' AND name = 'a' AND run_after <= 5"
+     " ORDER BY priority DESC, seq LIMIT 5", "tasks_waiting (status=? AND name=?)"),
+])
+def test_the_lifecycle_queries_read_by_their_index(store: Store, query: str, index: str) -> None:
+    """The shapes of promote_due, purge_tasks and waiting: an index range, no scan, no sort
+    (100,000 scheduled or a week of successes must cost nothing until due)."""
+    plan = " ".join(r[3] for r in store.db.execute(f"EXPLAIN QUERY PLAN {query}"))
+    assert f"USING INDEX {index}" in plan and "TEMP B-TREE" not in plan, plan
+
+
+def test_a_purged_id_submitted_again_is_a_duplicate(store: Store) -> None:
+    submit(store, "t1")
+    with store.transaction():
+        store.grant("t1", "w", "e1", 11.0, 1)
+        store.finish(finished("t1", 1), 12.0)
+        store.purge_tasks(("success",), 13.0, 14.0)
+    sub = msgspec.convert({"task-id": "t1", "task": "add", "args": [1, 2]}, m.Submission)
+    with store.transaction():
+        assert store.intake(sub, 15.0).outcome == "duplicate"  # it ran once: not again
+    assert status(store, "t1") == "unknown"
+
+
+def test_a_retry_order_delivered_twice_retries_once(store: Store) -> None:
+    submit(store, "t1")
+    with store.transaction():
+        store.grant("t1", "w", "e1", 11.0, 1)
+        store.finish(finished("t1", 1, status="failed"), 12.0)
+        assert store.retry_task("t1", 13.0, attempt=1) == "retried"
+        store.grant("t1", "w", "e1", 14.0, 2)
+        store.finish(finished("t1", 2, status="failed"), 15.0)
+        assert store.retry_task("t1", 16.0, attempt=1) == "stale"  # the same order again
+    assert status(store, "t1") == "failed"
+
+
+def test_a_cancelled_finish_without_a_cancel_is_stale(store: Store) -> None:
+    submit(store, "t1")
+    with store.transaction():
+        store.grant("t1", "w", "e1", 11.0, 1)
+        assert store.finish(finished("t1", 1, status="cancelled"), 12.0) == "stale"
+    assert status(store, "t1") == "assigned"

@@ -207,7 +207,7 @@ def test_hand_back_requeues_unstarted_grants_without_counting_a_loss(store: Stor
     store.start(started("b", 1), 3.0)
     assert store.leave("e1")
     refs = [m.TaskRef(task_id="a", attempt=1), m.TaskRef(task_id="b", attempt=1)]
-    assert store.hand_back("e1", refs) == ["a"]
+    assert store.hand_back("e1", refs) == (["a"], [])
     row = store.task_rows(["a"])["a"]
     assert (row["status"], row["lost"]) == ("queued", 0)
     assert status(store, "b") == "processing"

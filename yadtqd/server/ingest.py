@@ -159,7 +159,7 @@ class Ingest:
         task_id = order.task_id or ""
         extra = {"task_id": task_id, "event": f"task_{order.op}"}
         if order.op == "retry":
-            outcome = self.store.retry_task(task_id, now)
+            outcome = self.store.retry_task(task_id, now, order.attempt)
             log.log(logging.WARNING if outcome == "retried" else logging.INFO,
                     "task %s %s by %s", task_id, outcome.replace("_", " "), who, extra=extra)
             return
@@ -320,8 +320,8 @@ class Ingest:
             member.accepting = False
             log.info("worker %s leaving: epoch %s handed back %d tasks", ev.worker, ev.epoch,
                      len(ev.handed_back), extra={"worker_id": ev.worker, "event": "worker_leaving"})
-        back = self.store.hand_back(ev.epoch, ev.handed_back)
-        self.scheduler.handed_back(ev.epoch, back)
+        back, cancelled = self.store.hand_back(ev.epoch, ev.handed_back)
+        self.scheduler.handed_back(ev.epoch, back + cancelled)
         for task_id in back:
             log.info("task %s re-queued: handed back by %s", task_id, ev.worker,
                      extra={"task_id": task_id, "event": "task_requeued"})

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import msgspec
-from confluent_kafka import Producer
+from confluent_kafka import KafkaError, Message, Producer
 
 from yadtqd import messages as m
 from yadtqd import protocol, transport
@@ -99,11 +99,25 @@ class Submitter:
         return {"ok": True, "task-id": sub.task_id, "status": "scheduled" if sub.due(now) > now else "queued",
                 "created": intake.outcome == "new"}
 
-    def order(self, control: m.Control) -> str | None:
-        """Produce an operator's order to ``tasks``, keyed like its task (so it is read after
-        the task's submission); returns the problem if Kafka did not take it in time."""
-        return transport.deliver(self.producer, self.topic, m.encode(control),
-                                 control.task_id or "purge", self.timeout)
+    def order(self, *controls: m.Control) -> str | None:
+        """Produce operator's orders to ``tasks``, each keyed like its task (so it is read after
+        the task's submission), and wait for Kafka to take them all; returns the problem if it
+        did not in time."""
+        failed: list[str] = []
+
+        def delivered(err: KafkaError | None, msg: Message) -> None:
+            if err is not None:
+                failed.append(err.str())
+
+        for control in controls:
+            problem = transport.send(self.producer, self.topic, m.encode(control),
+                                     control.task_id or "purge", on_delivery=delivered)
+            if problem:
+                return problem
+        left = self.producer.flush(self.timeout)
+        if failed or left:
+            return failed[-1] if failed else f"{left} not acknowledged within {self.timeout:g} s"
+        return None
 
     def _forward(self, sub: m.Submission, uid: int) -> Reply:
         known = self.store.task_rows([sub.task_id]).get(sub.task_id)  # this replica's view
@@ -214,11 +228,14 @@ class Queries:
     def _order_each(self, store: Store, op: str, ids: list[str], uid: int,
                     outcome: Callable[[Any, Any], str]) -> Reply:
         before = store.task_rows(ids)
-        for task_id in ids:
-            problem = self.submitter.order(m.Control(op=op, task_id=task_id, ts=time.time(), uid=uid))  # type: ignore[arg-type]
-            if problem:
-                return protocol.error("unavailable", f"Kafka did not accept the {op} of {task_id}:"
-                                      f" {problem}; asking again is safe")
+        now = time.time()
+        problem = self.submitter.order(*[  # a retry names the attempt it retries: asked twice, done once
+            m.Control(op=op, task_id=i, ts=now, uid=uid,  # type: ignore[arg-type]
+                      attempt=before[i]["attempt"] if op == "retry" and i in before else None)
+            for i in ids])
+        if problem:
+            return protocol.error("unavailable", f"Kafka did not accept the {op} orders: {problem};"
+                                  " asking again is safe")
         deadline = time.monotonic() + ORDER_WAIT
         seen = self.changes.version
         while True:

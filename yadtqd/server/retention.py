@@ -21,6 +21,8 @@ log = logging.getLogger("yadtqd.server")
 BATCH = 500
 #: Seconds between two passes when nothing is left over.
 EVERY = 1.0
+#: Seconds a purged id is remembered when tasks are kept for ever (``keep_finished = 0``).
+REMEMBER = 7 * 86400.0
 
 
 class Retention:
@@ -36,18 +38,20 @@ class Retention:
         mono = time.monotonic()
         if mono - self.last < EVERY:
             return 0
-        deleted = 0
+        tasks = other = 0
         with store.transaction():
             if self.keep_finished:
-                deleted += store.purge_tasks(("success", "cancelled"), now - self.keep_finished, now, BATCH)
-                deleted += store.forget_purged(now - self.keep_finished, BATCH)
+                tasks += store.purge_tasks(("success", "cancelled"), now - self.keep_finished, now, BATCH)
             if self.keep_failures:
-                deleted += store.purge_tasks(("failed",), now - self.keep_failures, now, BATCH)
-                deleted += store.purge_failures(now - self.keep_failures, BATCH)
-            deleted += self._order(store, now)
-            if deleted:
-                store.bump("purged", deleted)
-        self.last = 0.0 if deleted >= BATCH else mono  # a backlog: go on at the next turn
+                tasks += store.purge_tasks(("failed",), now - self.keep_failures, now, BATCH)
+                other += store.purge_failures(now - self.keep_failures, BATCH)
+            tasks += self._order(store, now)
+            # purged ids are remembered as long as tasks are kept (a week when kept for ever)
+            other += store.forget_purged(now - (self.keep_finished or self.keep_failures or REMEMBER), BATCH)
+            if tasks:
+                store.bump("purged", tasks)
+        deleted = tasks + other
+        self.last = 0.0 if max(tasks, other) >= BATCH else mono  # a backlog: go on at the next turn
         if deleted:
             log.debug("retention: deleted %d rows", deleted)
         return deleted

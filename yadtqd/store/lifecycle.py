@@ -73,7 +73,7 @@ class Lifecycle:
         """When ``parent`` (which just succeeded with ``result``, JSON text) names a follow-up,
         queue it, in the caller's transaction, under an id derived from the parent's (so a
         second call queues nothing); returns its id."""
-        row = self.db.execute("SELECT then_task FROM tasks WHERE id = ?", (parent,)).fetchone()
+        row = self.db.execute("SELECT then_task, priority FROM tasks WHERE id = ?", (parent,)).fetchone()
         if row is None or row["then_task"] is None:
             return None
         follow = _follow_up.decode(row["then_task"])
@@ -82,9 +82,10 @@ class Lifecycle:
                            options=follow.options, then=follow.then)
         self.db.execute(
             "INSERT OR IGNORE INTO tasks (id, name, payload, status, max_retries, retry_backoff,"
-            " submitted_at, run_after, then_task, parent) VALUES (?, ?, ?, 'queued', ?, ?, ?, 0, ?, ?)",
+            " submitted_at, run_after, then_task, parent, priority)"
+            " VALUES (?, ?, ?, 'queued', ?, ?, ?, 0, ?, ?, ?)",
             (sub.task_id, sub.task, sub.payload(), sub.options.max_retries, sub.options.retry_backoff,
-             now, _json(sub.then) if sub.then is not None else None, parent))
+             now, _json(sub.then) if sub.then is not None else None, parent, row["priority"]))
         return sub.task_id
 
     # ------------------------------------------------------------ schedules
@@ -104,13 +105,16 @@ class Lifecycle:
 
     # ------------------------------------------------------------ retry
 
-    def retry_task(self, task_id: str, now: float) -> str:
+    def retry_task(self, task_id: str, now: float, attempt: int | None = None) -> str:
         """A failed or cancelled task back to ``queued`` as a new attempt, its last run kept in
-        ``history``; returns ``retried``, ``not_ended`` (still to run or running),
-        ``succeeded`` or ``unknown``. Call inside a transaction."""
+        ``history``; only while its attempt is still ``attempt``, if given (an order sent twice
+        retries once); returns ``retried``, ``not_ended`` (still to run or running),
+        ``succeeded``, ``stale`` (retried since) or ``unknown``. Call inside a transaction."""
         row = self.db.execute("SELECT * FROM tasks WHERE id = ?", (task_id,)).fetchone()
         if row is None:
             return "unknown"
+        if attempt is not None and row["attempt"] != attempt:
+            return "stale"
         if row["status"] not in ("failed", "cancelled"):
             return "succeeded" if row["status"] == "success" else "not_ended"
         history = json.loads(row["history"] or "[]")
@@ -131,10 +135,11 @@ class Lifecycle:
         """Delete at most ``limit`` tasks in these terminal statuses that ended before
         ``before``, oldest first, remembering their ids; returns how many. Call inside a
         transaction."""
-        marks = ",".join("?" * len(statuses))
-        ids = [r[0] for r in self.db.execute(
-            f"DELETE FROM tasks WHERE id IN (SELECT id FROM tasks WHERE finished_at < ? AND status IN"
-            f" ({marks}) ORDER BY finished_at LIMIT ?) RETURNING id", (before, *statuses, limit))]
+        ids: list[str] = []
+        for status in statuses:  # one (status, finished_at) index range each: nothing kept is read
+            ids += [r[0] for r in self.db.execute(
+                "DELETE FROM tasks WHERE id IN (SELECT id FROM tasks WHERE status = ? AND finished_at < ?"
+                " ORDER BY finished_at LIMIT ?) RETURNING id", (status, before, limit - len(ids)))]
         self.db.executemany("INSERT OR REPLACE INTO purged (id, purged_at) VALUES (?, ?)",
                             [(i, now) for i in ids])
         return len(ids)

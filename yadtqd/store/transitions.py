@@ -106,6 +106,8 @@ class Store(Reads, Replica, Terms, Lifecycle):
         Precondition: none. An id is inserted once; a second submission with the same payload is
         a ``duplicate`` (no change), with another payload a ``conflict`` (no change).
         """
+        if self.db.execute("SELECT 1 FROM purged WHERE id = ?", (sub.task_id,)).fetchone():
+            return Intake(sub.task_id, "duplicate")  # it ran and was purged: once is once
         payload = sub.payload()
         due = sub.due(now)
         then = _json(sub.then) if sub.then is not None else None
@@ -139,8 +141,9 @@ class Store(Reads, Replica, Terms, Lifecycle):
         """``scheduled`` → ``queued`` for the tasks now due (at most ``limit``, earliest first,
         by their own index: the tasks not yet due are never read); returns how many."""
         cur = self.db.execute(
-            "UPDATE tasks SET status = 'queued' WHERE id IN (SELECT id FROM tasks WHERE"
-            " status = 'scheduled' AND run_after <= ? ORDER BY run_after LIMIT ?)", (now, limit))
+            "UPDATE tasks SET status = 'queued' WHERE id IN (SELECT id FROM tasks INDEXED BY"
+            " tasks_scheduled WHERE status = 'scheduled' AND run_after <= ? ORDER BY run_after LIMIT ?)",
+            (now, limit))
         return cur.rowcount
 
     def waiting(self, names: Iterable[str], limit: int, now: float) -> list[Waiting]:
@@ -259,21 +262,24 @@ class Store(Reads, Replica, Terms, Lifecycle):
                 return "retry"
         result = bytes(ev.result).decode() if ev.status == "success" else None
         error = _json(ev.error) if ev.status == "failed" else None
+        cancelled = ev.status == "cancelled"
         cur = self.db.execute(  # a cancelled task keeps the reason noted when it was cancelled
             "UPDATE tasks SET status = ?, result = ?, finished_at = ?,"
-            " error = CASE WHEN ? = 'cancelled' THEN error ELSE ? END,"
-            " started_at = coalesce(started_at, ?)"
+            " error = CASE WHEN ? THEN error ELSE ? END,"
+            " started_at = CASE WHEN ? THEN started_at ELSE coalesce(started_at, ?) END"
             " WHERE id = ? AND attempt = ? AND worker = ? AND epoch = ?"
-            " AND status IN ('assigned', 'processing')",
-            (ev.status, result, at or now, ev.status, error, began or at or now, *grant),
+            " AND status IN ('assigned', 'processing') AND (NOT ? OR cancel_requested IS NOT NULL)",
+            (ev.status, result, at or now, cancelled, error, cancelled, began or at or now, *grant,
+             cancelled),
         )
         if cur.rowcount != 1:
             return "stale"
         if ev.status == "success":
             self.queue_follow_up(ev.task_id, result or "null", at or now)  # the same transaction
-        outcome = {"success": ", succeeded = succeeded + 1",
-                   "failed": ", failed_runs = failed_runs + 1"}.get(ev.status, "")  # cancelled: neither
-        self.db.execute(f"UPDATE workers SET executed = executed + 1{outcome} WHERE epoch = ?", (ev.epoch,))
+        if not cancelled:  # a cancelled run is neither an outcome nor (maybe) an execution
+            column = "succeeded" if ev.status == "success" else "failed_runs"
+            self.db.execute(f"UPDATE workers SET executed = executed + 1, {column} = {column} + 1"
+                            " WHERE epoch = ?", (ev.epoch,))
         return ev.status
 
     # ------------------------------------------------------------ workers
@@ -351,22 +357,23 @@ class Store(Reads, Replica, Terms, Lifecycle):
         )
         return cur.rowcount == 1
 
-    def hand_back(self, epoch: str, refs: Sequence[m.TaskRef]) -> list[str]:
+    def hand_back(self, epoch: str, refs: Sequence[m.TaskRef]) -> tuple[list[str], list[str]]:
         """Unstarted grants handed back in ``bye`` go back to ``queued`` (not counted as lost),
-        or end ``cancelled`` when an operator cancelled them meanwhile."""
-        back = []
+        or end ``cancelled`` when an operator cancelled them meanwhile; returns the ids of
+        each."""
+        back, cancelled = [], []
         for ref in refs:
-            self.db.execute(
+            cancelled += [r[0] for r in self.db.execute(
                 "UPDATE tasks SET status = 'cancelled', finished_at = cancel_requested"
                 " WHERE id = ? AND attempt = ? AND epoch = ? AND status = 'assigned'"
-                " AND cancel_requested IS NOT NULL", (ref.task_id, ref.attempt, epoch))
+                " AND cancel_requested IS NOT NULL RETURNING id", (ref.task_id, ref.attempt, epoch))]
             cur = self.db.execute(
                 "UPDATE tasks SET status = 'queued', worker = NULL, epoch = NULL"
                 " WHERE id = ? AND attempt = ? AND epoch = ? AND status = 'assigned'",
                 (ref.task_id, ref.attempt, epoch),
             )
             back += [ref.task_id] * cur.rowcount
-        return back
+        return back, cancelled
 
     def declare_dead(self, epoch: str, reason: str, now: float, max_attempts: int) -> list[str]:
         """Declare a live (or leaving) epoch dead: its unfinished tasks are re-queued or, past

@@ -69,6 +69,9 @@ _job = msgspec.json.Decoder(Job)
 
 #: Set while a task function runs (in the main thread, where signal handlers run too).
 _in_task = False
+#: A cancel came between tasks (the job may be on its way): the next task stops at once. The
+#: worker replaces a process it cancelled after its outcome, so no later job sees this.
+_cancel_pending = False
 _parent = 0
 
 
@@ -165,10 +168,12 @@ def run(registry: plugins.Registry, job: Job, max_result_bytes: int, max_memory:
         return _failed(job, "UnknownTask", f"no installed plugin provides task {job.task!r}")
     context._set(context.TaskContext(job.task_id, job.attempt, job.worker, job.epoch))
     began = time.monotonic()
-    global _in_task
+    global _in_task, _cancel_pending
     try:
         _in_task = True
         try:
+            if _cancel_pending:
+                raise TaskCancelled()
             value = entry.function(*job.args, **job.kwargs)
         finally:
             _in_task = False
@@ -251,10 +256,12 @@ def _die_with_parent() -> None:
 
 
 def _on_sigterm(signum: int, frame: object) -> None:
+    global _cancel_pending
     if os.getppid() != _parent:
         _end_group()  # the worker died
     if _in_task:
         raise TaskCancelled()
+    _cancel_pending = True
 
 
 def _end_group() -> None:
