@@ -39,7 +39,8 @@ class Cluster:
 
     def write_config(self, server: dict[str, Any] | None = None, worker: dict[str, Any] | None = None,
                      kafka: dict[str, Any] | None = None,
-                     schedules: dict[str, dict[str, Any]] | None = None) -> None:
+                     schedules: dict[str, dict[str, Any]] | None = None,
+                     limits: dict[str, dict[str, Any]] | None = None) -> None:
         """(Re)write the cluster's TOML config."""
         server = {"database": self.database, "socket": self.socket, "heartbeat_timeout": 5.0,
                   **(server or {})}
@@ -50,8 +51,9 @@ class Cluster:
         lines += ["[server]"]
         lines += [f"{k} = {json.dumps(v)}" for k, v in server.items()]
         lines += ["[worker]"] + [f"{k} = {json.dumps(v)}" for k, v in worker.items()]
-        for name, table in (schedules or {}).items():
-            lines += [f"[schedules.{name}]"] + [f"{k} = {json.dumps(v)}" for k, v in table.items()]
+        for section, tables in (("schedules", schedules), ("limits", limits)):
+            for name, table in (tables or {}).items():
+                lines += [f"[{section}.{json.dumps(name)}]"] + [f"{k} = {json.dumps(v)}" for k, v in table.items()]
         self.config.write_text("\n".join(lines) + "\n")
 
     # ------------------------------------------------------------ processes

@@ -51,7 +51,7 @@ def submission(task: str, args: tuple[Any, ...] | list[Any], kwargs: Mapping[str
                task_id: str | None = None, timeout: float | None = None,
                max_retries: int | None = None, retry_backoff: float | None = None,
                priority: int = 0, delay: float | None = None, eta: str | dt.datetime | None = None,
-               then: Mapping[str, Any] | None = None) -> dict[str, Any]:
+               then: Mapping[str, Any] | None = None, limit_key: str | None = None) -> dict[str, Any]:
     """The JSON object of a submission, in the seed's format plus optional fields: ``priority``
     (higher first), ``delay`` (seconds) or ``eta`` (ISO 8601 text, or an aware datetime),
     ``then`` (a follow-up: ``{"task", "args", "kwargs", "options", "then"}``)."""
@@ -66,6 +66,8 @@ def submission(task: str, args: tuple[Any, ...] | list[Any], kwargs: Mapping[str
         body["eta"] = eta.isoformat() if isinstance(eta, dt.datetime) else eta
     if then is not None:
         body["then"] = dict(then)
+    if limit_key is not None:
+        body["limit_key"] = limit_key
     options = {k: v for k, v in (("timeout", timeout), ("max_retries", max_retries),
                                  ("retry_backoff", retry_backoff)) if v is not None}
     if options:
@@ -118,19 +120,21 @@ class Client:
                task_id: str | None = None, timeout: float | None = None,
                max_retries: int | None = None, retry_backoff: float | None = None,
                queue_anyway: bool = False, priority: int = 0, delay: float | None = None,
-               eta: str | dt.datetime | None = None, then: Mapping[str, Any] | None = None) -> str:
+               eta: str | dt.datetime | None = None, then: Mapping[str, Any] | None = None,
+               limit_key: str | None = None) -> str:
         """Submit a task; returns its id once the task is recorded and Kafka accepted it.
         ``priority``: higher runs first (FIFO within one); ``delay`` (seconds) or ``eta``
         (ISO 8601, or an aware datetime): the task is ``scheduled`` until then. ``then``: a
         follow-up (``{"task": ..., "args": [...]}``) queued when this task succeeds, with its
-        result as the first argument, under the id ``<id>.then``.
+        result as the first argument, under the id ``<id>.then``. ``limit_key``: the global
+        limits of the task's name (``[limits."NAME"]``) apply to this key's tasks apart.
 
         A task name no live worker provides is refused (:class:`RequestError`, code
         ``unroutable``, naming what is provided) unless ``queue_anyway``: then it waits for a
         worker that provides it, at most the server's ``unroutable_timeout``.
         """
         body = submission(task, args, kwargs, task_id, timeout, max_retries, retry_backoff,
-                          priority, delay, eta, then)
+                          priority, delay, eta, then, limit_key)
         request: dict[str, Any] = {"op": "submit", "task": body}
         if queue_anyway:
             request["queue_anyway"] = True
@@ -274,11 +278,12 @@ class KafkaSubmitter:
                task_id: str | None = None, timeout: float | None = None,
                max_retries: int | None = None, retry_backoff: float | None = None,
                priority: int = 0, delay: float | None = None, eta: str | dt.datetime | None = None,
-               then: Mapping[str, Any] | None = None) -> str:
+               then: Mapping[str, Any] | None = None, limit_key: str | None = None) -> str:
         """Produce a submission and wait until Kafka accepted it; returns the task id.
-        ``priority``, ``delay``, ``eta`` and ``then`` as for :meth:`Client.submit`."""
+        ``priority``, ``delay``, ``eta``, ``then`` and ``limit_key`` as for
+        :meth:`Client.submit`."""
         body = submission(task, args, kwargs, task_id, timeout, max_retries, retry_backoff,
-                          priority, delay, eta, then)
+                          priority, delay, eta, then, limit_key)
         try:
             m.parse_submission(json.dumps(body).encode(), 1 << 30)
         except Exception as exc:

@@ -23,6 +23,7 @@ from typing import Any
 
 from yadtqd.errors import ConfigError
 from yadtqd.messages import ENVELOPE_BYTES, PRODUCER_DEFAULT_MAX
+from yadtqd.limits import Limit, parse_limits
 from yadtqd.schedules import Schedule, parse_schedules
 
 DEFAULT_PATH = Path("/etc/yadtq/yadtq.toml")
@@ -166,6 +167,8 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     #: The ``[schedules.NAME]`` tables (:mod:`yadtqd.schedules`).
     schedules: tuple[Schedule, ...] = ()
+    #: The ``[limits."NAME"]`` tables (:mod:`yadtqd.limits`).
+    limits: tuple[Limit, ...] = ()
     source: str = "defaults"
 
     def topic(self, name: str) -> str:
@@ -251,10 +254,10 @@ def _merge_file(layered: dict[str, dict[str, tuple[Any, str]]], raw: dict[str, A
                 raise ConfigError(f"{where}: [{key}] must be a table")
             for sub, subvalue in value.items():
                 layered.setdefault(key, {})[sub] = (subvalue, f"{where}: [{key}] {sub}")
-        elif key == "schedules":
+        elif key in ("schedules", "limits"):
             if not isinstance(value, dict):
-                raise ConfigError(f"{where}: [schedules] must hold tables: [schedules.NAME]")
-            layered["schedules"] = {"": (value, where)}
+                raise ConfigError(f"{where}: [{key}] must hold tables: [{key}.NAME]")
+            layered[key] = {"": (value, where)}
         elif key in TOP_LEVEL:
             layered.setdefault("", {})[key] = (value, f"{where}: {key}")
         else:
@@ -295,8 +298,10 @@ def _build(layered: dict[str, dict[str, tuple[Any, str]]], source: str) -> Confi
     top = {k: _coerce(Config, k, v, where) for k, (v, where) in layered.get("", {}).items()}
     sources = {key: where for key, (_, where) in layered.get("kafka", {}).items()}
     tables, where = layered.get("schedules", {}).get("", ({}, source))
+    limits, limits_where = layered.get("limits", {}).get("", ({}, source))
     config = Config(kafka=kafka, kafka_sources=sources, source=source,
-                    schedules=parse_schedules(tables, where), **top, **sections)
+                    schedules=parse_schedules(tables, where), limits=parse_limits(limits, limits_where),
+                    **top, **sections)
     _check_sizes(config, layered)
     return config
 

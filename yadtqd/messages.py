@@ -93,6 +93,8 @@ class Submission(Struct, kw_only=True, omit_defaults=True):
     eta: str | None = None
     #: The task to queue when this one succeeds (a chain).
     then: FollowUp | None = None
+    #: The global limits of this task's name apply to the tasks of each key apart.
+    limit_key: Annotated[str, Meta(min_length=1, max_length=200)] | None = None
     #: "socket" on the copy a server produces of a socket submit it recorded already.
     via: str = ""
     v: int = 1

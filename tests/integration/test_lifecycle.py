@@ -8,6 +8,7 @@ import json
 import os
 import random
 import signal
+import sqlite3
 from collections import defaultdict
 from pathlib import Path
 
@@ -252,3 +253,44 @@ def test_a_schedule_fires_each_tick_once_across_a_takeover(cluster: Cluster, tmp
     assert verdict.re_executions == 0
     (schedule,) = json.loads(cluster.ctl("--json", "--socket", standby.socket_path, "schedules").stdout)
     assert schedule["name"] == "tick" and schedule["fired"] >= len(ids) and schedule["next_tick"]
+
+
+def _most_at_once(entries: list[ledger.Entry], task_ids: set[str]) -> int:
+    """The most of these tasks running at once, by the ledger's start and end lines (counts of
+    events in order, not durations)."""
+    events = sorted((e.ts, 0 if e.phase == "end" else 1) for e in entries if e.task_id in task_ids)
+    running = most = 0
+    for _, starting in events:
+        running += 1 if starting else -1
+        most = max(most, running)
+    return most
+
+
+def test_global_limits_hold_across_three_workers(cluster: Cluster, tmp_path: Path) -> None:
+    """Three workers of two slots. ledger: at most 2 running in the cluster; ledger_after: at
+    most 1 per limit key; add: at most 5 granted a second (by the server's grant times)."""
+    cluster.write_config(worker={"slots": 2}, limits={"ledger": {"concurrency": 2},
+                                                      "ledger_after": {"concurrency": 1},
+                                                      "add": {"rate": "5/s"}})
+    cluster.start_server()
+    for w in ("w1", "w2", "w3"):
+        cluster.start_worker(w)
+    book = tmp_path / "ledger"
+    limited = [cluster.client.submit("ledger", str(book), 0.2, i) for i in range(12)]
+    keyed = {key: [cluster.client.submit("ledger_after", i, str(book), 0.2, limit_key=key) for i in range(4)]
+             for key in ("a", "b")}
+    waiting = cluster.wait_for(lambda: [v for v in cluster.status(limited).values() if v["status"] == "queued"
+                                        and "global limit" in (v.get("waiting") or "")], "a task held by the limit")
+    assert "at most 2 running" in waiting[0]["waiting"]
+    added = [cluster.client.submit("add", i, i) for i in range(15)]
+    cluster.wait_terminal(limited + keyed["a"] + keyed["b"] + added)
+    entries = ledger.read(book)
+    assert _most_at_once(entries, set(limited)) == 2  # the limit, and used
+    assert _most_at_once(entries, set(keyed["a"])) == 1 and _most_at_once(entries, set(keyed["b"])) == 1
+    with sqlite3.connect(cluster.database) as db:
+        granted = sorted(r[0] for r in db.execute(
+            f"SELECT assigned_at FROM tasks WHERE id IN ({','.join('?' * len(added))})", added))
+    # at most 5 in any second: the sixth grant after a first one comes a second later (the
+    # limiter counts on the monotonic clock, assigned_at is the wall time of the turn's start:
+    # they may differ by the few ms of one turn)
+    assert all(later - earlier >= 0.95 for earlier, later in zip(granted, granted[5:]))

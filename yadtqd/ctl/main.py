@@ -57,6 +57,8 @@ def parser() -> argparse.ArgumentParser:
     when.add_argument("--delay", type=float, metavar="S", help="run no sooner than S seconds from now")
     when.add_argument("--at", metavar="TIME",
                       help="run no sooner than TIME, ISO 8601 (UTC unless it names an offset)")
+    s.add_argument("--limit-key", metavar="KEY",
+                   help="the task name's global limits apply to this key's tasks apart")
     s.add_argument("--then", nargs="+", metavar=("TASK", "ARG"),
                    help="a follow-up queued when this task succeeds, its result first (then ARGs)")
     s.add_argument("--queue-anyway", action="store_true",
@@ -114,7 +116,7 @@ def _submit(client: Client, args: argparse.Namespace, as_json: bool) -> int:
     task_id = client.submit(args.task, *[_arg(a) for a in args.args], kwargs=kwargs,
                             task_id=args.id, timeout=args.timeout, max_retries=args.retries,
                             queue_anyway=args.queue_anyway, priority=args.priority,
-                            delay=args.delay, eta=args.at,
+                            delay=args.delay, eta=args.at, limit_key=args.limit_key,
                             then={"task": args.then[0], "args": [_arg(a) for a in args.then[1:]]}
                             if args.then else None)
     if args.wait is None:

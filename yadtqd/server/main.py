@@ -38,6 +38,7 @@ from yadtqd.server.queries import Changes, Queries, Submitter
 from yadtqd.server.election import Elector
 from yadtqd.server.replication import Changelog, Fenced, Follower
 from yadtqd.server.cron import Cron
+from yadtqd.server.limiter import Limiter
 from yadtqd.server.retention import Retention
 from yadtqd.server.scheduler import Scheduler
 from yadtqd.server.sockets import SocketServer
@@ -57,7 +58,7 @@ class Server:
         self.config = config
         self.notifier = notifier
         self.stopping = False
-        self.scheduler = Scheduler()
+        self.scheduler = Scheduler(Limiter(self.config.limits))
         self.changes = Changes()
         self.events_topic = config.topic("events")
         self.counts: dict[str, int] = {}
@@ -100,7 +101,8 @@ class Server:
         submitter = Submitter(self.config.server.database, socket_producer, self.config.topic("tasks"),
                               on_recorded=self._wake)
         queries = Queries(submitter, self.changes, self.config.server.max_task_bytes,
-                          [h.view() for h in self.topic_health], self.role, self.config.schedules)
+                          [h.view() for h in self.topic_health], self.role, self.config.schedules,
+                          self.config.limits)
         sockets = SocketServer(self.config.server.socket, queries, self.config.server.database,
                                self.config.server.max_request_bytes,
                                self.config.server.max_connections, self.config.server.idle_timeout,
@@ -262,7 +264,7 @@ class Server:
 
     def _reset(self) -> None:
         """What an active keeps in memory starts afresh with each term."""
-        self.scheduler = Scheduler()
+        self.scheduler = Scheduler(Limiter(self.config.limits))
         self.counts = {}
         self.nonce = uuid.uuid4().hex
         self.evidence = Evidence(self.nonce, self.config.server.heartbeat_timeout, time.monotonic())

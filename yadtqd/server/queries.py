@@ -19,12 +19,14 @@ from confluent_kafka import KafkaError, Message, Producer
 
 from yadtqd import messages as m
 from yadtqd import protocol, transport
+from yadtqd.limits import Limit
 from yadtqd.schedules import Schedule
 from yadtqd.store import Store
 
 log = logging.getLogger("yadtqd.server")
 Reply = dict[str, Any]
 MAX_WAIT = 3600.0
+WAITING_FOR_SLOT = "waiting for a free slot"
 #: Seconds a cancel or retry waits to see its outcome in the store before it answers.
 ORDER_WAIT = 5.0
 #: The most rows one request may ask for.
@@ -142,13 +144,15 @@ class Queries:
 
     def __init__(self, submitter: Submitter, changes: Changes, max_task_bytes: int,
                  topics: list[dict[str, Any]] | None = None,
-                 role: dict[str, Any] | None = None, schedules: tuple[Schedule, ...] = ()) -> None:
+                 role: dict[str, Any] | None = None, schedules: tuple[Schedule, ...] = (),
+                 limits: tuple[Limit, ...] = ()) -> None:
         self.submitter = submitter
         #: This server's role (``active`` or ``standby``) and a standby's lag, kept by the server.
         self.role = role if role is not None else {"role": "active", "lag": 0}
         self.changes = changes
         self.max_task_bytes = max_task_bytes
         self.schedules = schedules
+        self.limits = {limit.task: limit for limit in limits}
         #: The topics' replicas and min.insync.replicas as read at start (yadtqd.topics).
         self.topics = topics or []
         self.ops: dict[str, Callable[[Store, dict[str, Any]], Reply]] = {
@@ -254,7 +258,7 @@ class Queries:
         provided = _provided(store)
         now = time.time()
         purged = store.purged([i for i in ids if i not in rows])
-        return {"ok": True, "tasks": {i: protocol.task_view(rows.get(i), _waiting(rows.get(i), provided, now),
+        return {"ok": True, "tasks": {i: protocol.task_view(rows.get(i), self._why(store, rows.get(i), provided, now),
                                                             purged.get(i))
                                       for i in ids}}
 
@@ -270,7 +274,7 @@ class Queries:
             terminal = row is not None and row["status"] in protocol.TERMINAL
             left = deadline - time.monotonic()
             if terminal or left <= 0:
-                view = protocol.task_view(row, _waiting(row, _provided(store), time.time()))
+                view = protocol.task_view(row, self._why(store, row, _provided(store), time.time()))
                 return {"ok": True, "task-id": task_id, "task": view,
                         "timed_out": not terminal and wait > 0}
             seen = self.changes.wait(seen, min(left, 1.0))
@@ -282,7 +286,7 @@ class Queries:
         provided = _provided(store)
         now = time.time()
         rows = store.list_tasks(wanted, limit)
-        return {"ok": True, "tasks": [{"task-id": r["id"], **protocol.task_view(r, _waiting(r, provided, now))}
+        return {"ok": True, "tasks": [{"task-id": r["id"], **protocol.task_view(r, self._why(store, r, provided, now))}
                                       for r in rows]}
 
     def workers(self, store: Store, req: dict[str, Any]) -> Reply:
@@ -308,6 +312,19 @@ class Queries:
                                       "counters": counters, "undelivered": undelivered,
                                       "topics": self.topics, "server": self.server(store),
                                       "warnings": [t["warning"] for t in self.topics if t["warning"]]}}
+
+    def _why(self, store: Store, row: Any, provided: set[str], now: float) -> str | None:
+        """Why a task waits (:func:`_waiting`), with the global limit that holds it, if one
+        does."""
+        reason = _waiting(row, provided, now)
+        limit = self.limits.get(row["name"]) if reason == WAITING_FOR_SLOT else None
+        if limit is None:
+            return reason
+        running = store.running_count(row["name"], row["limit_key"])
+        key = f" for key {row['limit_key']!r}" if row["limit_key"] is not None else ""
+        if limit.concurrency is not None and running >= limit.concurrency:
+            return f"global limit of {row['name']!r}{key}: {limit.describe()}; {running} running"
+        return f"waiting for a free slot or the global limit of {row['name']!r}{key} ({limit.describe()})"
 
     def schedules_view(self, store: Store, req: dict[str, Any]) -> Reply:
         """The configured schedules, each with its last tick fired, the tasks it made and its
@@ -347,7 +364,7 @@ class Queries:
             "totals": {**totals, "submitted": sum(counts.values())},
             "queued": {"count": totals["queued"], "tasks": [
                 {"task-id": r["id"], "task": r["name"], "age": round(now - r["submitted_at"], 3),
-                 "waiting": _waiting(r, provided, now)} for r in queued]},
+                 "waiting": self._why(store, r, provided, now)} for r in queued]},
             "running": {"count": totals["processing"], "tasks": [
                 {"task-id": r["id"], "task": r["name"], "worker": r["worker"], "attempt": r["attempt"],
                  "started_at": protocol.iso(r["started_at"]),
@@ -426,7 +443,7 @@ def _waiting(row: Any, provided: set[str], now: float) -> str | None:
         return f"no live worker provides task {row['name']!r}"
     if row["run_after"] > now:
         return f"retry after a failure, in {row['run_after'] - now:.1f} s"
-    return "waiting for a free slot"
+    return WAITING_FOR_SLOT
 
 
 def _cancel_outcome(before: Any, row: Any) -> str:

@@ -25,6 +25,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from yadtqd.server.limiter import Limiter
 from yadtqd.store import Grant, Held, Store
 from yadtqd.transport import partition_for
 
@@ -144,9 +145,10 @@ class Member:
 class Scheduler:
     """The set of live epochs, the task time estimates, and the choice of grants."""
 
-    def __init__(self) -> None:
+    def __init__(self, limiter: Limiter | None = None) -> None:
         self.members: dict[str, Member] = {}
         self.estimates = Estimates()
+        self.limiter = limiter or Limiter(())
         self._order = itertools.count(1)
 
     def load(self, rows: Iterable[sqlite3.Row], held: dict[str, list[Held]],
@@ -164,6 +166,7 @@ class Scheduler:
             )
             for grant in held.get(member.epoch, []):
                 member.hold(grant.task_id, grant.name, None)
+                self.limiter.granted(grant.task_id, grant.name, grant.limit_key, None)
             self.members[member.epoch] = member
 
     def join(self, member: Member) -> None:
@@ -172,7 +175,10 @@ class Scheduler:
 
     def remove(self, epoch: str) -> Member | None:
         """An epoch left or was declared dead."""
-        return self.members.pop(epoch, None)
+        member = self.members.pop(epoch, None)
+        for task_id in member.held if member else ():
+            self.limiter.released(task_id)
+        return member
 
     def routes(self) -> dict[str, int]:
         """The ``dispatch`` partition of each epoch."""
@@ -190,11 +196,13 @@ class Scheduler:
         takers = [mb for mb in self.members.values() if mb.may_take()]
         if not takers:
             return []
-        names = {n for mb in takers for n in mb.tasks}
+        names = {n for mb in takers for n in mb.tasks if not self.limiter.closed(n, mono)}
         limit = sum(mb.most - mb.outstanding for mb in takers)
         grants = []
         counts: dict[str, int] = {}
         for waiting in store.waiting(names, limit, now):
+            if not self.limiter.allows(waiting.name, waiting.limit_key, mono):
+                continue  # a global limit (issue 14): it waits in the queue, in its place
             member = self._pick(waiting.name)
             if member is None:
                 continue
@@ -203,6 +211,7 @@ class Scheduler:
                 member.grants += 1
                 counts[member.epoch] = member.grants
                 member.hold(waiting.task_id, waiting.name, self.estimates.get(waiting.name))
+                self.limiter.granted(waiting.task_id, waiting.name, waiting.limit_key, mono)
                 member.last_granted = next(self._order)
                 grants.append(grant)
         store.count_grants(counts)
@@ -234,6 +243,7 @@ class Scheduler:
             return
         began = member.running.get(task_id)
         name = member.release(task_id)
+        self.limiter.released(task_id)
         if name is None or not measured:
             return
         if runtime is None and began is not None:
@@ -247,6 +257,7 @@ class Scheduler:
         if member is not None:
             for task_id in task_ids:
                 member.release(task_id)
+                self.limiter.released(task_id)
 
 
 def _or_hash(stored: int, worker: str, count: int) -> int:

@@ -60,6 +60,12 @@ class Reads:
         rows = self.db.execute("SELECT status, n FROM status_counts WHERE n > 0")
         return {r["status"]: r["n"] for r in rows}
 
+    def running_count(self, name: str, limit_key: str | None) -> int:
+        """How many tasks of ``name`` (submitted with ``limit_key``) are granted and unfinished."""
+        return int(self.db.execute(
+            "SELECT count(*) FROM tasks WHERE status IN ('assigned', 'processing') AND name = ?"
+            " AND limit_key IS ?", (name, limit_key)).fetchone()[0])
+
     def counter_values(self) -> dict[str, int]:
         """Every named counter."""
         return {r["name"]: r["value"] for r in self.db.execute("SELECT name, value FROM counters")}

@@ -48,6 +48,7 @@ class Waiting:
 
     task_id: str
     name: str
+    limit_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class Held:
 
     task_id: str
     name: str
+    limit_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -113,9 +115,11 @@ class Store(Reads, Replica, Terms, Lifecycle):
         then = _json(sub.then) if sub.then is not None else None
         cur = self.db.execute(
             "INSERT OR IGNORE INTO tasks (id, name, payload, status, max_retries, retry_backoff,"
-            " submitted_at, priority, run_after, then_task) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " submitted_at, priority, run_after, then_task, limit_key)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (sub.task_id, sub.task, payload, "scheduled" if due > now else "queued",
-             sub.options.max_retries, sub.options.retry_backoff, now, sub.priority, due, then),
+             sub.options.max_retries, sub.options.retry_backoff, now, sub.priority, due, then,
+             sub.limit_key),
         )
         if cur.rowcount == 1:
             return Intake(sub.task_id, "new")
@@ -153,13 +157,13 @@ class Store(Reads, Replica, Terms, Lifecycle):
         One indexed query per name, merged: queued tasks of names nobody provides are never
         read, however many there are.
         """
-        found: list[tuple[int, int, str, str]] = []
+        found: list[tuple[int, int, str, str, str | None]] = []
         for name in set(names):
-            found += [(-r["priority"], r["seq"], r["id"], name) for r in self.db.execute(
-                "SELECT priority, seq, id FROM tasks WHERE status = 'queued' AND name = ?"
+            found += [(-r["priority"], r["seq"], r["id"], name, r["limit_key"]) for r in self.db.execute(
+                "SELECT priority, seq, id, limit_key FROM tasks WHERE status = 'queued' AND name = ?"
                 " AND run_after <= ? ORDER BY priority DESC, seq LIMIT ?", (name, now, limit))]
         found.sort()
-        return [Waiting(task_id, name) for _, _, task_id, name in found[:max(limit, 0)]]
+        return [Waiting(task_id, name, key) for _, _, task_id, name, key in found[:max(limit, 0)]]
 
     def grant(self, task_id: str, worker: str, epoch: str, now: float, grant_no: int = 0) -> Grant | None:
         """Grant the next attempt of a queued task to a worker epoch, atomically; ``grant_no``
@@ -194,11 +198,11 @@ class Store(Reads, Replica, Terms, Lifecycle):
     def held(self) -> dict[str, list[Held]]:
         """The granted, unfinished tasks each epoch holds."""
         rows = self.db.execute(
-            "SELECT epoch, id, name FROM tasks WHERE status IN ('assigned', 'processing')"
+            "SELECT epoch, id, name, limit_key FROM tasks WHERE status IN ('assigned', 'processing')"
         )
         out: dict[str, list[Held]] = {}
         for r in rows:
-            out.setdefault(r["epoch"], []).append(Held(r["id"], r["name"]))
+            out.setdefault(r["epoch"], []).append(Held(r["id"], r["name"], r["limit_key"]))
         return out
 
     def queued_names(self) -> list[str]:
