@@ -39,13 +39,13 @@ def broker() -> Iterator[str]:
 @contextmanager
 def cluster(bootstrap: str, workers: int, slots: int = 2, log_level: str = "info",
             prefetch: int = -1, kafka: dict[str, object] | None = None,
-            standby: bool = False) -> Iterator[Cluster]:
+            standby: bool = False, server: dict[str, object] | None = None) -> Iterator[Cluster]:
     """A server (and, with ``standby``, a second one standing by) and ``workers`` workers on
     a fresh set of topics."""
     with tempfile.TemporaryDirectory() as tmp:
         c = Cluster(bootstrap, Path(tmp))
         c.write_config(worker={"slots": slots, "heartbeat_interval": 1.0, "prefetch": prefetch},
-                       kafka=kafka)
+                       kafka=kafka, server=server)
         c.log_level = log_level
         try:
             c.start_server()

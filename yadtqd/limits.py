@@ -2,7 +2,7 @@
 one name across the whole cluster, enforced by the active server at grant time::
 
     [limits."send-mail"]
-    concurrency = 5      # at most 5 running (granted) at once in the cluster
+    concurrency = 5      # at most 5 granted and not yet ended at once, in the cluster
     rate = "100/m"       # at most 100 granted per minute (also "10/s", "1000/h")
 
 A task submitted with a ``limit_key`` counts against the limits of its name for that key
@@ -35,7 +35,7 @@ class Limit:
 
     def describe(self) -> str:
         """In words, as ``monitor`` shows why a task waits."""
-        parts = ([f"at most {self.concurrency} running"] if self.concurrency else []) + \
+        parts = ([f"at most {self.concurrency} granted at once"] if self.concurrency else []) + \
                 ([f"at most {self.rate}"] if self.rate else [])
         return " and ".join(parts)
 

@@ -10,14 +10,15 @@ configuration::
 The active server fires each tick once: its task id is ``cron:<name>:<tick in epoch seconds>``,
 so a tick fired twice (after a takeover, say) is one task (idempotent intake), and the last tick
 fired is a row of the store, replicated with the task it made. Cron expressions are read by
-croniter. ``missed`` says what a server does with ticks that passed while no server was active:
-``skip`` fires only ticks at most :data:`GRACE` seconds late, ``once`` fires the newest missed
-tick only, ``all`` fires every one (at most :data:`MOST` per pass).
+croniter. ``missed`` says what a server does with ticks that passed while no server was active: every
+tick at most :data:`GRACE` seconds late fires; of those later than that, ``skip`` fires none,
+``once`` the newest only, ``all`` every one (at most :data:`MOST` per pass).
 """
 
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,10 +60,12 @@ class Schedule:
         newest = self._latest(now)
         if newest <= last:
             return [], last
+        recent = self._ticks(max(last, now - GRACE), now)  # on time, or nearly: every one fires
         if self.missed == "once":
-            return [newest], newest
-        ticks = self._ticks(max(last, now - GRACE), now)
-        return ticks, max([newest, *ticks])
+            older = self._latest(now - GRACE)  # the newest tick missed by more than the grace
+            if older > last and (not recent or older < recent[0]):
+                recent = [older, *recent]
+        return recent, max([newest, *recent])
 
     def _latest(self, now: float) -> float:
         """The newest tick at or before ``now`` (croniter's ``get_prev`` excludes its start)."""
@@ -88,6 +91,17 @@ class Schedule:
         return float(croniter(self.cron, when).get_next(float))
 
 
+def _ever(cron: str) -> bool:
+    """Whether the expression has a tick before and after now (``0 0 31 2 *`` has none)."""
+    try:
+        it = croniter(cron, time.time())
+        it.get_next(float)
+        croniter(cron, time.time()).get_prev(float)
+    except Exception:  # croniter raises its own errors for dates that never come
+        return False
+    return True
+
+
 def parse_schedules(tables: dict[str, Any], where: str) -> tuple[Schedule, ...]:
     """The ``[schedules]`` tables of a configuration file, checked (:class:`ConfigError`
     naming the schedule and the problem)."""
@@ -105,9 +119,9 @@ def parse_schedules(tables: dict[str, Any], where: str) -> tuple[Schedule, ...]:
         task, cron = table.get("task"), table.get("cron")
         if not isinstance(task, str) or not task:
             raise ConfigError(f"{at}: task: the name of a task is required")
-        if not isinstance(cron, str) or not croniter.is_valid(cron):
-            raise ConfigError(f"{at}: cron: {cron!r} is not a cron expression (minute hour day month"
-                              " weekday, and optionally seconds)")
+        if not isinstance(cron, str) or not croniter.is_valid(cron) or not _ever(cron):
+            raise ConfigError(f"{at}: cron: {cron!r} is not a cron expression that ever fires"
+                              " (minute hour day month weekday, and optionally seconds)")
         args, kwargs = table.get("args", []), table.get("kwargs", {})
         if not isinstance(args, list) or not isinstance(kwargs, dict):
             raise ConfigError(f"{at}: args must be a list and kwargs a table")

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from yadtqd import config
+from yadtqd import messages as m
 from yadtqd.errors import ConfigError
 from yadtqd.limits import Limit
 from yadtqd.server.limiter import Limiter
+from yadtqd.server.scheduler import Member, Scheduler
+from yadtqd.store import Store
 
 
 def load(tmp_path: Path, table: str) -> config.Config:
@@ -21,7 +25,7 @@ def load(tmp_path: Path, table: str) -> config.Config:
 def test_limits_are_read_from_their_tables(tmp_path: Path) -> None:
     c = load(tmp_path, '[limits."send-mail"]\nconcurrency = 5\nrate = "100/m"\n[limits.add]\nrate = "10/s"\n')
     assert c.limits == (Limit("send-mail", 5, 100, 60.0, "100/m"), Limit("add", None, 10, 1.0, "10/s"))
-    assert c.limits[0].describe() == "at most 5 running and at most 100/m"
+    assert c.limits[0].describe() == "at most 5 granted at once and at most 100/m"
 
 
 @pytest.mark.parametrize("table, problem", [
@@ -40,7 +44,7 @@ def test_concurrency_counts_grants_until_they_are_released() -> None:
     limiter.granted("t1", "a", None, 0.0)
     assert limiter.allows("a", None, 0.0)
     limiter.granted("t2", "a", None, 0.0)
-    assert not limiter.allows("a", None, 0.0) and limiter.closed("a", 0.0)
+    assert not limiter.allows("a", None, 0.0) and limiter.closed(0.0) == {"a": {None}}
     assert limiter.allows("a", "customer-1", 0.0)  # a key has a budget of its own
     assert limiter.allows("b", None, 0.0)  # an unlimited name
     limiter.released("t1")
@@ -63,3 +67,40 @@ def test_an_earlier_terms_grants_count_for_concurrency_not_rate() -> None:
     assert not limiter.allows("a", None, 0.0)
     limiter.released("old")
     assert limiter.allows("a", None, 0.0)
+
+
+def test_a_full_key_does_not_hold_back_the_tasks_behind_it(tmp_path: Path) -> None:
+    """50 tasks of key "a" (concurrency 1) queued first, then key "b", then an unlimited name,
+    one worker with two slots: the second slot goes to "b", then to the unlimited name, though
+    "a"'s tasks come first in the queue."""
+    store = Store(tmp_path / "db.sqlite", create=True)
+    subs = [("mail", "a")] * 50 + [("mail", "b")] * 5 + [("other", None)] * 5
+    with store.transaction():
+        for n, (name, key) in enumerate(subs):
+            store.intake(msgspec.convert({"task-id": f"t{n}", "task": name, "limit_key": key}, m.Submission), 1.0)
+    scheduler = Scheduler(Limiter((Limit("mail", concurrency=1),)))
+    scheduler.join(Member(epoch="e1", worker="w", slots=2, prefetch=0, tasks=frozenset({"mail", "other"}),
+                          partition=0))
+    with store.transaction():
+        first = [g.task_id for g in scheduler.plan(store, 2.0, 0.0)]
+    assert first == ["t0", "t50"]  # a's first, then b's first (a's next would break the limit)
+    scheduler.finished("e1", "t50")
+    with store.transaction():
+        second = [g.task_id for g in scheduler.plan(store, 3.0, 0.0)]
+    assert second == ["t51"]  # "b" has room again; "a" still runs t0
+    scheduler.finished("e1", "t51")
+    scheduler.finished("e1", "t0")
+    with store.transaction():
+        third = [g.task_id for g in scheduler.plan(store, 4.0, 0.0)]
+    assert third == ["t1", "t52"]
+
+
+def test_a_spent_budget_without_a_key_leaves_keyed_tasks_free(tmp_path: Path) -> None:
+    store = Store(tmp_path / "db.sqlite", create=True)
+    with store.transaction():
+        for n, key in enumerate([None, None, "a"]):
+            store.intake(msgspec.convert({"task-id": f"t{n}", "task": "mail", "limit_key": key}, m.Submission), 1.0)
+    scheduler = Scheduler(Limiter((Limit("mail", concurrency=1),)))
+    scheduler.join(Member(epoch="e1", worker="w", slots=3, prefetch=0, tasks=frozenset({"mail"}), partition=0))
+    with store.transaction():
+        assert [g.task_id for g in scheduler.plan(store, 2.0, 0.0)] == ["t0", "t2"]

@@ -51,8 +51,19 @@ def test_missed_ticks_by_policy() -> None:
     last, now = 1000.0, 1000.0 + 10 * GRACE
     skip, newest = Schedule("t", "add", EVERY_2S, missed="skip").due(last, now)
     assert skip[0] >= now - GRACE and skip[-1] == newest <= now  # only the recent ones
-    assert Schedule("t", "add", EVERY_2S, missed="once").due(last, now) == ([newest], newest)
+    once, _ = Schedule("t", "add", EVERY_2S, missed="once").due(last, now)
+    assert once[1:] == skip and now - GRACE - 2 < once[0] <= now - GRACE  # one for all the older
     every, _ = Schedule("t", "add", EVERY_2S, missed="all").due(last, now)
     assert every == [last + 2 * n for n in range(1, len(every) + 1)] and every[-1] == newest
     hourly = Schedule("t", "add", "0 * * * *", missed="skip")
     assert hourly.due(0.0, 7300.0) == ([], 7200.0)  # both missed by more than the grace: skipped
+
+
+def test_a_pass_behind_by_a_few_ticks_fires_them_all_whatever_the_policy() -> None:
+    for missed in ("skip", "once", "all"):  # a slow turn is not an outage
+        assert Schedule("t", "add", EVERY_2S, missed=missed).due(1000.0, 1007.0) == ([1002.0, 1004.0, 1006.0], 1006.0)
+
+
+def test_an_expression_that_never_fires_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="is not a cron expression that ever fires"):
+        load(tmp_path, '[schedules.x]\ntask = "a"\ncron = "0 0 31 2 *"\n')

@@ -25,6 +25,7 @@ class Cron:
     def __init__(self, schedules: tuple[Schedule, ...]) -> None:
         self.schedules = schedules
         self.last = 0.0
+        self.tidied = False
 
     def step(self, store: Store, now: float) -> int:
         """Fire what is due; returns the tasks made (0 when not due to look yet)."""
@@ -34,6 +35,11 @@ class Cron:
         self.last = mono
         made = 0
         with store.transaction():
+            if not self.tidied:  # once a term: a schedule removed from the configuration is
+                self.tidied = True  # forgotten, so one added again later starts afresh
+                gone = store.forget_schedules([s.name for s in self.schedules])
+                if gone:
+                    log.info("forgot %d schedules no longer configured", gone)
             known = store.schedule_ticks()
             for schedule in self.schedules:
                 if schedule.name not in known:  # new: its first tick is the next one

@@ -38,10 +38,16 @@ class Limiter:
                 return False
         return True
 
-    def closed(self, name: str, mono: float) -> bool:
-        """Whether no task of ``name`` without a key may be granted now (its queue need not
-        be read)."""
-        return not self.allows(name, None, mono)
+    def closed(self, mono: float) -> dict[str, set[str | None]]:
+        """The buckets that may take no grant now, by name: the queue is read past their tasks
+        (a busy key must not hold back the tasks behind it)."""
+        out: dict[str, set[str | None]] = {}
+        for name, key in {*self.running, *self.recent}:
+            if not self.allows(name, key, mono):
+                out.setdefault(name, set()).add(key)
+        for bucket in [b for b, times in self.recent.items() if not times and not self.running[b]]:
+            del self.recent[bucket]  # idle keys are forgotten
+        return out
 
     def granted(self, task_id: str, name: str, key: str | None, mono: float | None) -> None:
         """A task of a limited name was granted (``mono`` None: an earlier term's grant)."""

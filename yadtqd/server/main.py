@@ -14,7 +14,6 @@ back from ``tasks``.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import select
@@ -22,7 +21,6 @@ import signal
 import socket
 import time
 import uuid
-from pathlib import Path
 
 from confluent_kafka import Consumer
 
@@ -39,6 +37,7 @@ from yadtqd.server.election import Elector
 from yadtqd.server.replication import Changelog, Fenced, Follower
 from yadtqd.server.cron import Cron
 from yadtqd.server.limiter import Limiter
+from yadtqd.server.lock import hold_database
 from yadtqd.server.retention import Retention
 from yadtqd.server.scheduler import Scheduler
 from yadtqd.server.sockets import SocketServer
@@ -89,7 +88,7 @@ class Server:
     def run(self) -> int:
         """Serve until SIGTERM, as the active server or a standby (DESIGN 13), changing role
         as the servers' group decides; returns the exit status."""
-        lock = _lock(self.config.server.database)
+        lock = hold_database(self.config.server.database)
         store = Store(self.config.server.database, create=True)
         admin = transport.make_admin(self.config)
         specs = topics.topic_specs(self.config)
@@ -323,11 +322,11 @@ class Server:
 
     def _turn(self, store: Store, ingest: Ingest, inbox: Inbox, dispatcher: Dispatcher,
               out: Changelog) -> None:
-        select.select([inbox.reader], [], [], 0.1)
+        select.select([inbox.reader], [], [], self._idle(store))
         if not inbox.alive:
             raise UnreachableError("the thread reading Kafka died (see the log above); stopping")
         batch = inbox.take()
-        now = time.time()
+        now, mono = time.time(), time.monotonic()  # one instant: grants' times and limits' clock
         effects = Effects()
         if batch:
             with store.transaction():
@@ -339,7 +338,7 @@ class Server:
             self.changes.signal()
         with store.transaction():
             promoted = store.promote_due(now)  # scheduled tasks now due join the queue
-            grants = self.scheduler.plan(store, now)
+            grants = self.scheduler.plan(store, now, mono)
         dispatcher.runs(grants, self.scheduler.routes())
         for fence in fences:
             dispatcher.fence(fence.worker, fence.epoch, fence.partition, fence.reason)
@@ -362,6 +361,12 @@ class Server:
         if grants or fences or promoted:
             self.changes.signal()
         self._report(store)
+
+    def _idle(self, store: Store) -> float:
+        """How long the loop may wait for Kafka: a tenth of a second, or until the next
+        scheduled task is due, if sooner (it is then granted on time)."""
+        due = store.next_due()
+        return 0.1 if due is None else min(0.1, max(0.0, due - time.time()))
 
     def _check_deaths(self, store: Store, ingest: Ingest, now: float) -> list[Fence]:
         """Declare dead the epochs *proven* silent for ``heartbeat_timeout``: a marker sent that
@@ -467,20 +472,3 @@ class Server:
         running = counts.get("assigned", 0) + counts.get("processing", 0)
         return f"active, workers {live}, queued {counts.get('queued', 0)}, running {running}"
 
-
-def _lock(database: str) -> int:
-    """Hold an exclusive lock on ``<database>.lock`` for the process's life: a second server
-    on the same database refuses at once, before it re-sends a single grant."""
-    path = f"{Path(database).resolve()}.lock"  # one lock, however the path is spelled
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o640)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-        os.close(fd)
-        raise ConfigError(f"[server] database {database} is in use by another server (pid"
-                          f" {holder}): one server per database") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd

@@ -323,8 +323,8 @@ class Queries:
         running = store.running_count(row["name"], row["limit_key"])
         key = f" for key {row['limit_key']!r}" if row["limit_key"] is not None else ""
         if limit.concurrency is not None and running >= limit.concurrency:
-            return f"global limit of {row['name']!r}{key}: {limit.describe()}; {running} running"
-        return f"waiting for a free slot or the global limit of {row['name']!r}{key} ({limit.describe()})"
+            return f"global limit of {row['name']!r}{key}: {limit.describe()}; {running} granted"
+        return f"waiting for a free slot, or for the global limit of {row['name']!r}{key}: {limit.describe()}"
 
     def schedules_view(self, store: Store, req: dict[str, Any]) -> Reply:
         """The configured schedules, each with its last tick fired, the tasks it made and its

@@ -26,7 +26,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from yadtqd.server.limiter import Limiter
-from yadtqd.store import Grant, Held, Store
+from yadtqd.store import Grant, Held, Store, Waiting
 from yadtqd.transport import partition_for
 
 #: The ``prefetch`` a worker advertises to ask for an adaptive window.
@@ -38,6 +38,8 @@ PREFETCH_PER_SLOT = 32
 #: A task running longer than this is long, whatever its name's estimate says: its epoch takes
 #: no prefetched grants until it ends. (Below it, its ``finished`` may simply be unread yet.)
 LONG_TASK = 0.5
+#: Reads of the queue per plan at most: each one past the global-limit keys the last one filled.
+LIMIT_PASSES = 4
 #: Weight of the newest time in a task name's moving average.
 SMOOTHING = 0.25
 
@@ -188,34 +190,44 @@ class Scheduler:
         """Every task name some live, accepting epoch advertises."""
         return {n for mb in self.members.values() if mb.accepting for n in mb.tasks}
 
-    def plan(self, store: Store, now: float) -> list[Grant]:
-        """Grant as many queued tasks as the epochs may take; call inside a transaction."""
-        mono = time.monotonic()
+    def plan(self, store: Store, now: float, mono: float | None = None) -> list[Grant]:
+        """Grant as many queued tasks as the epochs may take; call inside a transaction.
+        ``mono``: the monotonic time read with ``now`` (the rate limits count on it)."""
+        mono = time.monotonic() if mono is None else mono
         for mb in self.members.values():
             mb.refresh(mono)
         takers = [mb for mb in self.members.values() if mb.may_take()]
         if not takers:
             return []
-        names = {n for mb in takers for n in mb.tasks if not self.limiter.closed(n, mono)}
-        limit = sum(mb.most - mb.outstanding for mb in takers)
-        grants = []
+        names = {n for mb in takers for n in mb.tasks}
+        grants: list[Grant] = []
         counts: dict[str, int] = {}
-        for waiting in store.waiting(names, limit, now):
-            if not self.limiter.allows(waiting.name, waiting.limit_key, mono):
-                continue  # a global limit (issue 14): it waits in the queue, in its place
-            member = self._pick(waiting.name)
-            if member is None:
-                continue
-            grant = store.grant(waiting.task_id, member.worker, member.epoch, now, member.grants + 1)
-            if grant is not None:
-                member.grants += 1
-                counts[member.epoch] = member.grants
-                member.hold(waiting.task_id, waiting.name, self.estimates.get(waiting.name))
-                self.limiter.granted(waiting.task_id, waiting.name, waiting.limit_key, mono)
-                member.last_granted = next(self._order)
-                grants.append(grant)
+        for _ in range(LIMIT_PASSES):  # again, past the limit keys the last pass filled
+            limit = sum(mb.most - mb.outstanding for mb in takers)
+            held_back = False
+            for waiting in store.waiting(names, limit, now, self.limiter.closed(mono)):
+                if not self.limiter.allows(waiting.name, waiting.limit_key, mono):
+                    held_back = True  # a global limit (issue 14): it waits in the queue, in its place
+                    continue
+                self._grant(store, waiting, now, mono, grants, counts)
+            if not held_back or not any(mb.may_take() for mb in takers):
+                break
         store.count_grants(counts)
         return grants
+
+    def _grant(self, store: Store, waiting: Waiting, now: float, mono: float, grants: list[Grant],
+               counts: dict[str, int]) -> None:
+        member = self._pick(waiting.name)
+        if member is None:
+            return
+        grant = store.grant(waiting.task_id, member.worker, member.epoch, now, member.grants + 1)
+        if grant is not None:
+            member.grants += 1
+            counts[member.epoch] = member.grants
+            member.hold(waiting.task_id, waiting.name, self.estimates.get(waiting.name))
+            self.limiter.granted(waiting.task_id, waiting.name, waiting.limit_key, mono)
+            member.last_granted = next(self._order)
+            grants.append(grant)
 
     def _pick(self, name: str) -> Member | None:
         best: Member | None = None
@@ -238,12 +250,12 @@ class Scheduler:
         ``measured``: a cancelled run). ``runtime`` is the worker's own measure; without it
         (older workers), the time between applying its ``started`` and its ``finished``, which
         a backlog or a replay squeezes."""
+        self.limiter.released(task_id)  # (also when its epoch is gone)
         member = self.members.get(epoch)
         if member is None:
             return
         began = member.running.get(task_id)
         name = member.release(task_id)
-        self.limiter.released(task_id)
         if name is None or not measured:
             return
         if runtime is None and began is not None:

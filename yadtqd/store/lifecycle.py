@@ -61,6 +61,12 @@ class Lifecycle:
                         (now, _json(m.ErrorInfo(type="Cancelled", message=why)), task_id))
         return "cancelling", row
 
+    def next_due(self) -> float | None:
+        """When the next scheduled task is due (None: none is scheduled)."""
+        row = self.db.execute("SELECT min(run_after) FROM tasks INDEXED BY tasks_scheduled"
+                              " WHERE status = 'scheduled'").fetchone()
+        return None if row[0] is None else float(row[0])
+
     def cancelling(self) -> list[sqlite3.Row]:
         """Held tasks whose cancel the worker has not confirmed (told again after a restart)."""
         return list(self.db.execute(
@@ -69,23 +75,33 @@ class Lifecycle:
 
     # ------------------------------------------------------------ chains
 
-    def queue_follow_up(self, parent: str, result: str, now: float) -> str | None:
+    def queue_follow_up(self, parent: str, result: str, now: float,
+                        only_if_succeeded: bool = False) -> str | None:
         """When ``parent`` (which just succeeded with ``result``, JSON text) names a follow-up,
         queue it, in the caller's transaction, under an id derived from the parent's (so a
-        second call queues nothing); returns its id."""
-        row = self.db.execute("SELECT then_task, priority FROM tasks WHERE id = ?", (parent,)).fetchone()
+        second call queues nothing); returns its id. ``only_if_succeeded``: a finish applied
+        again: queue it (with the recorded result) only if the parent is ``success`` and the
+        follow-up missing."""
+        row = self.db.execute("SELECT then_task, priority, status, result, limit_key FROM tasks"
+                              " WHERE id = ?", (parent,)).fetchone()
         if row is None or row["then_task"] is None:
             return None
+        if only_if_succeeded:
+            if row["status"] != "success" or self.db.execute(
+                    "SELECT 1 FROM tasks WHERE id = ?", (m.follow_up_id(parent),)).fetchone():
+                return None
+            result = row["result"] or "null"
         follow = _follow_up.decode(row["then_task"])
         sub = m.Submission(task_id=m.follow_up_id(parent), task=follow.task,
                            args=[json.loads(result), *follow.args], kwargs=follow.kwargs,
                            options=follow.options, then=follow.then)
         self.db.execute(
             "INSERT OR IGNORE INTO tasks (id, name, payload, status, max_retries, retry_backoff,"
-            " submitted_at, run_after, then_task, parent, priority)"
-            " VALUES (?, ?, ?, 'queued', ?, ?, ?, 0, ?, ?, ?)",
+            " submitted_at, run_after, then_task, parent, priority, limit_key)"
+            " VALUES (?, ?, ?, 'queued', ?, ?, ?, 0, ?, ?, ?, ?)",
             (sub.task_id, sub.task, sub.payload(), sub.options.max_retries, sub.options.retry_backoff,
-             now, _json(sub.then) if sub.then is not None else None, parent, row["priority"]))
+             now, _json(sub.then) if sub.then is not None else None, parent, row["priority"],
+             row["limit_key"]))
         return sub.task_id
 
     # ------------------------------------------------------------ schedules
@@ -94,6 +110,11 @@ class Lifecycle:
         """Each schedule's last tick fired (or considered) and how many tasks it made."""
         return {r[0]: (r[1], r[2]) for r in self.db.execute(
             "SELECT name, last_tick, fired FROM schedules")}
+
+    def forget_schedules(self, keep: list[str]) -> int:
+        """Delete the rows of the schedules not named in ``keep``; returns how many."""
+        return self.db.execute(f"DELETE FROM schedules WHERE name NOT IN ({','.join('?' * len(keep))})",
+                               keep).rowcount
 
     def schedule_fired(self, name: str, last_tick: float, fired: int) -> None:
         """Note a schedule's newest tick considered and the tasks it made just now; call in the

@@ -79,12 +79,16 @@ class Replica:
 
     def pending_changes(self, limit: int = 1_000_000) -> tuple[list[RowChange], list[tuple[str, str, int]]]:
         """The rows changed and not yet confirmed (at most ``limit``), as they are now, and the
-        notes they answer (for :meth:`confirm`); one consistent snapshot, beside other writers."""
+        notes they answer (for :meth:`confirm`); one consistent snapshot, beside other writers.
+        When more are noted than ``limit``, the consumed offsets and the schedules' last ticks
+        come last: a changelog that holds them holds what they caused (a replay after a crash
+        between two chunks reads those messages again, and applying them again is idempotent)."""
         changes: list[RowChange] = []
         self.db.execute("BEGIN")
         try:
             notes = [(r[0], r[1], r[2]) for r in self.db.execute(
-                "SELECT tbl, key, gen FROM changelog_pending LIMIT ?", (limit,))]
+                "SELECT tbl, key, gen FROM changelog_pending ORDER BY tbl IN ('offsets', 'schedules')"
+                " LIMIT ?", (limit,))]
             for table in {tbl for tbl, _, _ in notes}:
                 key_sql = _key_sql(table, table)  # one column: its index serves the IN
                 keys = [key for tbl, key, _ in notes if tbl == table]

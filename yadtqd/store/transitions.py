@@ -150,18 +150,24 @@ class Store(Reads, Replica, Terms, Lifecycle):
             (now, limit))
         return cur.rowcount
 
-    def waiting(self, names: Iterable[str], limit: int, now: float) -> list[Waiting]:
+    def waiting(self, names: Iterable[str], limit: int, now: float,
+                closed: Mapping[str, set[str | None]] | None = None) -> list[Waiting]:
         """Queued tasks that may run now and that some live worker provides: the highest
-        priority first, oldest first within one.
+        priority first, oldest first within one; not those of a name's ``closed`` limit keys
+        (None: the tasks without a key).
 
         One indexed query per name, merged: queued tasks of names nobody provides are never
         read, however many there are.
         """
         found: list[tuple[int, int, str, str, str | None]] = []
         for name in set(names):
+            shut = (closed or {}).get(name, set())
+            keys = sorted(k for k in shut if k is not None)
+            where = (" AND limit_key IS NOT NULL" if None in shut else "") + (
+                f" AND (limit_key IS NULL OR limit_key NOT IN ({','.join('?' * len(keys))}))" if keys else "")
             found += [(-r["priority"], r["seq"], r["id"], name, r["limit_key"]) for r in self.db.execute(
                 "SELECT priority, seq, id, limit_key FROM tasks WHERE status = 'queued' AND name = ?"
-                " AND run_after <= ? ORDER BY priority DESC, seq LIMIT ?", (name, now, limit))]
+                f" AND run_after <= ?{where} ORDER BY priority DESC, seq LIMIT ?", (name, now, *keys, limit))]
         found.sort()
         return [Waiting(task_id, name, key) for _, _, task_id, name, key in found[:max(limit, 0)]]
 
@@ -277,6 +283,8 @@ class Store(Reads, Replica, Terms, Lifecycle):
              cancelled),
         )
         if cur.rowcount != 1:
+            if ev.status == "success":  # applied before: its follow-up, if lost with a chunk
+                self.queue_follow_up(ev.task_id, "null", at or now, only_if_succeeded=True)
             return "stale"
         if ev.status == "success":
             self.queue_follow_up(ev.task_id, result or "null", at or now)  # the same transaction
