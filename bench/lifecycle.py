@@ -54,25 +54,26 @@ def _ended(c) -> int:  # type: ignore[no-untyped-def]
 def scheduled(bootstrap: str, count: int) -> None:
     with cluster(bootstrap, 1) as c:
         pid = c.processes["server"].pid
-        before = rss_mib(pid)
+        print(f"scheduled tasks held: server RSS {rss_mib(pid):.1f} MiB with none", flush=True)
         producer = Producer({"bootstrap.servers": bootstrap, "acks": "all", "enable.idempotence": True,
                              "linger.ms": 5})
-        for i in range(count):
-            task_id = str(uuid.uuid4())
-            body = json.dumps({"task-id": task_id, "task": "add", "args": [i, 1], "delay": 3600}).encode()
-            while True:
-                try:
-                    producer.produce(f"{c.prefix}.tasks", body, key=task_id.encode())
-                    break
-                except BufferError:
-                    producer.poll(0.01)
-        producer.flush(60)
-        c.wait_for(lambda: c.client.stats()["tasks"].get("scheduled", 0) == count, "every task recorded",
-                   timeout=600)
-        time.sleep(5)  # a few turns with all of them waiting: what they cost while they wait
-        held = sum(w["granted"] + w["running"] for w in c.client.workers())
-        print(f"{count:,} scheduled: server RSS {before:.1f} MiB before, {rss_mib(pid):.1f} MiB after;"
-              f" held by workers: {held}", flush=True)
+        for step in (1, 2):
+            for i in range(count // 2):
+                task_id = str(uuid.uuid4())
+                body = json.dumps({"task-id": task_id, "task": "add", "args": [i, 1], "delay": 3600}).encode()
+                while True:
+                    try:
+                        producer.produce(f"{c.prefix}.tasks", body, key=task_id.encode())
+                        break
+                    except BufferError:
+                        producer.poll(0.01)
+            producer.flush(60)
+            c.wait_for(lambda: c.client.stats()["tasks"].get("scheduled", 0) == step * (count // 2),
+                       "every task recorded", timeout=600)
+            time.sleep(5)  # a few turns with all of them waiting: what they cost while they wait
+            held = sum(w["granted"] + w["running"] for w in c.client.workers())
+            print(f"{step * (count // 2):,} scheduled: server RSS {rss_mib(pid):.1f} MiB; held by workers:"
+                  f" {held}", flush=True)
 
 
 def lateness(bootstrap: str, count: int) -> None:
