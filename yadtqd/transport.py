@@ -188,17 +188,7 @@ def end_offset(consumer: Consumer, topic: str, partition: int, timeout: float = 
     """The partition's high watermark (for a ``read_committed`` consumer, the last stable
     offset): the offset the next message will get; waits for the broker (and for a topic just
     created to get its leader) up to ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            _, high = consumer.get_watermark_offsets(TopicPartition(topic, partition),
-                                                     timeout=max(0.1, deadline - time.monotonic()))
-            return int(high)
-        except KafkaException as exc:
-            if time.monotonic() >= deadline:
-                raise UnreachableError(f"cannot read the end of {topic}[{partition}]:"
-                                       f" {exc.args[0].str()}") from None
-        time.sleep(0.2)  # leaders of a new topic propagating; there is no event to wait on
+    return _watermarks(consumer, topic, partition, timeout, "end")[1]
 
 
 def assign(consumer: Consumer, positions: Mapping[tuple[str, int], int]) -> None:
@@ -237,17 +227,44 @@ def send(producer: Producer, topic: str, value: bytes, key: str, partition: int 
 def low_offset(consumer: Consumer, topic: str, partition: int, timeout: float = 30.0) -> int:
     """The partition's low watermark: the oldest offset still kept; waits for the broker (and
     for a topic just created to get its leaders) up to ``timeout``."""
+    return _watermarks(consumer, topic, partition, timeout, "start")[0]
+
+
+def _watermarks(consumer: Consumer, topic: str, partition: int, timeout: float,
+                which: str) -> tuple[int, int]:
+    """The partition's (low, high) watermarks, asked again until ``timeout``; ``which`` names
+    the one wanted, in the error."""
     deadline = time.monotonic() + timeout
     while True:
         try:
-            low, _ = consumer.get_watermark_offsets(TopicPartition(topic, partition),
-                                                    timeout=max(0.1, deadline - time.monotonic()))
-            return int(low)
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition),
+                                                       timeout=max(0.1, deadline - time.monotonic()))
+            return int(low), int(high)
         except KafkaException as exc:
             if time.monotonic() >= deadline:
-                raise UnreachableError(f"cannot read the start of {topic}[{partition}]:"
+                raise UnreachableError(f"cannot read the {which} of {topic}[{partition}]:"
                                        f" {exc.args[0].str()}") from None
         time.sleep(0.2)  # leaders of a new topic propagating; there is no event to wait on
+
+
+def deliver_all(producer: Producer, topic: str, messages: list[tuple[bytes, str]],
+                timeout: float) -> str | None:
+    """Produce (value, key) messages and wait until Kafka acknowledged them all; returns the
+    problem, if any (the last one seen, or how many were not acknowledged in time)."""
+    failed: list[str] = []
+
+    def delivered(err: KafkaError | None, _msg: object) -> None:
+        if err is not None:
+            failed.append(err.str())
+
+    for value, key in messages:
+        problem = send(producer, topic, value, key, on_delivery=delivered)
+        if problem:
+            failed.append(problem)
+    left = producer.flush(timeout)
+    if failed or left:
+        return failed[-1] if failed else f"{left} not acknowledged within {timeout:g} s"
+    return None
 
 
 def deliver(producer: Producer, topic: str, value: bytes, key: str, timeout: float) -> str | None:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import msgspec
-from confluent_kafka import KafkaError, Message, Producer
+from confluent_kafka import Producer
 
 from yadtqd import messages as m
 from yadtqd import protocol, transport
@@ -105,21 +105,8 @@ class Submitter:
         """Produce operator's orders to ``tasks``, each keyed like its task (so it is read after
         the task's submission), and wait for Kafka to take them all; returns the problem if it
         did not in time."""
-        failed: list[str] = []
-
-        def delivered(err: KafkaError | None, msg: Message) -> None:
-            if err is not None:
-                failed.append(err.str())
-
-        for control in controls:
-            problem = transport.send(self.producer, self.topic, m.encode(control),
-                                     control.task_id or "purge", on_delivery=delivered)
-            if problem:
-                return problem
-        left = self.producer.flush(self.timeout)
-        if failed or left:
-            return failed[-1] if failed else f"{left} not acknowledged within {self.timeout:g} s"
-        return None
+        return transport.deliver_all(self.producer, self.topic,
+                                     [(m.encode(c), c.task_id or "purge") for c in controls], self.timeout)
 
     def _forward(self, sub: m.Submission, uid: int) -> Reply:
         known = self.store.task_rows([sub.task_id]).get(sub.task_id)  # this replica's view

@@ -461,26 +461,18 @@ def resubmit(config: Config, store: Store, timeout: float = 30.0) -> int:
     if not rows:
         return 0
     producer, _ = transport.make_producer(config, "server-resubmit")
-    failed: list[str] = []
-
-    def delivered(err: KafkaError | None, msg: Message) -> None:
-        if err is not None:
-            failed.append(err.str())
-
+    messages = []
     for row in rows:
         task, args, kwargs, options = _payload.decode(row["payload"])
         sub = m.Submission(task_id=row["id"], task=task, args=args, kwargs=kwargs, options=options,
                            submitted_at=row["submitted_at"])
-        problem = transport.send(producer, config.topic("tasks"), m.encode(sub), sub.task_id,
-                                 on_delivery=delivered)
-        if problem:
-            failed.append(problem)
-    left = producer.flush(timeout)
-    if left or failed:
+        messages.append((m.encode(sub), sub.task_id))
+    problem = transport.deliver_all(producer, config.topic("tasks"), messages, timeout)
+    if problem:
         producer.purge()
         producer.flush(0)
         raise UnreachableError(f"cannot submit again {len(rows)} tasks only this database knows"
-                               f" of ({left} unacknowledged; {failed[-1] if failed else 'timeout'})")
+                               f" of ({problem})")
     log.warning("submitted again %d never-granted tasks the changelog may lack", len(rows),
                 extra={"event": "resubmitted"})
     return len(rows)
