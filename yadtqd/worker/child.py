@@ -7,7 +7,7 @@ for a wedged process.
 
 Each execution process leads a process group of its own, so whatever a task starts
 (subprocesses, forks) is in it, and the pool ends the whole group with the task (a timeout, a
-fence, a stop). When the worker dies, the kernel sends this process SIGTERM
+fence, a stop). When the worker dies, the kernel sends this process SIGUSR2
 (``PR_SET_PDEATHSIG``) and its handler ends the group; the pipe closing does the same from the
 reading thread. (A task holding the interpreter lock in a C call delays both until it returns.)
 """
@@ -72,7 +72,6 @@ _in_task = False
 #: A cancel came between tasks (the job may be on its way): the next task stops at once. The
 #: worker replaces a process it cancelled after its outcome, so no later job sees this.
 _cancel_pending = False
-_parent = 0
 
 
 class TaskCancelled(BaseException):
@@ -237,28 +236,31 @@ def _address_space() -> int:
 
 
 def _die_with_parent() -> None:
-    """End this process's group when the worker process dies: the kernel sends SIGTERM then
-    (Linux ``PR_SET_PDEATHSIG``), whose handler ends the group, task subprocesses included. A
-    SIGTERM while the worker lives is its cancel of the running task (:class:`TaskCancelled`),
-    ignored between tasks (the task ended first)."""
-    global _parent
-    _parent = os.getppid()
+    """End this process's group when the worker process dies: the kernel sends SIGUSR2 then
+    (Linux ``PR_SET_PDEATHSIG``), whose handler ends the group, task subprocesses included. (Not
+    SIGTERM: while a dying worker's threads exit one by one, ``getppid()`` may still name it, so
+    the two signals cannot share a handler.) A SIGTERM is the worker's cancel of the running
+    task (:class:`TaskCancelled`), kept for the next task when it comes between two."""
+    signal.signal(signal.SIGUSR2, lambda signum, frame: _end_group())
     signal.signal(signal.SIGTERM, _on_sigterm)
     # a task's fork is not the group's leader: SIGTERM must end it alone, as usual
-    os.register_at_fork(after_in_child=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
+    os.register_at_fork(after_in_child=_default_signals)
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        libc.prctl(1, signal.SIGUSR2)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass  # not Linux: the pipe's end still ends the group
     if os.getppid() == 1:  # the worker died before the request took effect
         _end_group()
 
 
+def _default_signals() -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGUSR2, signal.SIG_DFL)
+
+
 def _on_sigterm(signum: int, frame: object) -> None:
     global _cancel_pending
-    if os.getppid() != _parent:
-        _end_group()  # the worker died
     if _in_task:
         raise TaskCancelled()
     _cancel_pending = True
