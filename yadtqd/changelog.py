@@ -6,6 +6,10 @@
   ``failures/12``, ``counters/stale_events``, ``offsets/<topic>/<partition>``;
 - value: the row as a JSON object of its columns, or no value (a tombstone) for a deleted row.
 
+One key names no row: :data:`PRIME`, the placeholder with which the server opens its next
+transaction ahead of need (:meth:`yadtqd.server.replication.Changelog.prime`); a tombstone,
+skipped by every reader, that compaction removes.
+
 Records that do not decode raise :class:`~yadtqd.errors.BadMessage`, naming the problem: a
 replica skips them (and counts them) rather than stopping.
 """
@@ -23,6 +27,10 @@ from yadtqd.store import RowChange
 from yadtqd.store.replica import KEYS, SEP
 
 _row = msgspec.json.Decoder(dict[str, Any])
+
+
+#: The key of the placeholder record (no ``/``: it can be no table's row).
+PRIME = b"prime"
 
 
 def record_bytes(config: Config) -> int:

@@ -274,7 +274,18 @@ class Cancel(Struct, kw_only=True, tag_field="type", tag="cancel"):
     v: int = 1
 
 
-Dispatch = Run | Fenced | Alive | Refused | Cancel
+class Prime(Struct, kw_only=True, tag_field="type", tag="prime"):
+    """A placeholder addressed to no worker: the server opens its next Kafka transaction ahead
+    of need with one on each ``dispatch`` partition a grant may go to, so that registering
+    the partitions (a round trip to the transaction coordinator) is not on a grant's path.
+    Workers skip it (it names no worker)."""
+
+    worker: str = ""
+    epoch: str = ""
+    v: int = 1
+
+
+Dispatch = Run | Fenced | Alive | Refused | Cancel | Prime
 _dispatch: msgspec.json.Decoder[Dispatch] = msgspec.json.Decoder(Dispatch)
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import msgspec
 from confluent_kafka import KafkaError, KafkaException, Message
@@ -68,6 +68,11 @@ class Dispatcher:
             log.debug("task %s attempt %d granted to %s", grant.task_id, grant.attempt,
                       grant.worker, extra={"task_id": grant.task_id, "worker_id": grant.worker,
                                            "event": "task_granted"})
+
+    def prime(self, partitions: Iterable[int]) -> None:
+        """Open the next transaction now, with placeholders on these ``dispatch`` partitions
+        (those of the live epochs): a grant to any of them then goes out with one commit."""
+        self.out.prime((self.topic, p) for p in sorted(set(partitions)) if 0 <= p < self.partitions)
 
     def fence(self, worker: str, epoch: str, partition: int, reason: str) -> None:
         """Tell an epoch it was declared dead."""

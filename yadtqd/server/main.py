@@ -34,7 +34,8 @@ from yadtqd.server.evidence import Evidence
 from yadtqd.server.ingest import Effects, Fence, Ingest
 from yadtqd.server.queries import Changes, Queries, Submitter
 from yadtqd.server.election import Elector
-from yadtqd.server.replication import Changelog, Fenced, Follower
+from yadtqd.server.replication import Changelog, Fenced
+from yadtqd.server.standby import Follower
 from yadtqd.server.cron import Cron
 from yadtqd.server.limiter import Limiter
 from yadtqd.server.lock import hold_database
@@ -322,7 +323,7 @@ class Server:
 
     def _turn(self, store: Store, ingest: Ingest, inbox: Inbox, dispatcher: Dispatcher,
               out: Changelog) -> None:
-        select.select([inbox.reader], [], [], self._idle(store))
+        select.select([inbox.reader], [], [], self._idle(store, out))
         if not inbox.alive:
             raise UnreachableError("the thread reading Kafka died (see the log above); stopping")
         batch = inbox.take()
@@ -350,7 +351,8 @@ class Server:
                 dispatcher.alive(answer.worker, answer.epoch, answer.partition, answer.probe)
             else:
                 dispatcher.refuse(answer.worker, answer.epoch, answer.partition, answer.reason)
-        out.commit(store)  # the turn's changes and messages, one Kafka transaction
+        if out.commit(store):  # the turn's changes and messages, one Kafka transaction
+            dispatcher.prime(self.scheduler.routes().values())  # the next one, ahead of need
         self._follow(inbox)
         dispatcher.poll()  # delivery reports first: a slow turn is not a slow broker
         mono = time.monotonic()
@@ -362,11 +364,14 @@ class Server:
             self.changes.signal()
         self._report(store)
 
-    def _idle(self, store: Store) -> float:
+    def _idle(self, store: Store, out: Changelog) -> float:
         """How long the loop may wait for Kafka: a tenth of a second, or until the next
-        scheduled task is due, if sooner (it is then granted on time)."""
+        scheduled task is due (it is then granted on time) or the changelog's producer has
+        work of its own, if sooner."""
         due = store.next_due()
-        return 0.1 if due is None else min(0.1, max(0.0, due - time.time()))
+        wait = 0.1 if due is None else min(0.1, max(0.0, due - time.time()))
+        own = out.wake_in()
+        return wait if own is None else min(wait, own)
 
     def _check_deaths(self, store: Store, ingest: Ingest, now: float) -> list[Fence]:
         """Declare dead the epochs *proven* silent for ``heartbeat_timeout``: a marker sent that

@@ -248,8 +248,8 @@ class Worker:
             log.warning("skipped dispatch message at %s[%d]@%d: %s",
                         msg.topic(), msg.partition(), msg.offset(), exc)
             return
-        if order.worker != self.worker_id or order.epoch != self.epoch:
-            return  # for another worker sharing the partition, or for a previous epoch
+        if isinstance(order, m.Prime) or order.worker != self.worker_id or order.epoch != self.epoch:
+            return  # a placeholder, for another worker sharing the partition, or for a past epoch
         if isinstance(order, m.Fenced):
             self._on_fenced(order)
         elif isinstance(order, m.Alive):

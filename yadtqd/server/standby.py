@@ -1,0 +1,156 @@
+"""A standby's side of the changelog (DESIGN 13): records applied to the store as they come
+(:class:`Follower`), in batches (:func:`apply_batch`, also used by the active's restore), and the
+never-granted tasks only a file knows of submitted again before that file is wiped
+(:func:`resubmit`)."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import msgspec
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    TIMESTAMP_NOT_AVAILABLE,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    TopicPartition,
+)
+
+from yadtqd import changelog, transport
+from yadtqd import messages as m
+from yadtqd.config import Config
+from yadtqd.errors import BadMessage, UnreachableError
+from yadtqd.store import Store
+
+log = logging.getLogger("yadtqd.server")
+_payload = msgspec.json.Decoder(tuple[str, list, dict, m.Options])  # type: ignore[type-arg]
+
+#: Changelog records applied per SQLite transaction while restoring or following.
+RESTORE_BATCH = 2000
+
+
+def apply_batch(store: Store, topic: str, batch: list[Message]) -> int:
+    """Apply a batch of changelog records, and the positions after them, in one transaction;
+    bad records are skipped, logged and counted. Returns the changes applied."""
+    changes, positions, bad = [], {}, 0
+    for msg in batch:
+        err, partition, offset = msg.error(), msg.partition() or 0, msg.offset() or 0
+        if err is not None:
+            if err.code() != KafkaError._PARTITION_EOF:
+                log.warning("reading %s: %s", topic, err.str())
+            continue
+        positions[partition] = offset + 1
+        if msg.key() == changelog.PRIME:
+            continue
+        try:
+            changes.append(changelog.decode(msg.key(), msg.value()))
+        except BadMessage as exc:
+            bad += 1
+            log.warning("skipped bad changelog record at %s[%d]@%d: %s", topic, partition, offset,
+                        exc, extra={"event": "bad_message"})
+    if positions:
+        with store.transaction():
+            store.apply_changes(changes)
+            store.save_changelog_positions(positions)
+            if bad:
+                store.bump("bad_messages", bad)
+    return len(changes)
+
+
+class Follower:
+    """A standby's replica: the changelog applied as it comes, so every read can be served
+    here and a takeover has only the last records left to apply."""
+
+    def __init__(self, config: Config, store: Store, timeout: float = 30.0) -> None:
+        self.topic = config.topic("changelog")
+        self.store = store
+        monitor = transport.ConnectionMonitor("server standby consumer")
+        self.consumer = Consumer(transport.consumer_settings(config, "server-standby", monitor))
+        try:
+            partitions = transport.partition_count(self.consumer, self.topic, timeout)
+            ends = {p: transport.end_offset(self.consumer, self.topic, p, timeout)
+                    for p in range(partitions)}
+        except UnreachableError:
+            self.consumer.close()
+            raise
+        positions = store.changelog_positions()
+        if store.publishing():  # the only copy of rows the changelog lacks: never wiped
+            log.warning("%s: rows are still being published to %s: kept as they are until this"
+                        " server is active again", store.path, self.topic)
+        elif store.has_pending() or (not positions and any(ends.values()) and not store.is_empty()):
+            log.warning("%s: changes the changelog may lack, or rows without positions: rebuilding"
+                        " it from %s", store.path, self.topic, extra={"event": "store_rebuild"})
+            resubmit(config, store)
+            with store.transaction():
+                store.wipe()
+            positions = {}
+        self.partitions = [TopicPartition(self.topic, p, positions.get(p, OFFSET_BEGINNING))
+                           for p in range(partitions)]
+        self.consumer.assign(self.partitions)
+        #: When the active wrote the newest record applied (its Kafka timestamp), if known.
+        self.written: float | None = None
+
+    def step(self, timeout: float) -> int:
+        """Apply what arrived within ``timeout``; returns the changes applied."""
+        batch = self.consumer.consume(RESTORE_BATCH, timeout)
+        for msg in reversed(batch):
+            kind, ms = msg.timestamp()
+            if msg.error() is None and kind != TIMESTAMP_NOT_AVAILABLE:
+                self.written = ms / 1000
+                break
+        return apply_batch(self.store, self.topic, batch)
+
+    def lag_seconds(self, lag: int) -> float | None:
+        """With ``lag`` records still to apply: the seconds since the active wrote the newest
+        change applied here, by the two hosts' clocks (0 when nothing is left; None: not known)."""
+        if lag == 0:
+            return 0.0
+        if lag < 0 or self.written is None:
+            return None
+        return round(max(0.0, time.time() - self.written), 3)
+
+    def lag(self) -> int:
+        """Records not yet applied, as far as the last fetch knows (-1: not known yet)."""
+        positions = self.store.changelog_positions()
+        total = 0
+        for tp in self.partitions:
+            try:
+                _, high = self.consumer.get_watermark_offsets(tp, cached=True)
+            except KafkaException:
+                return -1
+            if high < 0:
+                return -1
+            # the end is past the last commit marker, which no consumer position passes
+            total += max(0, high - positions.get(tp.partition, 0) - 1)
+        return total
+
+    def close(self) -> None:
+        """Stop reading."""
+        self.consumer.close()
+
+
+def resubmit(config: Config, store: Store, timeout: float = 30.0) -> int:
+    """Submit again, to ``tasks``, the never-granted tasks the file noted and the changelog may
+    lack: whoever is active records them (or finds them known: intake is idempotent)."""
+    rows = store.salvage()
+    if not rows:
+        return 0
+    producer, _ = transport.make_producer(config, "server-resubmit")
+    messages = []
+    for row in rows:
+        task, args, kwargs, options = _payload.decode(row["payload"])
+        sub = m.Submission(task_id=row["id"], task=task, args=args, kwargs=kwargs, options=options,
+                           submitted_at=row["submitted_at"])
+        messages.append((m.encode(sub), sub.task_id))
+    problem = transport.deliver_all(producer, config.topic("tasks"), messages, timeout)
+    if problem:
+        producer.purge()
+        producer.flush(0)
+        raise UnreachableError(f"cannot submit again {len(rows)} tasks only this database knows"
+                               f" of ({problem})")
+    log.warning("submitted again %d never-granted tasks the changelog may lack", len(rows),
+                extra={"event": "resubmitted"})
+    return len(rows)
