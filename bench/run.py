@@ -4,11 +4,12 @@
                                   [--scale 1000000]
 
 Throughput (first submit to last result readable) with 1, 2 and 4 workers and the submit rate
-alone; sequential latency; the raw-Kafka limit through the same hops on the same broker, and
-YADTQ as a ratio of it; throughput and latency with a standby server following; failover of a
-worker and takeovers of the active server (``--kills`` each); with ``--scale N``, the server's rate with 100 simulated
-workers and its database and memory after N tasks. Each figure is the median of ``--runs``
-runs with min and max. Uses ``YADTQ_TEST_BOOTSTRAP`` if set, else starts a broker of its own. Logging is at the
+alone; sequential latency, and latency of a task sent after 3 s of idle; the raw-Kafka limit
+through the same hops on the same broker, and YADTQ as a ratio of it; throughput and latency
+with a standby server following; failover of a worker and takeovers of the active server
+(``--kills`` each); with ``--scale N``, the server's rate with 100 simulated workers and its
+database and memory after N tasks. Each figure is the median of ``--runs`` runs with min and
+max. Uses ``YADTQ_TEST_BOOTSTRAP`` if set, else starts a broker of its own. Logging is at the
 default level (info), as deployed. First, ``--warmup`` tasks go through YADTQ and as many
 messages through the raw hops, unreported: a fresh broker's JIT takes tens of thousands of
 messages to settle (its CPU per task fell from 630 to 130 us over the first 60,000 here).
@@ -63,6 +64,20 @@ def latency(bootstrap: str, count: int, kafka: dict[str, object] | None = None,
         return out
 
 
+def idle_latency(bootstrap: str, count: int = 20, idle: float = 3.0) -> list[float]:
+    """Seconds from submit to result readable for tasks each sent after ``idle`` seconds in
+    which the cluster had nothing to do (the peers' part I)."""
+    with cluster(bootstrap, 1) as c:
+        c.client.result(c.client.submit("add", 0, 1), wait=30)
+        out = []
+        for i in range(count):
+            time.sleep(idle)  # the point: a cluster left idle, not a wait for an event
+            start = time.perf_counter()
+            c.client.result(c.client.submit("add", i, 1), wait=30)
+            out.append(time.perf_counter() - start)
+        return out
+
+
 def fmt(values: list[float], unit: str = "", scale: float = 1.0, digits: int = 0) -> str:
     med, lo, hi = summary([v * scale for v in values])
     return f"{med:,.{digits}f}{unit} ({lo:,.{digits}f}..{hi:,.{digits}f})"
@@ -108,6 +123,10 @@ def main() -> int:
         lat0 = [latency(bootstrap, args.latency, {"linger.ms": 0}) for _ in range(args.runs)]
         lat_standby = [latency(bootstrap, args.latency, standby=True) for _ in range(args.runs)]
         raw_lat = [raw.latencies(bootstrap, args.latency) for _ in range(args.runs)]
+        idle = [idle_latency(bootstrap) for _ in range(args.runs)]
+        rows.append(["latency p50 / max, a task sent after 3 s idle (20 tasks)", "ms",
+                     f"{fmt([percentile(run, 0.5) for run in idle], scale=1000, digits=1)} /"
+                     f" {max(max(run) for run in idle) * 1000:.1f}"])
         for q, name in ((0.5, "p50"), (0.95, "p95"), (0.99, "p99")):
             rows.append([f"latency {name} (sequential, {args.latency} tasks)", "ms",
                          fmt([percentile(run, q) for run in lat], scale=1000, digits=1)])

@@ -71,7 +71,8 @@ class Dispatcher:
 
     def prime(self, partitions: Iterable[int]) -> None:
         """Open the next transaction now, with placeholders on these ``dispatch`` partitions
-        (those of the live epochs): a grant to any of them then goes out with one commit."""
+        (those of the epochs that may take a grant): a grant to any of them then goes out with
+        one commit."""
         self.out.prime((self.topic, p) for p in sorted(set(partitions)) if 0 <= p < self.partitions)
 
     def fence(self, worker: str, epoch: str, partition: int, reason: str) -> None:

@@ -352,7 +352,7 @@ class Server:
             else:
                 dispatcher.refuse(answer.worker, answer.epoch, answer.partition, answer.reason)
         if out.commit(store):  # the turn's changes and messages, one Kafka transaction
-            dispatcher.prime(self.scheduler.routes().values())  # the next one, ahead of need
+            dispatcher.prime(self.scheduler.open_routes())  # the next one, ahead of need
         self._follow(inbox)
         dispatcher.poll()  # delivery reports first: a slow turn is not a slow broker
         mono = time.monotonic()

@@ -286,22 +286,27 @@ class Changelog:
                 or not self._begin()):
             return
         self.state, self.sending, self._notes = "primed", [], []
-        self._produce(self.topic, None, changelog.PRIME, 0)
         placeholder = m.encode(m.Prime())
-        for topic, partition in partitions:
-            self._produce(topic, placeholder, b"", partition)
+        problems = [self._produce(self.topic, None, changelog.PRIME, 0)]
+        problems += [self._produce(topic, placeholder, b"", partition) for topic, partition in partitions]
+        problem = next((p for p in problems if p), None)
+        if problem:  # not expected (the partitions exist): abort, and wait a second to try again
+            log.info("could not open the next transaction ahead of need: %s", problem)
+            self.state = "aborting"
+            if self._abort(COMMIT_WAIT):
+                self._ended = time.monotonic() + 1.0
 
     def wake_in(self) -> float | None:
         """Seconds until this producer has something to do with no input: commit rows put
         off, open a transaction ahead of need, end one that waited too long."""
         now = time.monotonic()
         waits = []
-        if self._put_off is not None:
+        if self._put_off is not None:  # (their commit also ends a transaction kept too long)
             waits.append(self._put_off + LINGER - now)
+        elif self.state == "primed":
+            waits.append(self._opened + PRIME_LIMIT - now)
         if self.state == "idle" and now - self._ended < SETTLE:
             waits.append(self._ended + SETTLE - now)
-        if self.state == "primed":
-            waits.append(self._opened + PRIME_LIMIT - now)
         return max(0.0, min(waits)) if waits else None
 
     def discard(self) -> None:
@@ -323,8 +328,10 @@ class Changelog:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.state == "primed" and not self.queued and not store.has_pending():
-                self._abort(min(COMMIT_WAIT, max(0.1, deadline - time.monotonic())))
-                continue
+                self.state = "committing"  # placeholders only: committed, a standby reads past them
+                if not self._commit(store, min(COMMIT_WAIT, max(0.1, deadline - time.monotonic()))):
+                    log.info("the last transaction, placeholders only, was left to the broker")
+                return
             if (self.commit(store, min(COMMIT_WAIT * 3, max(0.1, deadline - time.monotonic())), linger=False)
                     and self.state == "idle" and not self.queued and not store.has_pending()):
                 return

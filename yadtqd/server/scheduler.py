@@ -186,6 +186,10 @@ class Scheduler:
         """The ``dispatch`` partition of each epoch."""
         return {epoch: mb.dispatch for epoch, mb in self.members.items()}
 
+    def open_routes(self) -> set[int]:
+        """The ``dispatch`` partitions of the epochs that may take a grant now."""
+        return {mb.dispatch for mb in self.members.values() if mb.may_take()}
+
     def provided(self) -> set[str]:
         """Every task name some live, accepting epoch advertises."""
         return {n for mb in self.members.values() if mb.accepting for n in mb.tasks}

@@ -30,6 +30,8 @@ _payload = msgspec.json.Decoder(tuple[str, list, dict, m.Options])  # type: igno
 
 #: Changelog records applied per SQLite transaction while restoring or following.
 RESTORE_BATCH = 2000
+#: Seconds between two questions to the broker for the changelog's end (a standby's lag).
+LAG_EVERY = 0.1
 
 
 def apply_batch(store: Store, topic: str, batch: list[Message]) -> int:
@@ -92,6 +94,9 @@ class Follower:
         self.consumer.assign(self.partitions)
         #: When the active wrote the newest record applied (its Kafka timestamp), if known.
         self.written: float | None = None
+        #: The changelog's last stable offset per partition, and when it was last asked.
+        self._ends: dict[int, int] = {}
+        self._asked = float("-inf")
 
     def step(self, timeout: float) -> int:
         """Apply what arrived within ``timeout``; returns the changes applied."""
@@ -113,19 +118,26 @@ class Follower:
         return round(max(0.0, time.time() - self.written), 3)
 
     def lag(self) -> int:
-        """Records not yet applied, as far as the last fetch knows (-1: not known yet)."""
+        """Records not yet applied (-1: not known yet). The end is the last stable offset,
+        asked of the broker at most every :data:`LAG_EVERY` seconds: the high watermark a
+        fetch brings counts the open transaction's placeholders the active keeps ahead of need
+        (:meth:`yadtqd.server.replication.Changelog.prime`), which no reader sees until their
+        commit."""
+        now = time.monotonic()
+        if now - self._asked >= LAG_EVERY:
+            self._asked = now
+            for tp in self.partitions:
+                try:
+                    _, end = self.consumer.get_watermark_offsets(tp, timeout=1.0, cached=False)
+                except KafkaException:
+                    self._ends = {}
+                    return -1
+                self._ends[tp.partition] = end
+        if len(self._ends) < len(self.partitions) or min(self._ends.values()) < 0:
+            return -1
         positions = self.store.changelog_positions()
-        total = 0
-        for tp in self.partitions:
-            try:
-                _, high = self.consumer.get_watermark_offsets(tp, cached=True)
-            except KafkaException:
-                return -1
-            if high < 0:
-                return -1
-            # the end is past the last commit marker, which no consumer position passes
-            total += max(0, high - positions.get(tp.partition, 0) - 1)
-        return total
+        # the end is past the last commit marker, which no position applied passes
+        return sum(max(0, end - positions.get(p, 0) - 1) for p, end in self._ends.items())
 
     def close(self) -> None:
         """Stop reading."""
