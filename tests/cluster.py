@@ -17,6 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
 from yadtqd.client import Client
 
 WAIT = 60.0
@@ -190,3 +192,24 @@ class Cluster:
             tail = path.read_text(errors="replace").splitlines()[-lines:]
             parts.append(f"----- {path.name}\n" + "\n".join(tail))
         return "\n".join(parts)
+
+
+def read_topic(bootstrap: str, topic: str) -> list[tuple[bytes | None, bytes | None]]:
+    """Every committed record of a topic, in each partition's order: (key, value)."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "test-read",
+                         "isolation.level": "read_committed", "enable.partition.eof": True,
+                         "enable.auto.commit": False})
+    try:
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+        records, ended = [], set()
+        while len(ended) < len(partitions):
+            msg = consumer.poll(10)
+            assert msg is not None, f"{topic} was not read to its end"
+            if msg.error() is not None:
+                ended.add(msg.partition())
+            else:
+                records.append((msg.key(), msg.value()))
+        return records
+    finally:
+        consumer.close()

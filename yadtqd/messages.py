@@ -404,6 +404,9 @@ class Finished(Struct, kw_only=True, tag_field="type", tag="finished", omit_defa
     error: ErrorInfo | None = None
     #: Seconds the execution ran, measured by the worker (None from older workers).
     runtime: Annotated[float, Meta(ge=0)] | None = None
+    #: When it started (the worker's clock), for a task that ended before its ``started`` was
+    #: sent: one event says both. None when a ``started`` was sent, or from older workers.
+    started: float | None = None
     v: int = 1
 
 

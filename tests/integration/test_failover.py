@@ -14,10 +14,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from tests import ledger
-from tests.cluster import Cluster
+from tests.cluster import Cluster, read_topic
 from tests.netns import Netns
 from yadtqd.client import Client
 
@@ -158,31 +157,10 @@ def test_a_standbys_replica_equals_the_actives_rows(cluster: Cluster, tmp_path: 
         assert first.execute(query).fetchall() == second.execute(query).fetchall(), table
     # the transactions opened ahead of need left placeholders on both topics; every reader
     # skipped them: the counters above (bad_messages) are equal, and no worker complained
-    changelog = _committed(cluster.bootstrap, f"{cluster.prefix}.changelog")
-    dispatch = _committed(cluster.bootstrap, f"{cluster.prefix}.dispatch")
+    changelog = read_topic(cluster.bootstrap, f"{cluster.prefix}.changelog")
+    dispatch = read_topic(cluster.bootstrap, f"{cluster.prefix}.dispatch")
     assert any(key == b"prime" for key, _ in changelog)
     assert any(value is not None and b'"type":"prime"' in value for _, value in dispatch)
     assert second.execute("SELECT value FROM counters WHERE name = 'bad_messages'").fetchall() in ([], [(0,)])
     for worker in ("w1", "w2", "w3"):
         assert "skipped dispatch message" not in cluster.log(worker)
-
-
-def _committed(bootstrap: str, topic: str) -> list[tuple[bytes | None, bytes | None]]:
-    """Every committed record of a topic: (key, value)."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "test-read",
-                         "isolation.level": "read_committed", "enable.partition.eof": True,
-                         "enable.auto.commit": False})
-    try:
-        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
-        records, ended = [], set()
-        while len(ended) < len(partitions):
-            msg = consumer.poll(10)
-            assert msg is not None, f"{topic} was not read to its end"
-            if msg.error() is not None:
-                ended.add(msg.partition())
-            else:
-                records.append((msg.key(), msg.value()))
-        return records
-    finally:
-        consumer.close()

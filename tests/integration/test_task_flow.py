@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 from confluent_kafka import Producer
 
-from tests.cluster import Cluster
+from tests.cluster import Cluster, read_topic
 from yadtqd.client import KafkaSubmitter
 
 pytestmark = pytest.mark.kafka
@@ -43,6 +43,27 @@ def test_thousand_tasks_over_three_workers_balance(cluster: Cluster) -> None:
     assert set(shares) == {"w1", "w2", "w3"}
     for worker, n in shares.items():
         assert abs(n - mean) <= 0.1 * mean, f"{worker} ran {n} of 1000: {dict(shares)}"
+
+
+def test_a_short_task_says_its_start_in_its_finished_a_long_one_is_seen_processing(
+        cluster: Cluster) -> None:
+    """Issue 15: a task that ends within 20 ms sends one event, ``finished`` with its start; a
+    longer one sends ``started`` while it runs, and is ``processing`` meanwhile."""
+    cluster.start_server()
+    cluster.start_worker("w1")
+    short = cluster.client.submit("add", 1, 2)
+    view = cluster.client.result(short, wait=60)
+    assert view["status"] == "success"
+    assert view["submitted_at"] <= view["started_at"] <= view["finished_at"]
+    long = cluster.client.submit("sleep", 1.0)
+    cluster.wait_for(lambda: cluster.status([long])[long]["status"] == "processing", "the long task to run")
+    assert cluster.client.result(long, wait=60)["status"] == "success"
+    kinds: dict[str, list[str]] = {short: [], long: []}
+    for _, value in read_topic(cluster.bootstrap, f"{cluster.prefix}.events"):
+        event = json.loads(value or b"{}")
+        if event.get("task-id") in kinds:
+            kinds[event["task-id"]].append(event["type"])
+    assert kinds == {short: ["finished"], long: ["started", "finished"]}
 
 
 def test_no_task_waits_behind_a_long_one_while_another_worker_could_run_it(cluster: Cluster) -> None:

@@ -289,7 +289,7 @@ class Ingest:
                  extra={"task_id": ev.task_id, "worker_id": ev.worker, "event": "task_started"})
 
     def _finished(self, ev: m.Finished, now: float) -> None:
-        began = self._began.pop((ev.task_id, ev.attempt, ev.epoch), None)
+        began = self._began.pop((ev.task_id, ev.attempt, ev.epoch), None) or ev.started
         outcome = self.store.finish(ev, now, _when(ev, now), began)
         if outcome == "stale":
             self._stale(ev, f"finished {ev.task_id} attempt {ev.attempt} is not the current grant")
