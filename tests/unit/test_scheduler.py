@@ -159,3 +159,22 @@ def test_free_slots_come_before_prefetch_and_unknown_lengths_stop_it(tmp_path: P
     _learn(sched, "add", 0.0001)
     grants = Counter(g.worker for g in sched.plan(store, 100.0))
     assert grants == {"a": 11, "b": 1}
+
+
+def test_no_epoch_runs_ahead_of_one_just_given_a_task_of_unknown_length(tmp_path: Path) -> None:
+    """DESIGN 5's mixed burst: b may not prefetch far past a, which cannot take more only until
+    the first ``sleep`` ends; then a, its held ``sleep`` timed, takes its share at once."""
+    store = _store(tmp_path, ["sleep"] + ["add"] * 20)
+    sched = Scheduler()
+    sched.join(_adaptive("a"))
+    sched.join(_adaptive("b"))
+    _learn(sched, "add", 0.0001)
+    first = sched.plan(store, 100.0)
+    assert [(g.task_id, g.worker) for g in first[:1]] == [("t0", "a")]
+    held = Counter(g.worker for g in first)
+    assert held == {"a": 2, "b": 4}  # b: its 2 slots, and 2 (its slots) ahead of a's 2
+    sched.started("a", "t0")
+    sched.finished("a", "t0", runtime=0.001)  # sleep is timed now: a's held grants are known
+    assert sched.members["a"].unknown == 0
+    second = Counter(g.worker for g in sched.plan(store, 100.0))
+    assert second["a"] > 0 and sum(second.values()) == 20 - 5

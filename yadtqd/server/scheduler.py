@@ -14,6 +14,11 @@ expected to end within :data:`PREFETCH_HORIZON` per slot, judged from how long r
 the same names held a slot (from applying their ``started`` to applying their ``finished``).
 Tiny tasks so get a deep pipeline; nothing waits behind a task whose length is unknown or that
 is known to be long, so no task waits in a busy worker while another could run it.
+
+Two rules keep a burst that mixes known and unknown names even (DESIGN 5): when a name's first
+task ends, the grants of it every epoch holds count its estimate at once (they stop blocking
+prefetch together); and while an epoch cannot take more only because it was just given a task
+of a name not timed yet, no other epoch takes more than its slots beyond that one's grants.
 """
 
 from __future__ import annotations
@@ -90,6 +95,8 @@ class Member:
     unknown: int = 0
     #: Whether a running task has been running longer than :data:`LONG_TASK` (see :meth:`refresh`).
     long_running: bool = False
+    #: When this server last granted it a task of a name not timed yet (monotonic).
+    unknown_granted: float = float("-inf")
 
     @property
     def outstanding(self) -> int:
@@ -129,6 +136,15 @@ class Member:
             self.unknown += 1
         else:
             self.work += estimate
+
+    def learn(self, name: str, estimate: float) -> None:
+        """Tasks of ``name`` now have an estimate: the grants of it held as of unknown length
+        count it from now on."""
+        for task_id, (held_name, known) in self.held.items():
+            if held_name == name and known is None:
+                self.held[task_id] = (name, estimate)
+                self.unknown -= 1
+                self.work += estimate
 
     def release(self, task_id: str) -> str | None:
         """A held grant finished or was handed back; returns its task name."""
@@ -221,22 +237,34 @@ class Scheduler:
 
     def _grant(self, store: Store, waiting: Waiting, now: float, mono: float, grants: list[Grant],
                counts: dict[str, int]) -> None:
-        member = self._pick(waiting.name)
+        member = self._pick(waiting.name, mono)
         if member is None:
             return
         grant = store.grant(waiting.task_id, member.worker, member.epoch, now, member.grants + 1)
         if grant is not None:
             member.grants += 1
             counts[member.epoch] = member.grants
-            member.hold(waiting.task_id, waiting.name, self.estimates.get(waiting.name))
+            estimate = self.estimates.get(waiting.name)
+            member.hold(waiting.task_id, waiting.name, estimate)
+            if estimate is None:
+                member.unknown_granted = mono
             self.limiter.granted(waiting.task_id, waiting.name, waiting.limit_key, mono)
             member.last_granted = next(self._order)
             grants.append(grant)
 
-    def _pick(self, name: str) -> Member | None:
+    def _pick(self, name: str, mono: float) -> Member | None:
+        # beyond its slots, an epoch takes no more than its slots ahead of a peer that cannot
+        # take now only because it was just granted a task of a name not timed yet: that one
+        # catches up first, within moments, so a burst mixing known and unknown names ends in
+        # even shares (DESIGN 5)
+        floor = min((mb.outstanding for mb in self.members.values()
+                     if name in mb.tasks and mb.accepting and mb.unknown
+                     and mono - mb.unknown_granted < LONG_TASK), default=None)
         best: Member | None = None
         for mb in self.members.values():
             if name not in mb.tasks or not mb.may_take():
+                continue
+            if floor is not None and mb.outstanding >= max(mb.slots, floor + mb.slots):
                 continue
             if best is None or (mb.free, -mb.work, -mb.last_granted) > (best.free, -best.work, -best.last_granted):
                 best = mb
@@ -265,7 +293,12 @@ class Scheduler:
         if runtime is None and began is not None:
             runtime = time.monotonic() - began
         if runtime is not None:
+            first = self.estimates.get(name) is None
             self.estimates.add(name, runtime)
+            if first:  # every epoch holding tasks of this name may prefetch again at once
+                estimate = self.estimates.get(name) or 0.0
+                for mb in self.members.values():
+                    mb.learn(name, estimate)
 
     def handed_back(self, epoch: str, task_ids: Iterable[str]) -> None:
         """Unstarted grants held by an epoch went back to the queue."""
