@@ -178,3 +178,20 @@ def test_no_epoch_runs_ahead_of_one_just_given_a_task_of_unknown_length(tmp_path
     assert sched.members["a"].unknown == 0
     second = Counter(g.worker for g in sched.plan(store, 100.0))
     assert second["a"] > 0 and sum(second.values()) == 20 - 5
+
+
+def test_a_names_first_end_times_every_grant_of_it_held(tmp_path: Path) -> None:
+    """Member.learn: a's second ``sleep``, granted while the name was not timed, counts the
+    estimate once b's ends, so a may prefetch behind it (it no longer blocks)."""
+    store = _store(tmp_path, ["sleep", "sleep", "sleep"] + ["add"] * 10)
+    sched = Scheduler()
+    sched.join(_adaptive("a"))
+    sched.join(_adaptive("b", slots=1))
+    _learn(sched, "add", 0.0001)
+    first = sched.plan(store, 100.0)
+    a, b = sched.members["a"], sched.members["b"]
+    assert (a.unknown, b.unknown) == (2, 1) and not a.may_take()
+    (b_sleep,) = [g.task_id for g in first if g.worker == "b"]
+    sched.started("b", b_sleep)
+    sched.finished("b", b_sleep, runtime=0.001)
+    assert a.unknown == 0 and a.work > 0 and a.may_take()

@@ -224,13 +224,13 @@ class Scheduler:
         counts: dict[str, int] = {}
         for _ in range(LIMIT_PASSES):  # again, past the limit keys the last pass filled
             limit = sum(mb.most - mb.outstanding for mb in takers)
-            held_back = False
+            held_back, before = False, len(grants)
             for waiting in store.waiting(names, limit, now, self.limiter.closed(mono)):
                 if not self.limiter.allows(waiting.name, waiting.limit_key, mono):
                     held_back = True  # a global limit (issue 14): it waits in the queue, in its place
                     continue
                 self._grant(store, waiting, now, mono, grants, counts)
-            if not held_back or not any(mb.may_take() for mb in takers):
+            if not held_back or len(grants) == before or not any(mb.may_take() for mb in takers):
                 break
         store.count_grants(counts)
         return grants

@@ -311,6 +311,7 @@ class Worker:
         killed = self.pool.kill_running()
         dropped = len(self.pending)
         self.pending.clear()
+        self.unannounced.clear()  # the epoch's tasks are killed: nothing of it is to be said
         log.warning("epoch %s fenced by the server (%s): killed %d running, dropped %d granted",
                     fence.epoch, fence.reason, len(killed), dropped,
                     extra={"worker_id": self.worker_id, "event": "worker_fenced"})
