@@ -224,6 +224,9 @@ class Run(Struct, kw_only=True, tag_field="type", tag="run"):
     #: The grant's number within the epoch (1, 2, ...): a re-sent run repeats it, so the worker
     #: drops repeats exactly with bounded memory. None from older servers.
     grant: Annotated[int, Meta(ge=1)] | None = None
+    #: The task's priority: of the grants a worker holds, it starts the highest first (FIFO
+    #: within one), so a prefetch does not make a later urgent task wait. 0 from older servers.
+    priority: Priority = 0
     v: int = 1
 
 

@@ -64,6 +64,37 @@ def test_a_later_high_priority_task_runs_before_an_earlier_backlog(cluster: Clus
     assert order[2:] == low[1:]  # FIFO within a priority
 
 
+@pytest.mark.parametrize("prefetch", [-1, 8], ids=["adaptive-prefetch", "fixed-prefetch"])
+def test_an_urgent_task_granted_into_a_prefetch_starts_before_the_tasks_waiting_there(
+        cluster: Cluster, tmp_path: Path, prefetch: int) -> None:
+    """Issue 14's bound with prefetch on: a later high-priority task waits for at most one task
+    per slot, although lower ones were granted into the worker's prefetch before it came."""
+    cluster.write_config(worker={"slots": 1, "prefetch": prefetch})
+    cluster.start_server()
+    cluster.start_worker("w1")
+    book, gate = tmp_path / "ledger", tmp_path / "gate"
+    # both names get a short estimate, so an adaptive prefetch takes them deep
+    cluster.wait_terminal([cluster.client.submit("ledger", str(tmp_path / "teach"), 0.0),
+                           cluster.client.submit("ledger_after", None, str(tmp_path / "teach"), 0.0)])
+    cluster.stop("w1")
+    first = cluster.client.submit("ledger", str(book), 0.0, "gate", kwargs={"until": str(gate)},
+                                  queue_anyway=True)
+    low = [cluster.client.submit("ledger_after", i, str(book), 1.0, queue_anyway=True) for i in range(4)]
+    cluster.start_worker("w1")  # its first plan grants all five: one runs, four wait in it
+    cluster.wait_for(lambda: all(v["worker"] for v in cluster.status([first] + low).values()),
+                     "the five granted")
+    cluster.wait_for(lambda: any(e.task_id == first for e in ledger.read(book)), "the gate running")
+    high = cluster.client.submit("ledger", str(book), 0.0, "high", priority=10)
+    gate.touch()
+    cluster.wait_terminal([first, high] + low)
+    order = [e.task_id for e in ledger.read(book) if e.phase == "start"]
+    assert order[0] == first
+    # granted at once (fixed) or as soon as the gate's slot frees (adaptive): before the four,
+    # or after the one that took the freed slot first; without the order it would start last
+    assert order.index(high) <= 2, order
+    assert [t for t in order if t in low] == low  # FIFO within a priority
+
+
 def test_cancel_ends_waiting_tasks_at_once_and_says_so(cluster: Cluster) -> None:
     cluster.start_server()
     cluster.start_worker("w1")

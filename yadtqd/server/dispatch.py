@@ -61,7 +61,8 @@ class Dispatcher:
             task, args, kwargs, options = _payload.decode(grant.payload)
             run = m.Run(worker=grant.worker, epoch=grant.epoch, task_id=grant.task_id,
                         attempt=grant.attempt, task=task, args=args, kwargs=kwargs, options=options,
-                        lease=self.lease, grant=grant.grant_no or None)
+                        lease=self.lease, grant=grant.grant_no or None,
+                        priority=grant.priority)
             self._send(grant.worker, self.route(grant.worker, routes.get(grant.epoch, -1)), m.encode(run))
             # debug: the worker logs "started" at info, which names it; DESIGN 9's trail
             # (received, started, succeeded or failed) does not need a third server line a task

@@ -70,6 +70,8 @@ class Grant:
     attempt: int
     payload: str
     grant_no: int = 0
+    #: The task's priority: the worker starts the grants it holds highest first.
+    priority: int = 0
 
 
 class Store(Reads, Replica, Terms, Lifecycle):
@@ -180,12 +182,12 @@ class Store(Reads, Replica, Terms, Lifecycle):
         row = self.db.execute(
             "UPDATE tasks SET status = 'assigned', worker = ?, epoch = ?, attempt = attempt + 1,"
             " assigned_at = ?, started_at = NULL, grant_no = ? WHERE id = ? AND status = 'queued'"
-            " RETURNING attempt, payload",
+            " RETURNING attempt, payload, priority",
             (worker, epoch, now, grant_no, task_id),
         ).fetchone()
         if row is None:
             return None
-        return Grant(task_id, worker, epoch, row["attempt"], row["payload"], grant_no)
+        return Grant(task_id, worker, epoch, row["attempt"], row["payload"], grant_no, row["priority"])
 
     def count_grants(self, counts: Mapping[str, int]) -> None:
         """Save how many grants each epoch has had (epoch → count), with the grants."""
@@ -195,11 +197,11 @@ class Store(Reads, Replica, Terms, Lifecycle):
     def pending_grants(self) -> list[Grant]:
         """Grants not yet started, oldest first: re-sent after a server restart."""
         rows = self.db.execute(
-            "SELECT id, worker, epoch, attempt, payload, grant_no FROM tasks"
+            "SELECT id, worker, epoch, attempt, payload, grant_no, priority FROM tasks"
             " WHERE status = 'assigned' ORDER BY seq"
         )
-        return [Grant(r["id"], r["worker"], r["epoch"], r["attempt"], r["payload"], r["grant_no"])
-                for r in rows]
+        return [Grant(r["id"], r["worker"], r["epoch"], r["attempt"], r["payload"], r["grant_no"],
+                      r["priority"]) for r in rows]
 
     def held(self) -> dict[str, list[Held]]:
         """The granted, unfinished tasks each epoch holds."""

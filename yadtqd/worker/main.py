@@ -286,7 +286,7 @@ class Worker:
             log.critical("test fault %s=%s: wedging the main loop", WEDGE_ENV, self.wedge_on)
             while True:
                 time.sleep(3600)
-        self.pending.append(run)
+        hold_in_order(self.pending, run)
 
     def _on_cancel(self, cancel: m.Cancel) -> None:
         """An operator cancelled a task this epoch holds: drop it if it has not started (or
@@ -428,6 +428,19 @@ class Worker:
     def _send(self, message: m.WorkerEvent, urgent: bool = False) -> None:
         assert self.outbox is not None
         self.outbox.send(message, urgent)
+
+
+def hold_in_order(pending: deque[m.Run], run: m.Run) -> None:
+    """Queue a granted run among the unstarted ones this epoch holds: highest priority first,
+    in arrival order within one, so an urgent task granted into a deep prefetch starts at the
+    next free slot rather than behind the whole pipeline (issue 14)."""
+    if not pending or pending[-1].priority >= run.priority:
+        pending.append(run)
+        return
+    for index, held in enumerate(pending):
+        if held.priority < run.priority:
+            pending.insert(index, run)
+            return
 
 
 def _scrub_environment() -> None:

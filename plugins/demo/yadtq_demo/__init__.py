@@ -140,10 +140,13 @@ def cpu(n: int = 200_000) -> int:
     return sum(sieve)
 
 
-def ledger(path: str, seconds: float = 0.0, value: Any = None) -> Any:
-    """Append ``start`` and ``end`` lines for this execution to ``path``; return ``value``."""
+def ledger(path: str, seconds: float = 0.0, value: Any = None, until: str = "") -> Any:
+    """Append ``start`` and ``end`` lines for this execution to ``path``; return ``value``.
+    ``until``: a file; the task runs on until it exists (a gate a test opens)."""
     _append(path, "start")
     time.sleep(seconds)
+    while until and not os.path.exists(until):
+        time.sleep(0.01)
     _append(path, "end")
     return value
 

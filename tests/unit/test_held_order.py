@@ -1,0 +1,27 @@
+"""The order in which a worker starts the grants it holds (issue 14: priorities under prefetch)."""
+
+from __future__ import annotations
+
+from collections import deque
+
+from yadtqd import messages as m
+from yadtqd.worker.main import hold_in_order
+
+
+def _run(task_id: str, priority: int = 0) -> m.Run:
+    return m.Run(worker="w", epoch="e", task_id=task_id, attempt=1, task="add", priority=priority)
+
+
+def test_held_grants_start_highest_priority_first_and_in_arrival_order_within_one() -> None:
+    pending: deque[m.Run] = deque()
+    for run in (_run("low1"), _run("low2"), _run("high1", 10), _run("mid", 5), _run("high2", 10),
+                _run("low3"), _run("below", -1)):
+        hold_in_order(pending, run)
+    assert [r.task_id for r in pending] == ["high1", "high2", "mid", "low1", "low2", "low3", "below"]
+
+
+def test_a_run_from_an_older_server_has_priority_zero() -> None:
+    raw = (b'{"type":"run","worker":"w","epoch":"e","task-id":"t","attempt":1,"task":"add",'
+           b'"args":[1,2]}')
+    run = m.parse_dispatch(raw)
+    assert isinstance(run, m.Run) and run.priority == 0
