@@ -106,6 +106,10 @@ def consumer_settings(config: Config, client: str, monitor: ConnectionMonitor) -
     settings.update({"enable.auto.commit": False, "enable.auto.offset.store": False,
                      "auto.offset.reset": "earliest", "isolation.level": "read_committed"})
     settings.setdefault("fetch.wait.max.ms", 100)
+    # the messages fetched ahead of the application: librdkafka's default (up to 64 MiB, 100,000
+    # messages a partition) made a burst of 100,000 submissions cost the server 35 MiB for a
+    # moment, and glibc keeps such peaks (issue 14); 4 MiB is seconds of work at full speed
+    settings.setdefault("queued.max.messages.kbytes", 4096)
     settings.setdefault("enable.partition.eof", False)
     return settings
 

@@ -79,7 +79,6 @@ class Elector:
     def report(self, report: m.StandbyReport) -> None:
         """Tell the active how far this standby is behind (once a second)."""
         transport.send(self.reporter, self.topic, m.encode(report), report.server)
-        self.reporter.poll(0)
 
     def close(self) -> None:
         """Leave the group at once (a standby takes over without waiting for the session
@@ -100,6 +99,9 @@ class Elector:
             while not self._stop.is_set():
                 try:
                     msg = self.consumer.poll(0.1)  # serves heartbeats and rebalances too
+                    # the reports' delivery and librdkafka's statistics (queued each second
+                    # on every client until served): the active never reports, so only here
+                    self.reporter.poll(0)
                     if msg is not None:
                         self._read(msg)
                 except KafkaException as exc:

@@ -22,7 +22,7 @@ import socket
 import time
 import uuid
 
-from confluent_kafka import Consumer
+from confluent_kafka import Consumer, Producer
 
 from yadtqd import messages as m
 from yadtqd import topics, transport
@@ -71,6 +71,11 @@ class Server:
         self.cron = Cron(config.schedules)
         #: Task name → since when (monotonic) this process has seen it queued and unprovided.
         self.unprovided: dict[str, float] = {}
+        #: Producers this loop does not poll otherwise (the socket's submits, served on their own
+        #: threads, may be rare): polled once a second, for librdkafka queues a statistics event
+        #: (some KiB) each second on every client, and keeps it until the client is polled:
+        #: RSS grew about 7 KiB a second before (issue 14).
+        self.idle_clients: list[Producer] = []
         self.last_status = 0.0
         self.last_watchdog = 0.0
         self.inbox: Inbox | None = None
@@ -98,6 +103,7 @@ class Server:
         topics.keep_leader_short(admin, self.config)
         self.topic_health = topics.health(admin, [s.name for s in specs])
         socket_producer, _ = transport.make_producer(self.config, "server-socket", linger_ms=0)
+        self.idle_clients.append(socket_producer)
         submitter = Submitter(self.config.server.database, socket_producer, self.config.topic("tasks"),
                               on_recorded=self._wake)
         queries = Queries(submitter, self.changes, self.config.server.max_task_bytes,
@@ -452,6 +458,8 @@ class Server:
             self.notifier.watchdog()
         if mono - self.last_status >= 1.0:
             self.last_status = mono
+            for client in self.idle_clients:  # see idle_clients
+                client.poll(0)
             self.notifier.status(self._status(store))
             self._servers()
 
