@@ -41,7 +41,9 @@ TaskId = Annotated[str, Meta(pattern=TASK_ID_PATTERN)]
 TaskName = Annotated[str, Meta(min_length=1, max_length=200)]
 Attempt = Annotated[int, Meta(ge=1)]
 Count = Annotated[int, Meta(ge=0)]
-Priority = Annotated[int, Meta(ge=-1_000_000, le=1_000_000)]
+#: The range of a task's priority (a submission outside it is refused, naming it).
+MOST_PRIORITY = 1_000_000
+Priority = Annotated[int, Meta(ge=-MOST_PRIORITY, le=MOST_PRIORITY)]
 #: The longest ``delay`` a submission may ask for: ten years, in seconds.
 MAX_DELAY = 10 * 366 * 86400.0
 
@@ -226,7 +228,8 @@ class Run(Struct, kw_only=True, tag_field="type", tag="run"):
     grant: Annotated[int, Meta(ge=1)] | None = None
     #: The task's priority: of the grants a worker holds, it starts the highest first (FIFO
     #: within one), so a prefetch does not make a later urgent task wait. 0 from older servers.
-    priority: Priority = 0
+    #: Not range-checked here: a grant is never dropped for its priority.
+    priority: int = 0
     v: int = 1
 
 

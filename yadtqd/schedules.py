@@ -25,6 +25,7 @@ from typing import Any
 from croniter import croniter
 
 from yadtqd.errors import ConfigError
+from yadtqd.messages import MOST_PRIORITY
 
 #: Seconds late a tick may be and still fire under ``missed = "skip"``.
 GRACE = 60.0
@@ -129,7 +130,8 @@ def parse_schedules(tables: dict[str, Any], where: str) -> tuple[Schedule, ...]:
         if missed not in MISSED:
             raise ConfigError(f"{at}: missed must be one of {', '.join(MISSED)}, got {missed!r}")
         priority = table.get("priority", 0)
-        if not isinstance(priority, int) or isinstance(priority, bool):
-            raise ConfigError(f"{at}: priority must be an integer")
+        if not isinstance(priority, int) or isinstance(priority, bool) or abs(priority) > MOST_PRIORITY:
+            raise ConfigError(f"{at}: priority must be an integer from {-MOST_PRIORITY:,} to"
+                              f" {MOST_PRIORITY:,}")
         out.append(Schedule(name, task, cron, tuple(args), dict(kwargs), missed, priority))
     return tuple(out)

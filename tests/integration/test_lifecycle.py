@@ -73,9 +73,10 @@ def test_an_urgent_task_granted_into_a_prefetch_starts_before_the_tasks_waiting_
     cluster.start_server()
     cluster.start_worker("w1")
     book, gate = tmp_path / "ledger", tmp_path / "gate"
-    # both names get a short estimate, so an adaptive prefetch takes them deep
-    cluster.wait_terminal([cluster.client.submit("ledger", str(tmp_path / "teach"), 0.0),
-                           cluster.client.submit("ledger_after", None, str(tmp_path / "teach"), 0.0)])
+    # both names get a short estimate (a moving average: eight each, so one slow run does not
+    # make it long), so an adaptive prefetch takes them deep
+    cluster.wait_terminal([cluster.client.submit(name, *args, str(tmp_path / "teach"), 0.0)
+                           for name, args in [("ledger", ()), ("ledger_after", (None,))] * 8])
     cluster.stop("w1")
     first = cluster.client.submit("ledger", str(book), 0.0, "gate", kwargs={"until": str(gate)},
                                   queue_anyway=True)

@@ -25,3 +25,11 @@ def test_a_run_from_an_older_server_has_priority_zero() -> None:
            b'"args":[1,2]}')
     run = m.parse_dispatch(raw)
     assert isinstance(run, m.Run) and run.priority == 0
+
+
+def test_a_run_whose_priority_is_out_of_the_submission_range_is_still_taken() -> None:
+    """A grant is never dropped for its priority (a bad one held by the store would otherwise
+    leave its task granted and never run)."""
+    raw = m.encode(_run("t", 5_000_000))
+    run = m.parse_dispatch(raw)
+    assert isinstance(run, m.Run) and run.priority == 5_000_000

@@ -30,6 +30,8 @@ def test_a_schedule_is_read_from_its_table(tmp_path: Path) -> None:
     ('[schedules.x]\ntask = "a"\ncron = "* * * * *"\nmissed = "never"\n', "missed must be one of skip, once, all"),
     ('[schedules.x]\ntask = "a"\ncron = "* * * * *"\nwhen = 1\n', "unknown key 'when'"),
     ('[schedules."bad name"]\ntask = "a"\ncron = "* * * * *"\n', "a schedule's name is 1 to 64"),
+    ('[schedules.x]\ntask = "a"\ncron = "* * * * *"\npriority = 5000000\n',
+     "priority must be an integer from -1,000,000 to 1,000,000"),
 ])
 def test_a_bad_schedule_is_named_with_its_problem(tmp_path: Path, table: str, problem: str) -> None:
     with pytest.raises(ConfigError, match=problem) as caught:
