@@ -35,6 +35,7 @@ class Cluster:
         self.database = str(directory / "yadtq.db")
         self.config = directory / "yadtq.toml"
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.roles: dict[str, str] = {}
         self.client = Client(self.socket, timeout=30)
         self.log_level = "debug"  # tests want the whole story in a failing test's report
         self.write_config()
@@ -70,6 +71,7 @@ class Cluster:
                                 env=full_env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         self.processes[name] = proc
+        self.roles[name] = role
         return proc
 
     def start_server(self, wrap: Callable[[list[str]], list[str]] | None = None) -> subprocess.Popen[bytes]:
@@ -124,9 +126,14 @@ class Cluster:
             os.killpg(proc.pid, signal.SIGKILL)
             return proc.wait()
 
+    def wait_exit(self, name: str, timeout: float = 60.0) -> int:
+        """Wait for a process that is ending by itself; its exit status."""
+        return self.processes.pop(name).wait(timeout)
+
     def stop_all(self) -> None:
-        """Stop every process the cluster started (SIGTERM, then SIGKILL)."""
-        for name in list(self.processes):
+        """Stop every process the cluster started (SIGTERM, then SIGKILL): the workers first,
+        while a server is there to confirm their leave."""
+        for name in sorted(self.processes, key=lambda n: self.roles.get(n) != "worker"):
             self.stop(name, timeout=20)
 
     # ------------------------------------------------------------ observation

@@ -257,6 +257,16 @@ class Alive(Struct, kw_only=True, tag_field="type", tag="alive"):
     v: int = 1
 
 
+class Left(Struct, kw_only=True, tag_field="type", tag="left"):
+    """The answer to a ``bye`` that asked (``confirm``): the server applied it and grants the
+    epoch nothing more. Every ``run`` it granted the epoch is before this in the partition, so a
+    stopping worker that has read this far has handed back all it will ever be sent."""
+
+    worker: str
+    epoch: str
+    v: int = 1
+
+
 class Refused(Struct, kw_only=True, tag_field="type", tag="refused"):
     """A ``hello`` the server will not register: another live process holds the worker id."""
 
@@ -291,7 +301,7 @@ class Prime(Struct, kw_only=True, tag_field="type", tag="prime"):
     v: int = 1
 
 
-Dispatch = Run | Fenced | Alive | Refused | Cancel | Prime
+Dispatch = Run | Fenced | Alive | Left | Refused | Cancel | Prime
 _dispatch: msgspec.json.Decoder[Dispatch] = msgspec.json.Decoder(Dispatch)
 
 
@@ -423,6 +433,9 @@ class Bye(Struct, kw_only=True, tag_field="type", tag="bye"):
     epoch: str
     ts: float
     handed_back: list[TaskRef] = []
+    #: Ask the server to answer ``left`` once it applied this: the worker exits only then, so
+    #: a ``run`` granted while the ``bye`` was on its way is handed back, not left behind.
+    confirm: bool = False
     v: int = 1
 
 

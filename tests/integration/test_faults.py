@@ -148,6 +148,41 @@ def test_graceful_stop_drains_running_and_hands_back_unstarted(cluster: Cluster,
     assert "draining 1 running" in cluster.log("w1")
 
 
+def test_a_stopping_worker_waits_for_the_server_and_hands_back_the_runs_on_their_way(
+        cluster: Cluster, tmp_path: Path) -> None:
+    # The runs are granted while w1 is frozen, so they are in Kafka, unread, when w1 begins its
+    # stop; the server is frozen too, so it cannot confirm w1's bye at once. A worker that exited
+    # once drained (it runs nothing) would leave the runs with its epoch: a failure record when
+    # the heartbeat timeout declared it dead. It must read on until the server answers its bye.
+    cluster.write_config(server={"heartbeat_timeout": 20.0}, worker={"slots": 1, "prefetch": 2})
+    server = cluster.start_server()
+    w1 = cluster.start_worker("w1")
+    book = tmp_path / "ledger"
+    os.kill(w1.pid, signal.SIGSTOP)
+    try:
+        ids = [cluster.client.submit("ledger", str(book), 0, i) for i in range(3)]
+        cluster.wait_for(lambda: all(v["status"] == "queued" and v["worker"] == "w1"
+                                     for v in cluster.client.status(*ids).values()),
+                         "all three granted to the frozen w1")
+        os.kill(server.pid, signal.SIGSTOP)
+        try:
+            w1.send_signal(signal.SIGTERM)
+        finally:
+            os.kill(w1.pid, signal.SIGCONT)
+        cluster.wait_for(lambda: "stopping: handed back" in cluster.log("w1"), "w1 to begin its stop")
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
+    assert cluster.wait_exit("w1") == 0
+    cluster.start_worker("w2")
+    statuses = cluster.wait_terminal(ids)
+    assert cluster.client.failures() == []
+    assert {v["worker"] for v in statuses.values()} == {"w2"}
+    assert {w["worker"]: w["state"] for w in cluster.client.workers()}["w1"] == "left"
+    assert cluster.log("server").count("re-queued: handed back by w1") == 3
+    assert "the server confirmed the leave" in cluster.log("w1")
+    ledger.check_contract(cluster, book, {t: i for i, t in enumerate(ids)})
+
+
 def test_pool_that_stops_answering_is_a_stall_but_a_long_task_is_not(cluster: Cluster) -> None:
     cluster.write_config(server={"heartbeat_timeout": 2.0, "max_attempts": 2},
                          worker={"heartbeat_interval": 0.25, "stall_timeout": 1.0, "slots": 1})

@@ -93,6 +93,11 @@ class Dispatcher:
         self._send(worker, self.route(worker, partition),
                    m.encode(m.Alive(worker=worker, epoch=epoch, probe=probe)))
 
+    def left(self, worker: str, epoch: str, partition: int) -> None:
+        """Confirm a ``bye``: the epoch is granted nothing more."""
+        self._send(worker, self.route(worker, partition),
+                   m.encode(m.Left(worker=worker, epoch=epoch)))
+
     def refuse(self, worker: str, epoch: str, partition: int, reason: str) -> None:
         """Tell a new epoch that its ``hello`` was refused."""
         self._send(worker, self.route(worker, partition),

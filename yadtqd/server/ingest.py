@@ -40,12 +40,14 @@ class Fence:
 
 @dataclass(frozen=True)
 class Answer:
-    """A dispatch message answering an event: ``alive`` (``probe`` set) or ``refused``."""
+    """A dispatch message answering an event: ``alive`` (``probe`` set), ``left`` (``left``
+    set) or ``refused``."""
 
     worker: str
     epoch: str
     partition: int
     probe: int = 0
+    left: bool = False
     reason: str = ""
 
 
@@ -202,7 +204,7 @@ class Ingest:
         elif isinstance(ev, m.Finished):
             self._finished(ev, now)
         else:
-            self._bye(ev, now)
+            self._bye(ev, now, effects)
 
     def _hello(self, ev: m.Hello, partition: int, now: float, effects: Effects) -> None:
         member = self.scheduler.members.get(ev.epoch)
@@ -310,8 +312,12 @@ class Ingest:
                         extra=extra)
         self._maybe_gone(ev.epoch, now)
 
-    def _bye(self, ev: m.Bye, now: float) -> None:
+    def _bye(self, ev: m.Bye, now: float, effects: Effects) -> None:
         member = self.scheduler.members.get(ev.epoch)
+        if ev.confirm:  # after this turn's messages, none of which is a grant to this epoch
+            row = None if member else self.store.worker_row(ev.epoch)
+            partition = member.dispatch if member else row["dispatch_partition"] if row else -1
+            effects.answers.append(Answer(ev.worker, ev.epoch, partition, left=True))
         if member is None:
             self._stale(ev, "bye from an epoch that is not live")
             return

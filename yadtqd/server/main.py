@@ -355,6 +355,8 @@ class Server:
         for answer in effects.answers:
             if answer.probe:
                 dispatcher.alive(answer.worker, answer.epoch, answer.partition, answer.probe)
+            elif answer.left:
+                dispatcher.left(answer.worker, answer.epoch, answer.partition)
             else:
                 dispatcher.refuse(answer.worker, answer.epoch, answer.partition, answer.reason)
         if out.commit(store):  # the turn's changes and messages, one Kafka transaction

@@ -69,17 +69,33 @@ def stop(directory: Path) -> int:
     """Stop the daemons and the broker started by :func:`start`."""
     pids_file = directory / "pids.json"
     if pids_file.exists():
-        for name, pid in json.loads(pids_file.read_text()).items():
-            try:
-                os.killpg(pid, signal.SIGTERM)
-                print(f"stopped {name} (pid {pid})")
-            except ProcessLookupError:
-                pass
+        pids = json.loads(pids_file.read_text())
+        # the workers first, while the server is there to confirm that they leave
+        for group in ([n for n in pids if n != "server"], [n for n in pids if n == "server"]):
+            for name in group:
+                try:
+                    os.killpg(pids[name], signal.SIGTERM)
+                    print(f"stopping {name} (pid {pids[name]})")
+                except ProcessLookupError:
+                    pass
+            for name in group:
+                _wait_gone(pids[name], 30.0)
         pids_file.unlink()
     if (directory / "kafka" / "broker.json").exists():
         _stop_dir(directory / "kafka")
         print("stopped the Kafka broker")
     return 0
+
+
+def _wait_gone(pid: int, seconds: float) -> None:
+    """Wait until process ``pid`` is gone (its parent, init, reaped it), at most ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
 
 
 def _write_config(directory: Path, bootstrap: str) -> Path:

@@ -104,6 +104,10 @@ class Worker:
         self.reload_requested = False
         self.reloading = False
         self.stop_deadline = 0.0
+        #: The server confirmed this epoch's ``bye`` (``left``): nothing more will be granted.
+        self.leave_confirmed = False
+        #: Until when a drained worker waits for that confirmation.
+        self.confirm_by = 0.0
         self.last_heartbeat = 0.0
         self.last_watchdog = 0.0
         self.last_progress = time.time()
@@ -238,7 +242,7 @@ class Worker:
             self._beat()
             assert self.outbox is not None
             self.outbox.poll()
-            if stop_announced and (self.pool.busy == 0 or time.monotonic() >= self.stop_deadline):
+            if stop_announced and self._stopped(time.monotonic()):
                 self._end_stop()
                 return
 
@@ -265,6 +269,10 @@ class Worker:
             self._on_fenced(order)
         elif isinstance(order, m.Alive):
             self.lease.alive(order.probe)
+        elif isinstance(order, m.Left):
+            self.leave_confirmed = True
+            log.info("the server confirmed the leave: epoch %s is granted nothing more", self.epoch,
+                     extra={"worker_id": self.worker_id, "event": "worker_leave_confirmed"})
         elif isinstance(order, m.Refused):
             raise ConfigError(f"the server refused worker {self.worker_id!r}: {order.reason}")
         elif isinstance(order, m.Cancel):
@@ -320,6 +328,7 @@ class Worker:
             raise ConfigError(f"another process registered worker id {self.worker_id!r} on this"
                               " host: give each worker its own [worker] id")
         if self.stopping:
+            self.leave_confirmed = True  # a dead epoch is granted nothing more
             return  # a stopping worker does not start a new epoch; its drain ends it
         self._register("fenced")
 
@@ -402,23 +411,37 @@ class Worker:
 
     def _begin_stop(self) -> None:
         self.notifier.stopping()
-        self.stop_deadline = time.monotonic() + self.config.worker.stop_timeout
+        mono = time.monotonic()
+        self.stop_deadline = mono + self.config.worker.stop_timeout
+        self.confirm_by = mono + (self.lease.timeout or self.config.server.heartbeat_timeout)
         handed = list(self.pending)
         self.pending.clear()
-        self._send_bye(handed)
+        self._send_bye(handed, confirm=True)
         log.info("stopping: handed back %d unstarted tasks, draining %d running",
                  len(handed), self.pool.busy, extra={"worker_id": self.worker_id,
                                                       "event": "worker_stopping"})
 
-    def _send_bye(self, runs: list[m.Run]) -> None:
+    def _send_bye(self, runs: list[m.Run], confirm: bool = False) -> None:
         refs = [m.TaskRef(task_id=r.task_id, attempt=r.attempt) for r in runs]
-        self._send(m.Bye(worker=self.worker_id, epoch=self.epoch, ts=time.time(), handed_back=refs),
-                   urgent=True)
+        self._send(m.Bye(worker=self.worker_id, epoch=self.epoch, ts=time.time(), handed_back=refs,
+                         confirm=confirm), urgent=True)
+
+    def _stopped(self, mono: float) -> bool:
+        """The drain is over: nothing runs and the server confirmed the ``bye`` (every run it
+        granted meanwhile was handed back), or it did not within its heartbeat timeout, or the
+        stop timeout passed."""
+        if mono >= self.stop_deadline:
+            return True
+        return self.pool.busy == 0 and (self.leave_confirmed or mono >= self.confirm_by)
 
     def _end_stop(self) -> None:
         left = self.pool.busy
         if left:
             log.warning("stop timeout: %d tasks still running are abandoned to the server", left)
+        elif not self.leave_confirmed:
+            log.warning("the server did not confirm this worker's leave: a task granted meanwhile"
+                        " is re-queued once the server declares epoch %s dead", self.epoch,
+                        extra={"worker_id": self.worker_id, "event": "worker_unconfirmed"})
         log.info("stopped", extra={"worker_id": self.worker_id, "event": "worker_left"})
 
     def _quiet(self) -> bool:
