@@ -127,13 +127,29 @@ class Cluster:
             return proc.wait()
 
     def wait_exit(self, name: str, timeout: float = 60.0) -> int:
-        """Wait for a process that is ending by itself; its exit status."""
-        return self.processes.pop(name).wait(timeout)
+        """Wait for a process that is ending by itself; its exit status (it is killed, with
+        its group, if it does not end in time)."""
+        try:
+            status = self.processes[name].wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.stop(name, signal.SIGKILL)
+            raise
+        del self.processes[name]
+        return status
 
     def stop_all(self) -> None:
         """Stop every process the cluster started (SIGTERM, then SIGKILL): the workers first,
-        while a server is there to confirm their leave."""
-        for name in sorted(self.processes, key=lambda n: self.roles.get(n) != "worker"):
+        all at once, while a server is there to confirm their leave."""
+        workers = [n for n in self.processes if self.roles.get(n) == "worker"]
+        for name in workers:
+            if self.processes[name].poll() is None:
+                self.processes[name].send_signal(signal.SIGTERM)
+        for name in workers:
+            try:
+                self.wait_exit(name, timeout=20)
+            except subprocess.TimeoutExpired:
+                pass  # killed
+        for name in list(self.processes):
             self.stop(name, timeout=20)
 
     # ------------------------------------------------------------ observation

@@ -7,8 +7,8 @@ the field and the problem (``Expected `int`, got `str` - at `$.attempt```).
 Topics and their messages:
 
 - ``tasks``: :class:`Submission` (the seed's ``{"task-id": ..., "task": ..., "args": [...]}``).
-- ``dispatch``: :class:`Run`, :class:`Fenced`, :class:`Alive` and :class:`Refused`, tagged by
-  ``"type"``.
+- ``dispatch``: :class:`Run`, :class:`Cancel`, :class:`Fenced`, :class:`Alive`, :class:`Left`,
+  :class:`Refused` and the server's :class:`Prime`, tagged by ``"type"``.
 - ``events``: :class:`Hello`, :class:`Heartbeat`, :class:`Started`, :class:`Finished` and
   :class:`Bye` from workers, and the server's own :class:`Mark`, tagged by ``"type"``.
 - ``changelog``: the store's row changes, in their own codec, :mod:`yadtqd.changelog`.
@@ -436,6 +436,9 @@ class Bye(Struct, kw_only=True, tag_field="type", tag="bye"):
     #: Ask the server to answer ``left`` once it applied this: the worker exits only then, so
     #: a ``run`` granted while the ``bye`` was on its way is handed back, not left behind.
     confirm: bool = False
+    #: The ``dispatch`` partition the epoch reads, as its ``hello`` said: where ``left`` goes
+    #: when the server no longer knows the epoch (-1: the hash of the worker id).
+    dispatch_partition: Annotated[int, Meta(ge=-1)] = -1
     v: int = 1
 
 

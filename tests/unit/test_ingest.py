@@ -86,27 +86,42 @@ def test_offsets_of_every_message_are_saved_bad_ones_included(ingest: Ingest) ->
     assert ingest.store.task_rows(["t9"])["t9"]["status"] == "queued"
 
 
-def _bye(confirm: bool, epoch: str = "e1", handed_back: tuple[str, ...] = ()) -> Message:
+def _bye(confirm: bool, epoch: str = "e1", handed_back: tuple[str, ...] = (),
+         dispatch_partition: int = -1) -> Message:
     refs = [m.TaskRef(task_id=t, attempt=1) for t in handed_back]
-    return _msg("events", m.Bye(worker="w", epoch=epoch, ts=0, handed_back=refs, confirm=confirm))
+    return _msg("events", m.Bye(worker="w", epoch=epoch, ts=0, handed_back=refs, confirm=confirm,
+                                dispatch_partition=dispatch_partition))
+
+
+def _granted_on_partition_3(ingest: Ingest) -> None:
+    hello = m.Hello(worker="w", epoch="e1", ts=0, host="h", pid=1, slots=2, prefetch=-1,
+                    tasks={"add": m.TaskInfo(plugin="arith")}, version="0", dispatch_partition=3)
+    _apply(ingest, _msg("tasks", m.Submission(task_id="t1", task="add", args=[1, 2])),
+           _msg("events", hello))
+    with ingest.store.transaction():
+        (grant,) = ingest.scheduler.plan(ingest.store, 11.0)
+    assert grant.task_id == "t1"
 
 
 def test_a_bye_that_asks_is_answered_left_after_the_turn_applied_it(ingest: Ingest) -> None:
-    _granted(ingest)
+    _granted_on_partition_3(ingest)
     with ingest.store.transaction():
         effects = ingest.apply([_bye(confirm=True, handed_back=("t1",))], 12.0)
     (answer,) = effects.answers
     assert (answer.worker, answer.epoch, answer.left, answer.probe) == ("w", "e1", True, 0)
-    assert answer.partition == 0  # the epoch's dispatch partition, where its runs went
+    assert answer.partition == 3  # the epoch's dispatch partition, where its runs went
     assert ingest.store.task_rows(["t1"])["t1"]["status"] == "queued"  # handed back
     with ingest.store.transaction():  # the epoch takes no new grant after its bye
         assert ingest.scheduler.plan(ingest.store, 13.0) == []
+    with ingest.store.transaction():  # gone now: its row still says where it reads
+        (again,) = ingest.apply([_bye(confirm=True)], 14.0).answers
+    assert (again.epoch, again.left, again.partition) == ("e1", True, 3)
 
 
 def test_a_bye_that_does_not_ask_gets_no_answer_and_a_stale_one_that_asks_does(ingest: Ingest) -> None:
     _granted(ingest)
     with ingest.store.transaction():
         assert ingest.apply([_bye(confirm=False)], 12.0).answers == []
-    with ingest.store.transaction():  # an epoch the server never knew: still told it is done
-        (answer,) = ingest.apply([_bye(confirm=True, epoch="e9")], 12.0).answers
-    assert (answer.epoch, answer.left, answer.partition) == ("e9", True, -1)
+    with ingest.store.transaction():  # an epoch the server never knew: told where it said it reads
+        (answer,) = ingest.apply([_bye(confirm=True, epoch="e9", dispatch_partition=5)], 12.0).answers
+    assert (answer.epoch, answer.left, answer.partition) == ("e9", True, 5)

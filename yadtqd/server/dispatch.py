@@ -1,5 +1,5 @@
-"""The server's side of ``dispatch`` (``run``, ``fenced``, ``alive``, ``refused`` to worker
-epochs), and its markers on ``events`` (:mod:`yadtqd.server.evidence`).
+"""The server's side of ``dispatch`` (``run``, ``cancel``, ``fenced``, ``alive``, ``left``,
+``refused`` to worker epochs), and its markers on ``events`` (:mod:`yadtqd.server.evidence`).
 
 Dispatch messages go into the turn's Kafka transaction (:mod:`yadtqd.server.replication`), with
 the changelog records of the grants and deaths they announce: a worker, reading ``dispatch``

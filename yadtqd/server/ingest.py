@@ -316,7 +316,8 @@ class Ingest:
         member = self.scheduler.members.get(ev.epoch)
         if ev.confirm:  # after this turn's messages, none of which is a grant to this epoch
             row = None if member else self.store.worker_row(ev.epoch)
-            partition = member.dispatch if member else row["dispatch_partition"] if row else -1
+            partition = (member.dispatch if member else row["dispatch_partition"] if row
+                         else ev.dispatch_partition)
             effects.answers.append(Answer(ev.worker, ev.epoch, partition, left=True))
         if member is None:
             self._stale(ev, "bye from an epoch that is not live")

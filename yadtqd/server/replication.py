@@ -3,8 +3,8 @@ from it.
 
 Every turn of the server's loop ends in one Kafka transaction under the cluster's one
 ``transactional.id`` (``<prefix>.server``): the changelog records of every row the turn changed
-(:mod:`yadtqd.changelog`) and the dispatch messages it caused (``run``, ``fenced``, ``alive``,
-``refused``). Workers read ``dispatch`` with ``read_committed``, so a grant reaches a worker only
+(:mod:`yadtqd.changelog`) and the dispatch messages it caused (``run``, ``cancel``, ``fenced``,
+``alive``, ``left``, ``refused``). Workers read ``dispatch`` with ``read_committed``, so a grant reaches a worker only
 once its record is in the changelog. The offsets consumed from ``tasks`` and ``events`` are rows
 of the store, so they are in the same transaction as the changes they caused.
 

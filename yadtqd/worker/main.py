@@ -413,7 +413,9 @@ class Worker:
         self.notifier.stopping()
         mono = time.monotonic()
         self.stop_deadline = mono + self.config.worker.stop_timeout
-        self.confirm_by = mono + (self.lease.timeout or self.config.server.heartbeat_timeout)
+        # long enough for a standby to take over and answer (a stop during a failover)
+        self.confirm_by = mono + self.config.server.session_timeout + (
+            self.lease.timeout or self.config.server.heartbeat_timeout)
         handed = list(self.pending)
         self.pending.clear()
         self._send_bye(handed, confirm=True)
@@ -424,12 +426,12 @@ class Worker:
     def _send_bye(self, runs: list[m.Run], confirm: bool = False) -> None:
         refs = [m.TaskRef(task_id=r.task_id, attempt=r.attempt) for r in runs]
         self._send(m.Bye(worker=self.worker_id, epoch=self.epoch, ts=time.time(), handed_back=refs,
-                         confirm=confirm), urgent=True)
+                         confirm=confirm, dispatch_partition=self.dispatch_partition), urgent=True)
 
     def _stopped(self, mono: float) -> bool:
         """The drain is over: nothing runs and the server confirmed the ``bye`` (every run it
-        granted meanwhile was handed back), or it did not within its heartbeat timeout, or the
-        stop timeout passed."""
+        granted meanwhile was handed back), or it did not within a takeover's time (the session
+        and heartbeat timeouts), or the stop timeout passed."""
         if mono >= self.stop_deadline:
             return True
         return self.pool.busy == 0 and (self.leave_confirmed or mono >= self.confirm_by)
@@ -439,8 +441,9 @@ class Worker:
         if left:
             log.warning("stop timeout: %d tasks still running are abandoned to the server", left)
         elif not self.leave_confirmed:
-            log.warning("the server did not confirm this worker's leave: a task granted meanwhile"
-                        " is re-queued once the server declares epoch %s dead", self.epoch,
+            log.warning("no server confirmed this worker's leave (none active, or one older than"
+                        " this worker): a task granted meanwhile is re-queued once the server"
+                        " declares epoch %s dead", self.epoch,
                         extra={"worker_id": self.worker_id, "event": "worker_unconfirmed"})
         log.info("stopped", extra={"worker_id": self.worker_id, "event": "worker_left"})
 

@@ -1,0 +1,68 @@
+"""A stopping worker's end (docs/design.md, "Graceful stop"): it exits only once it drained and
+the server confirmed its ``bye`` with ``left``, handing back every run that reaches it before."""
+
+from __future__ import annotations
+
+import time
+
+import msgspec
+from confluent_kafka import Message
+
+from yadtqd import messages as m
+from yadtqd.config import Config, WorkerConfig
+from yadtqd.systemd import Notifier
+from yadtqd.worker.main import Worker
+
+
+class Recorder:
+    """The outbox, recording what the worker sends."""
+
+    def __init__(self) -> None:
+        self.sent: list[m.WorkerEvent] = []
+
+    def send(self, message: m.WorkerEvent, urgent: bool = False) -> None:
+        self.sent.append(message)
+
+
+def _stopping_worker() -> tuple[Worker, Recorder]:
+    worker = Worker(Config(kafka={}, worker=WorkerConfig(id="w", slots=1)), Notifier())
+    worker.epoch, worker.dispatch_partition = "e1", 3
+    worker.outbox = outbox = Recorder()  # type: ignore[assignment]
+    worker.stopping = True
+    worker._begin_stop()
+    return worker, outbox
+
+
+def _dispatch(order: msgspec.Struct) -> Message:
+    return Message(topic="yadtq.dispatch", partition=3, offset=0, value=m.encode(order))
+
+
+def test_a_drained_worker_waits_for_left_and_hands_back_what_arrives_before() -> None:
+    worker, outbox = _stopping_worker()
+    (bye,) = outbox.sent
+    assert isinstance(bye, m.Bye) and bye.confirm and bye.dispatch_partition == 3
+    assert not worker._stopped(time.monotonic())  # nothing runs, but the server has not answered
+    worker._on_dispatch(_dispatch(m.Run(worker="w", epoch="e1", task_id="t1", attempt=1,
+                                        task="add", grant=1)))
+    handed = outbox.sent[-1]
+    assert isinstance(handed, m.Bye) and [r.task_id for r in handed.handed_back] == ["t1"]
+    assert not handed.confirm
+    assert not worker._stopped(time.monotonic())
+    worker._on_dispatch(_dispatch(m.Left(worker="w", epoch="e0")))  # an older epoch's answer
+    assert not worker._stopped(time.monotonic())
+    worker._on_dispatch(_dispatch(m.Left(worker="w", epoch="e1")))
+    assert worker._stopped(time.monotonic())
+
+
+def test_without_an_answer_the_worker_stops_after_a_takeover_s_time() -> None:
+    worker, _ = _stopping_worker()
+    server = worker.config.server
+    waited = server.session_timeout + server.heartbeat_timeout
+    assert not worker._stopped(time.monotonic() + waited - 1)
+    assert worker._stopped(time.monotonic() + waited + 0.01)
+
+
+def test_a_fence_while_stopping_ends_the_wait() -> None:
+    worker, _ = _stopping_worker()
+    worker._on_dispatch(_dispatch(m.Fenced(worker="w", epoch="e1", reason="no heartbeat")))
+    assert worker._stopped(time.monotonic())
