@@ -93,17 +93,17 @@ class Replica:
                 key_sql = _key_sql(table, table)  # one column: its index serves the IN
                 keys = [key for tbl, key, _ in notes if tbl == table]
                 found: dict[str, dict[str, Any]] = {}
+                cursor = self.db.cursor()
+                cursor.row_factory = None  # plain tuples: half the cost of sqlite3.Row -> dict
                 for start in range(0, len(keys), 500):
                     part = keys[start:start + 500]
-                    found.update({r["_key"]: dict(r) for r in self.db.execute(
-                        f"SELECT CAST({key_sql} AS TEXT) AS _key, * FROM main.{table} WHERE"
-                        f" {key_sql} IN ({','.join('?' * len(part))})", part)})
+                    cursor.execute(f"SELECT CAST({key_sql} AS TEXT), * FROM main.{table} WHERE"
+                                   f" {key_sql} IN ({','.join('?' * len(part))})", part)
+                    names = [column[0] for column in cursor.description][1:]
+                    found.update({r[0]: dict(zip(names, r[1:])) for r in cursor})
                 for tbl, key, _ in notes:
                     if tbl == table:
-                        row = found.get(key)
-                        if row is not None:
-                            del row["_key"]
-                        changes.append(RowChange(table, key, row))
+                        changes.append(RowChange(table, key, found.get(key)))
         finally:
             self.db.execute("COMMIT")
         return changes, notes
