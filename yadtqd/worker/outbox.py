@@ -1,7 +1,7 @@
 """The worker's side of ``events``: everything it tells the server, in order, delivered.
 
-Events go through one producer, which batches (``linger.ms``, 1 ms by default), so a busy
-worker sends few, full requests. An *urgent* event (the worker is close to idle, or it says
+Events go through one producer, which batches (``linger.ms``, :data:`LINGER_MS` unless the
+``[kafka]`` section says otherwise), so a busy worker sends few, full requests. An *urgent* event (the worker is close to idle, or it says
 ``hello`` or ``bye``) is pushed out at once: librdkafka ignores the linger while it flushes.
 Waiting for that acknowledgement (well under a millisecond on a LAN, at most
 :data:`URGENT_WAIT`) costs a worker that has nothing else to do nothing, and saves a lone task's
@@ -33,6 +33,11 @@ log = logging.getLogger("yadtqd.worker")
 
 #: The longest an urgent event holds the worker's loop waiting for Kafka's acknowledgement.
 URGENT_WAIT = 0.01
+#: How long a busy worker's events wait to share a request (issue 15: with 1 ms, two busy
+#: workers sent about one request per event; 5 ms halved the CPU of their librdkafka threads,
+#: 105 -> 50 µs a task each, and cut the broker's request threads by about 25 %). A worker with
+#: nothing else to do pushes its event out at once (urgent), so a lone task pays none of it.
+LINGER_MS = 5
 #: Seconds between two rounds of sending again what failed.
 RESEND_EVERY = 1.0
 _TOO_LARGE = {KafkaError.MSG_SIZE_TOO_LARGE}
@@ -50,7 +55,7 @@ class Outbox:
         self.lease = lease
         self.current_epoch = current_epoch
         self.on_hello_delivered = on_hello_delivered
-        self.producer, _ = transport.make_producer(config, "worker")
+        self.producer, _ = transport.make_producer(config, "worker", linger_ms=LINGER_MS)
         #: Events whose delivery failed, to send again (with why); events Kafka will never take.
         self.failed: list[tuple[m.WorkerEvent, str]] = []
         self.refused: list[tuple[m.WorkerEvent, str]] = []
