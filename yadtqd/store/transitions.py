@@ -110,21 +110,22 @@ class Store(Reads, Replica, Terms, Lifecycle):
         Precondition: none. An id is inserted once; a second submission with the same payload is
         a ``duplicate`` (no change), with another payload a ``conflict`` (no change).
         """
-        if self.db.execute("SELECT 1 FROM purged WHERE id = ?", (sub.task_id,)).fetchone():
-            return Intake(sub.task_id, "duplicate")  # it ran and was purged: once is once
         payload = sub.payload()
         due = sub.due(now)
         then = _json(sub.then) if sub.then is not None else None
-        cur = self.db.execute(
+        cur = self.db.execute(  # one statement for a new id, the common case
             "INSERT OR IGNORE INTO tasks (id, name, payload, status, max_retries, retry_backoff,"
             " submitted_at, priority, run_after, then_task, limit_key)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ? WHERE NOT EXISTS"
+            " (SELECT 1 FROM purged WHERE id = ?1)",
             (sub.task_id, sub.task, payload, "scheduled" if due > now else "queued",
              sub.options.max_retries, sub.options.retry_backoff, now, sub.priority, due, then,
              sub.limit_key),
         )
         if cur.rowcount == 1:
             return Intake(sub.task_id, "new")
+        if self.db.execute("SELECT 1 FROM purged WHERE id = ?", (sub.task_id,)).fetchone():
+            return Intake(sub.task_id, "duplicate")  # it ran and was purged: once is once
         row = self.db.execute("SELECT payload, then_task FROM tasks WHERE id = ?", (sub.task_id,)).fetchone()
         same = row["payload"] == payload and row["then_task"] == then
         return Intake(sub.task_id, "duplicate" if same else "conflict")
@@ -275,21 +276,22 @@ class Store(Reads, Replica, Terms, Lifecycle):
         result = bytes(ev.result).decode() if ev.status == "success" else None
         error = _json(ev.error) if ev.status == "failed" else None
         cancelled = ev.status == "cancelled"
-        cur = self.db.execute(  # a cancelled task keeps the reason noted when it was cancelled
+        ended = self.db.execute(  # a cancelled task keeps the reason noted when it was cancelled
             "UPDATE tasks SET status = ?, result = ?, finished_at = ?,"
             " error = CASE WHEN ? THEN error ELSE ? END,"
             " started_at = CASE WHEN ? THEN started_at ELSE coalesce(started_at, ?) END"
             " WHERE id = ? AND attempt = ? AND worker = ? AND epoch = ?"
-            " AND status IN ('assigned', 'processing') AND (NOT ? OR cancel_requested IS NOT NULL)",
+            " AND status IN ('assigned', 'processing') AND (NOT ? OR cancel_requested IS NOT NULL)"
+            " RETURNING then_task IS NOT NULL",
             (ev.status, result, at or now, cancelled, error, cancelled, began or at or now, *grant,
              cancelled),
-        )
-        if cur.rowcount != 1:
+        ).fetchone()
+        if ended is None:
             if ev.status == "success":  # applied before: its follow-up, if lost with a chunk
                 self.queue_follow_up(ev.task_id, "null", at or now, only_if_succeeded=True)
             return "stale"
-        if ev.status == "success":
-            self.queue_follow_up(ev.task_id, result or "null", at or now)  # the same transaction
+        if ev.status == "success" and ended[0]:  # its follow-up, in the same transaction
+            self.queue_follow_up(ev.task_id, result or "null", at or now)
         if not cancelled:  # a cancelled run is neither an outcome nor (maybe) an execution
             column = "succeeded" if ev.status == "success" else "failed_runs"
             self.db.execute(f"UPDATE workers SET executed = executed + 1, {column} = {column} + 1"
