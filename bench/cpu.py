@@ -1,17 +1,21 @@
 """Where the CPU goes: CPU time per task of each role during throughput runs.
 
     .venv/bin/python bench/cpu.py [--tasks 20000] [--workers 1 2 4] [--runs 3] [--warmup 80000]
+                                  [--threads]
 
 Reads user + system time from /proc for the broker (the Java process), the server, the
 workers' main processes and their execution processes, before and after each run, and
 prints microseconds of CPU per task for each. On a machine whose cores are all busy, the sum
-is what bounds throughput. Uses ``YADTQ_TEST_BOOTSTRAP`` if set (its broker is found among the
+is what bounds throughput. ``--threads`` also splits each role by thread name (``python`` is
+the interpreter's threads, ``rdk:broker*`` librdkafka's, the rest the broker's JVM: its request
+threads are ``data-plane-kafk``, its JIT ``C2 CompilerThre``). Uses ``YADTQ_TEST_BOOTSTRAP`` if set (its broker is found among the
 processes by its command line), else starts a broker of its own.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import sys
 import time
@@ -38,6 +42,31 @@ def _role(cmdline: str) -> str | None:
     return None
 
 
+def _seconds(stat: str) -> float:
+    """User + system CPU seconds from a ``/proc/.../stat`` line."""
+    fields = stat[stat.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def cpu_by_thread() -> dict[tuple[str, str], float]:
+    """Seconds of CPU used so far by the threads of each role, by (role, thread name); the
+    threads of processes that exited are gone, so compare only what runs throughout."""
+    totals: dict[tuple[str, str], float] = collections.defaultdict(float)
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            role = _role(Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode())
+            if role is None:
+                continue
+            for tid in os.listdir(f"/proc/{entry}/task"):
+                name = Path(f"/proc/{entry}/task/{tid}/comm").read_text().strip()
+                totals[role, name] += _seconds(Path(f"/proc/{entry}/task/{tid}/stat").read_text())
+        except OSError:
+            continue  # exited meanwhile
+    return totals
+
+
 def cpu_by_role() -> dict[str, float]:
     """Seconds of CPU (user + system) used so far by every process of each role."""
     totals = dict.fromkeys(ROLES, 0.0)
@@ -51,20 +80,24 @@ def cpu_by_role() -> dict[str, float]:
             continue  # exited meanwhile
         role = _role(cmdline)
         if role:
-            fields = stat[stat.rindex(")") + 2:].split()
-            totals[role] += (int(fields[11]) + int(fields[12])) / TICK
+            totals[role] += _seconds(stat)
     return totals
 
 
-def run(bootstrap: str, tasks: int, workers: int) -> tuple[float, dict[str, float]]:
-    """(tasks/s, CPU microseconds per task by role) for one run."""
+def run(bootstrap: str, tasks: int, workers: int,
+        threads: dict[tuple[str, str], float] | None = None) -> tuple[float, dict[str, float]]:
+    """(tasks/s, CPU microseconds per task by role) for one run; adds the microseconds per task
+    of each (role, thread name) to ``threads`` when given."""
     with cluster(bootstrap, workers) as c:
-        before = cpu_by_role()
+        before, threads_before = cpu_by_role(), cpu_by_thread()
         start = time.perf_counter()
         submit_all(bootstrap, c.prefix, tasks)
         wait_done(c, tasks)
         elapsed = time.perf_counter() - start
-        after = cpu_by_role()
+        after, threads_after = cpu_by_role(), cpu_by_thread()
+    if threads is not None:
+        for key, seconds in threads_after.items():
+            threads[key] += (seconds - threads_before.get(key, 0.0)) / tasks * 1e6
     return tasks / elapsed, {r: (after[r] - before[r]) / tasks * 1e6 for r in ROLES}
 
 
@@ -74,11 +107,15 @@ def main() -> int:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=80_000)
+    parser.add_argument("--threads", action="store_true", help="split each role by thread name")
     args = parser.parse_args()
+    threads: dict[int, dict[tuple[str, str], float]] = {
+        w: collections.defaultdict(float) for w in args.workers}
     with broker() as bootstrap:
         if args.warmup:
             run(bootstrap, args.warmup, 2)
-        results = {w: [run(bootstrap, args.tasks, w) for _ in range(args.runs)] for w in args.workers}
+        results = {w: [run(bootstrap, args.tasks, w, threads[w]) for _ in range(args.runs)]
+                   for w in args.workers}
     print(f"\nCPU microseconds per task (median of {args.runs} runs of {args.tasks:,} tasks;"
           " workers of 2 slots)\n")
     rows = [[role, *[f"{summary([per[role] for _, per in results[w]])[0]:,.0f}" for w in args.workers]]
@@ -87,6 +124,13 @@ def main() -> int:
                           for w in args.workers]])
     rows.append(["tasks/s", *[f"{summary([rate for rate, _ in results[w]])[0]:,.0f}" for w in args.workers]])
     print(tabulate(rows, headers=["role", *[f"{w} worker(s)" for w in args.workers]]))
+    if args.threads:
+        print(f"\nBy thread name, mean of {args.runs} runs (µs per task; under 5 left out)\n")
+        keys = sorted({k for w in args.workers for k, v in threads[w].items() if v / args.runs >= 5},
+                      key=lambda k: (ROLES.index(k[0]), -threads[args.workers[0]].get(k, 0.0)))
+        print(tabulate([[role, name, *[f"{threads[w].get((role, name), 0.0) / args.runs:,.0f}" for w in args.workers]]
+                        for role, name in keys],
+                       headers=["role", "thread", *[f"{w} worker(s)" for w in args.workers]]))
     return 0
 
 
