@@ -138,6 +138,9 @@ def test_stop_drains_the_running_task(box: Container) -> None:
     view = json.loads(ctl(box, "--json", "status", task_id).stdout)[task_id]
     assert (view["status"], view["attempt"]) == ("success", 1)
     log = box.run("journalctl", "--no-pager", "-u", "yadtqd@worker").stdout
+    assert "the server confirmed the leave" in log  # it exited once nothing more could come
+    # and on a host with both, a stop of the whole target stops the worker first
+    assert "yadtqd@server.service" in show(box, "yadtqd@worker", "After").split()
     assert "draining 1 running" in log
     assert show(box, "yadtqd@worker", "Result") == "success"
 
