@@ -4,9 +4,10 @@ from it.
 Every turn of the server's loop ends in one Kafka transaction under the cluster's one
 ``transactional.id`` (``<prefix>.server``): the changelog records of every row the turn changed
 (:mod:`yadtqd.changelog`) and the dispatch messages it caused (``run``, ``cancel``, ``fenced``,
-``alive``, ``left``, ``refused``). Workers read ``dispatch`` with ``read_committed``, so a grant reaches a worker only
-once its record is in the changelog. The offsets consumed from ``tasks`` and ``events`` are rows
-of the store, so they are in the same transaction as the changes they caused.
+``alive``, ``left``, ``refused``). Workers read ``dispatch`` with ``read_committed``, so a grant
+reaches a worker only once its record is in the changelog. The offsets consumed from ``tasks``
+and ``events`` are rows of the store, so they are in the same transaction as the changes they
+caused.
 
 SQLite commits first, so a result is readable at once; the rows a turn changed stay noted in the
 store until Kafka committed them (:meth:`~yadtqd.store.Store.confirm`). A transaction that fails

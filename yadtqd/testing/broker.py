@@ -300,20 +300,27 @@ class BrokerCluster:
         return "\n".join(f"--- node {n.node_id}\n{n.log_tail(lines, min_level)}" for n in nodes)
 
 
+def wait_gone(pid: int, seconds: float) -> bool:
+    """Wait until process ``pid`` (not a child of ours: its parent reaps it) is gone, at most
+    ``seconds``; whether it is."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
 def _stop_dir(directory: Path) -> None:
     state = json.loads((directory / "broker.json").read_text())
     try:
         os.kill(state["pid"], signal.SIGTERM)
     except ProcessLookupError:
         return
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            os.kill(state["pid"], 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.1)
-    os.kill(state["pid"], signal.SIGKILL)
+    if not wait_gone(state["pid"], 30.0):
+        os.kill(state["pid"], signal.SIGKILL)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,7 +21,7 @@ from tabulate import tabulate
 
 from yadtqd.client import Client
 from yadtqd.errors import YadtqError
-from yadtqd.testing.broker import Broker, _stop_dir
+from yadtqd.testing.broker import Broker, _stop_dir, wait_gone
 
 WORKLOAD: list[tuple[str, list[Any], dict[str, Any]]] = [
     ("add", [1, 2], {}), ("mul", [6, 7], {}), ("sub", [10, 4], {}), ("div", [1, 0], {}),
@@ -79,23 +79,12 @@ def stop(directory: Path) -> int:
                 except ProcessLookupError:
                     pass
             for name in group:
-                _wait_gone(pids[name], 30.0)
+                wait_gone(pids[name], 30.0)
         pids_file.unlink()
     if (directory / "kafka" / "broker.json").exists():
         _stop_dir(directory / "kafka")
         print("stopped the Kafka broker")
     return 0
-
-
-def _wait_gone(pid: int, seconds: float) -> None:
-    """Wait until process ``pid`` is gone (its parent, init, reaped it), at most ``seconds``."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.1)
 
 
 def _write_config(directory: Path, bootstrap: str) -> Path:

@@ -1,11 +1,12 @@
 """The worker's side of ``events``: everything it tells the server, in order, delivered.
 
 Events go through one producer, which batches (``linger.ms``, :data:`LINGER_MS` unless the
-``[kafka]`` section says otherwise), so a busy worker sends few, full requests. An *urgent* event (the worker is close to idle, or it says
-``hello`` or ``bye``) is pushed out at once: librdkafka ignores the linger while it flushes.
-Waiting for that acknowledgement (well under a millisecond on a LAN, at most
-:data:`URGENT_WAIT`) costs a worker that has nothing else to do nothing, and saves a lone task's
-result the batching delay. One producer keeps the events in the order they happened.
+``[kafka]`` section says otherwise), so a busy worker sends few, full requests. An *urgent*
+event (the worker is close to idle, or it says ``hello`` or ``bye``) is pushed out at once:
+librdkafka ignores the linger while it flushes. Waiting for that acknowledgement (well under a
+millisecond on a LAN, at most :data:`URGENT_WAIT`) costs a worker that has nothing else to do
+nothing, and saves a lone task's result the batching delay. One producer keeps the events in
+the order they happened.
 
 Every delivery report is read. A ``hello``, ``started``, ``finished`` or ``bye`` that failed (a
 broker outage longer than ``message.timeout.ms``) is logged at error, counted, and sent again
