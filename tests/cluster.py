@@ -20,6 +20,7 @@ from typing import Any
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from yadtqd.client import Client
+from yadtqd.errors import WaitTimeout
 
 WAIT = 60.0
 
@@ -191,10 +192,22 @@ class Cluster:
             time.sleep(0.05)
 
     def wait_terminal(self, ids: list[str], timeout: float = 120.0) -> dict[str, dict[str, Any]]:
-        """Wait until every task is terminal; return their statuses."""
+        """Wait until every task is terminal; return their statuses. A task still not
+        terminal fails the test with its trail in every log and the logs' tails."""
         for task_id in ids:
-            self.client.result(task_id, wait=timeout)
+            try:
+                self.client.result(task_id, wait=timeout)
+            except WaitTimeout as exc:
+                raise AssertionError(f"{exc}\n{self.trail(task_id)}\n{self.logs_tail()}") from None
         return self.status(ids)
+
+    def trail(self, task_id: str) -> str:
+        """Every log line that names a task, process by process."""
+        parts = []
+        for path in sorted(self.dir.glob("*.log")):
+            lines = [line for line in path.read_text(errors="replace").splitlines() if task_id in line]
+            parts.append(f"----- {path.name}, lines naming {task_id}\n" + "\n".join(lines))
+        return "\n".join(parts)
 
     def status(self, ids: list[str]) -> dict[str, dict[str, Any]]:
         """Statuses of many tasks, in chunks."""

@@ -34,12 +34,13 @@ log = logging.getLogger("yadtqd.worker")
 
 #: The longest an urgent event holds the worker's loop waiting for Kafka's acknowledgement.
 URGENT_WAIT = 0.01
-#: How long a busy worker's events wait to share a request. Issue 15 measured 5 ms: it halved
-#: the CPU of two busy workers' librdkafka threads (105 -> 50 µs a task each). It is back at 1
-#: ms: a longer linger widens the window in which a worker frozen or killed holds outcomes not
-#: yet sent, and a CI-parity run then saw one more re-execution after a death than the frozen-
-#: worker test allows (docs/bench.md). A worker with nothing else to do sends at once (urgent).
-LINGER_MS = 1
+#: How long a busy worker's events wait to share a request (issue 15: with 1 ms, two busy
+#: workers sent about one request per event; 5 ms halved the CPU of their librdkafka threads,
+#: 105 -> 50 µs a task each, and cut the broker's request threads by about 25 %). A worker with
+#: nothing else to do pushes its event out at once (urgent), so a lone task pays none of it. A
+#: worker frozen or killed may so hold a few ms of outcomes not yet sent: their tasks run again
+#: after its death, as tasks it was running do (the frozen-worker test counts them apart).
+LINGER_MS = 5
 #: Seconds between two rounds of sending again what failed.
 RESEND_EVERY = 1.0
 _TOO_LARGE = {KafkaError.MSG_SIZE_TOO_LARGE}
