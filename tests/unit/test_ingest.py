@@ -77,6 +77,17 @@ def test_started_and_finished_in_one_batch_end_the_task_with_its_start_recorded(
     assert ingest.scheduler.estimates.get("add") is not None
 
 
+def test_a_batch_of_outcomes_adds_to_the_epochs_run_counters_once_each(ingest: Ingest) -> None:
+    _granted(ingest)
+    again = msgspec.structs.replace(_finished(), result=msgspec.Raw(b"4"))  # a repeat: stale
+    _apply(ingest, _msg("events", _finished()), _msg("events", again))
+    (worker,) = ingest.store.all_workers()
+    assert (worker["executed"], worker["succeeded"], worker["failed_runs"]) == (1, 1, 0)
+    _apply(ingest, _msg("events", _finished()))  # read again after a crash: counted once
+    (worker,) = ingest.store.all_workers()
+    assert (worker["executed"], worker["succeeded"], worker["failed_runs"]) == (1, 1, 0)
+
+
 def test_offsets_of_every_message_are_saved_bad_ones_included(ingest: Ingest) -> None:
     _apply(ingest, _msg("tasks", b"not json"), _msg("events", b"{}"),
            _msg("tasks", m.Submission(task_id="t9", task="add")))

@@ -9,7 +9,7 @@ import msgspec
 import pytest
 
 from yadtqd import messages as m
-from yadtqd.store import Store
+from yadtqd.store import Store, runs_counted
 
 
 @pytest.fixture
@@ -71,7 +71,16 @@ def test_full_lifecycle(store: Store) -> None:
     assert store.finish(finished("t1", 1), 4.0) == "success"
     row = store.task_rows(["t1"])["t1"]
     assert (row["status"], row["result"], row["finished_at"]) == ("success", "3", 4.0)
-    assert store.all_workers()[0]["executed"] == 1
+    store.count_runs({"e1": runs_counted("success") or ()})
+    worker = store.all_workers()[0]
+    assert (worker["executed"], worker["succeeded"], worker["failed_runs"]) == (1, 1, 0)
+
+
+def test_run_counters_per_outcome() -> None:
+    assert runs_counted("success") == (1, 1, 0)
+    assert runs_counted("failed") == (1, 0, 1)
+    assert runs_counted("retry") == (0, 0, 1)  # failed, to run again: not yet an execution
+    assert runs_counted("cancelled") is None and runs_counted("stale") is None
 
 
 def test_grant_only_from_queued(store: Store) -> None:

@@ -18,7 +18,7 @@ from yadtqd.config import Config
 from yadtqd.errors import BadMessage
 from yadtqd.server.evidence import Evidence
 from yadtqd.server.scheduler import Member, Scheduler
-from yadtqd.store import Store
+from yadtqd.store import Store, runs_counted
 from yadtqd.transport import partition_for
 
 #: Seconds between two ``fenced`` answers to the heartbeats of one epoch that is not live.
@@ -88,6 +88,8 @@ class Ingest:
         self._refenced: dict[str, float] = {}
         #: When tasks that end in the batch being applied started (their ``started`` not applied).
         self._began: dict[tuple[str, int, str], float] = {}
+        #: The batch's outcomes per epoch: executed, succeeded, failed runs (one update each).
+        self._runs: dict[str, list[int]] = {}
 
     def apply(self, batch: list[Message], now: float) -> Effects:
         """Apply a batch and save its offsets; call inside a transaction.
@@ -120,8 +122,10 @@ class Ingest:
             topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
             assert topic is not None and partition is not None and offset is not None
             positions[(topic, partition)] = offset + 1
+        self.store.count_runs(self._runs)
         self.store.save_offsets(positions)
         self._began.clear()
+        self._runs.clear()
         return effects
 
     # ------------------------------------------------------------ submissions
@@ -296,6 +300,11 @@ class Ingest:
         if outcome == "stale":
             self._stale(ev, f"finished {ev.task_id} attempt {ev.attempt} is not the current grant")
             return
+        counted = runs_counted(outcome)
+        if counted:
+            runs = self._runs.setdefault(ev.epoch, [0, 0, 0])
+            for i, n in enumerate(counted):
+                runs[i] += n
         # a cancelled run's length says nothing of the task's
         self.scheduler.finished(ev.epoch, ev.task_id, ev.runtime, measured=outcome != "cancelled")
         extra = {"task_id": ev.task_id, "worker_id": ev.worker, "event": f"task_{outcome}"}

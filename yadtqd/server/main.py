@@ -1,8 +1,8 @@
 """The server role: read ``tasks`` and ``events``, keep the store, grant, detect deaths, serve.
 
-The main loop, in order: take what the inbox thread read from Kafka → apply it and its offsets
-in one transaction (:mod:`yadtqd.server.ingest`) → declare dead the epochs proven silent
-(:mod:`yadtqd.server.evidence`) → grant queued tasks in one transaction
+The main loop, in order: take what the inbox thread read from Kafka → in one SQLite
+transaction, apply it and its offsets (:mod:`yadtqd.server.ingest`), declare dead the epochs
+proven silent (:mod:`yadtqd.server.evidence`) and grant queued tasks
 (:mod:`yadtqd.server.scheduler`) → produce the ``run``, ``fenced`` and answer messages and the
 markers (:mod:`yadtqd.server.dispatch`), and send again what failed to deliver. Runs are
 produced only after the grants are committed; after a restart, grants not yet started are sent
@@ -334,18 +334,16 @@ class Server:
             raise UnreachableError("the thread reading Kafka died (see the log above); stopping")
         batch = inbox.take()
         now, mono = time.time(), time.monotonic()  # one instant: grants' times and limits' clock
-        effects = Effects()
-        if batch:
-            with store.transaction():
-                effects = ingest.apply(batch, now)
-            self.changes.signal()  # results are readable now, before the next grants
-        fences = effects.fences + self._check_deaths(store, ingest, now)
-        self._fail_unroutable(store, now)
         if self.retention.step(store, now) + self.cron.step(store, now):
             self.changes.signal()
-        with store.transaction():
+        with store.transaction():  # one commit a turn: the batch, the deaths and the grants
+            effects = ingest.apply(batch, now) if batch else Effects()
+            fences = effects.fences + self._check_deaths(ingest, now)
             promoted = store.promote_due(now)  # scheduled tasks now due join the queue
             grants = self.scheduler.plan(store, now, mono)
+        if batch or grants or fences or promoted:
+            self.changes.signal()  # results and grants are readable now
+        self._fail_unroutable(store, now)
         dispatcher.runs(grants, self.scheduler.routes())
         for fence in fences:
             dispatcher.fence(fence.worker, fence.epoch, fence.partition, fence.reason)
@@ -368,8 +366,6 @@ class Server:
             dispatcher.mark(partition, self.nonce, mono)
         self._count_undelivered(store, out)
         self._warn_unproven(dispatcher, mono)
-        if grants or fences or promoted:
-            self.changes.signal()
         self._report(store)
 
     def _idle(self, store: Store, out: Changelog) -> float:
@@ -381,11 +377,12 @@ class Server:
         own = out.wake_in()
         return wait if own is None else min(wait, own)
 
-    def _check_deaths(self, store: Store, ingest: Ingest, now: float) -> list[Fence]:
+    def _check_deaths(self, ingest: Ingest, now: float) -> list[Fence]:
         """Declare dead the epochs *proven* silent for ``heartbeat_timeout``: a marker sent that
         long after their last heartbeat (and after their partition's last trouble) was read back
         from their ``events`` partition. The server's own lag, a frozen broker or a partition
-        without a leader is never taken for a death (DESIGN section 6)."""
+        without a leader is never taken for a death (DESIGN section 6). Call inside the turn's
+        transaction."""
         timeout = self.config.server.heartbeat_timeout
         fences = []
         for member in list(self.scheduler.members.values()):
@@ -393,8 +390,7 @@ class Server:
             if silence <= timeout:
                 continue
             reason = f"no heartbeat for {silence:.1f} s"
-            with store.transaction():
-                ingest.declare_dead(member.epoch, reason, now)
+            ingest.declare_dead(member.epoch, reason, now)
             fences.append(Fence(member.worker, member.epoch, reason, member.dispatch))
         return fences
 

@@ -11,7 +11,7 @@
 
 from yadtqd.store.replica import RowChange
 from yadtqd.store.schema import connect, migrate, migrations, schema_version
-from yadtqd.store.transitions import WORKER_LOST, Grant, Held, Intake, Store, Waiting
+from yadtqd.store.transitions import WORKER_LOST, Grant, Held, Intake, Store, Waiting, runs_counted
 
 __all__ = ["WORKER_LOST", "Grant", "Held", "Intake", "RowChange", "Store", "Waiting", "connect",
-           "migrate", "migrations", "schema_version"]
+           "migrate", "migrations", "runs_counted", "schema_version"]

@@ -257,7 +257,8 @@ class Store(Reads, Replica, Terms, Lifecycle):
         if its start was not recorded); returns the outcome.
 
         ``retry`` (failed with retries left: back to ``queued`` after a backoff), ``success``,
-        ``failed``, or ``stale`` (not the current grant, or already terminal: nothing changed).
+        ``failed``, ``cancelled``, or ``stale`` (not the current grant, or already terminal:
+        nothing changed). The epoch's run counters are the caller's (:meth:`count_runs`).
         """
         grant = (ev.task_id, ev.attempt, ev.worker, ev.epoch)
         if ev.status == "failed":
@@ -270,8 +271,6 @@ class Store(Reads, Replica, Terms, Lifecycle):
                 (_json(ev.error), now, *grant),
             )
             if cur.rowcount == 1:  # (run_after from the server's clock: waiting() compares it)
-                self.db.execute("UPDATE workers SET failed_runs = failed_runs + 1 WHERE epoch = ?",
-                                (ev.epoch,))
                 return "retry"
         result = bytes(ev.result).decode() if ev.status == "success" else None
         error = _json(ev.error) if ev.status == "failed" else None
@@ -292,11 +291,16 @@ class Store(Reads, Replica, Terms, Lifecycle):
             return "stale"
         if ev.status == "success" and ended[0]:  # its follow-up, in the same transaction
             self.queue_follow_up(ev.task_id, result or "null", at or now)
-        if not cancelled:  # a cancelled run is neither an outcome nor (maybe) an execution
-            column = "succeeded" if ev.status == "success" else "failed_runs"
-            self.db.execute(f"UPDATE workers SET executed = executed + 1, {column} = {column} + 1"
-                            " WHERE epoch = ?", (ev.epoch,))
         return ev.status
+
+    def count_runs(self, runs: Mapping[str, Sequence[int]]) -> None:
+        """Add to each epoch's run counters (epoch → executed, succeeded, failed runs), in the
+        transaction that recorded the runs: one update per epoch for a batch of outcomes (see
+        :func:`runs_counted`)."""
+        self.db.executemany(
+            "UPDATE workers SET executed = executed + ?, succeeded = succeeded + ?,"
+            " failed_runs = failed_runs + ? WHERE epoch = ?",
+            [(*counts, epoch) for epoch, counts in runs.items()])
 
     # ------------------------------------------------------------ workers
 
@@ -453,6 +457,13 @@ class Store(Reads, Replica, Terms, Lifecycle):
             " ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
             (name, by),
         )
+
+
+def runs_counted(outcome: str) -> tuple[int, int, int] | None:
+    """What a :meth:`Store.finish` outcome adds to its epoch's run counters (executed,
+    succeeded, failed runs): a retried failure counts as failed, not executed; a cancelled or
+    stale run counts nothing."""
+    return {"success": (1, 1, 0), "failed": (1, 0, 1), "retry": (0, 0, 1)}.get(outcome)
 
 
 def _tasks(ev: m.Hello) -> dict[str, dict[str, str]]:
