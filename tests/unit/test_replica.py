@@ -114,6 +114,17 @@ def test_a_change_made_after_the_read_stays_pending(writer: Store, tmp_path: Pat
     assert writer.changelog_positions() == {0: 3}
 
 
+def test_a_row_changed_twice_is_one_change_and_one_confirmation_forgets_both(writer: Store) -> None:
+    with writer.transaction():
+        writer.intake(sub("t1"), 1.0)
+        writer.grant("t1", "w", "e1", 2.0)
+    changes, notes = writer.pending_changes()
+    assert [(c.table, c.key) for c in changes if c.table == "tasks"] == [("tasks", "t1")]
+    assert len(notes) > len(changes)  # the two changes of t1 were noted apart
+    writer.confirm(notes, {})
+    assert writer.pending_changes() == ([], []) and not writer.has_pending()
+
+
 def test_a_deleted_row_is_a_tombstone_and_deletes(writer: Store, tmp_path: Path) -> None:
     replica = Store(tmp_path / "replica.db", create=True)
     with writer.transaction():

@@ -115,7 +115,7 @@ class Changelog:
         #: Messages for the next transaction; those of the transaction being committed.
         self.queued: list[Outgoing] = []
         self.sending: list[Outgoing] = []
-        self._notes: list[tuple[str, str, int]] = []
+        self._notes: list[tuple[int]] = []
         self._positions: dict[int, int] = {}
         #: "idle", "primed" (a transaction open ahead of need, holding placeholders only),
         #: "committing" (a commit timed out: try again) or "aborting" (likewise).

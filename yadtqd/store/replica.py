@@ -2,11 +2,12 @@
 the row changes a replica is given.
 
 A writer's connection captures changes with temporary triggers (:meth:`Replica.capture`: they
-exist on that connection only): every insert, update or delete of a replicated row notes the
-row's key in ``changelog_pending``, in the same transaction. :meth:`Replica.pending_changes`
+exist on that connection only): every insert, update or delete of a replicated row appends the
+row's key to ``changelog_pending``, in the same transaction. :meth:`Replica.pending_changes`
 turns the noted keys into :class:`RowChange` values (the whole row as it is now, or ``None``
-when it was deleted); once Kafka committed them, :meth:`Replica.confirm` removes the notes it
-sent (a key changed again meanwhile stays noted). A replica applies changes with
+when it was deleted; a key noted twice is one change); once Kafka committed them,
+:meth:`Replica.confirm` deletes the notes it read (a key changed again meanwhile stays noted by
+its later note). A replica applies changes with
 :meth:`Replica.apply_changes`: an upsert of the whole row, or a delete. A row's latest change is
 its whole state, so a replica that applied the latest change of every key holds the same rows
 as the writer, which is what a compacted changelog keeps.
@@ -68,8 +69,7 @@ class Replica:
                 self.db.execute(
                     f"CREATE TEMP TRIGGER IF NOT EXISTS pending_{table}_{op.lower()} AFTER {op} ON"
                     f" main.{table} BEGIN INSERT INTO changelog_pending (tbl, key) VALUES"
-                    f" ('{table}', {_key_sql(table, row)}) ON CONFLICT (tbl, key) DO UPDATE SET"
-                    " gen = gen + 1; END")
+                    f" ('{table}', {_key_sql(table, row)}); END")
 
     def stop_capture(self) -> None:
         """No more notes from this connection (a server that stops being the active)."""
@@ -77,21 +77,25 @@ class Replica:
             for op in ("insert", "update", "delete"):
                 self.db.execute(f"DROP TRIGGER IF EXISTS temp.pending_{table}_{op}")
 
-    def pending_changes(self, limit: int = 1_000_000) -> tuple[list[RowChange], list[tuple[str, str, int]]]:
-        """The rows changed and not yet confirmed (at most ``limit``), as they are now, and the
-        notes they answer (for :meth:`confirm`); one consistent snapshot, beside other writers.
-        When more are noted than ``limit``, the consumed offsets and the schedules' last ticks
-        come last: a changelog that holds them holds what they caused (a replay after a crash
-        between two chunks reads those messages again, and applying them again is idempotent)."""
+    def pending_changes(self, limit: int = 1_000_000) -> tuple[list[RowChange], list[tuple[int]]]:
+        """The rows changed and not yet confirmed (from at most ``limit`` notes), as they are
+        now, and the notes they answer (for :meth:`confirm`); one consistent snapshot, beside
+        other writers. When more are noted than ``limit``, the consumed offsets and the
+        schedules' last ticks come last: a changelog that holds them holds what they caused (a
+        replay after a crash between two chunks reads those messages again, and applying them
+        again is idempotent)."""
         changes: list[RowChange] = []
         self.db.execute("BEGIN")
         try:
-            notes = [(r[0], r[1], r[2]) for r in self.db.execute(
-                "SELECT tbl, key, gen FROM changelog_pending ORDER BY tbl IN ('offsets', 'schedules')"
-                " LIMIT ?", (limit,))]
-            for table in {tbl for tbl, _, _ in notes}:
+            cursor = self.db.cursor()
+            cursor.row_factory = None
+            read = cursor.execute(
+                "SELECT seq, tbl, key FROM changelog_pending ORDER BY tbl IN ('offsets', 'schedules'),"
+                " seq LIMIT ?", (limit,)).fetchall()
+            keyed = dict.fromkeys((tbl, key) for _, tbl, key in read)  # each once, in order
+            for table in {tbl for tbl, _ in keyed}:
                 key_sql = _key_sql(table, table)  # one column: its index serves the IN
-                keys = [key for tbl, key, _ in notes if tbl == table]
+                keys = [key for tbl, key in keyed if tbl == table]
                 found: dict[str, dict[str, Any]] = {}
                 cursor = self.db.cursor()
                 cursor.row_factory = None  # plain tuples: half the cost of sqlite3.Row -> dict
@@ -101,21 +105,18 @@ class Replica:
                                    f" {key_sql} IN ({','.join('?' * len(part))})", part)
                     names = [column[0] for column in cursor.description][1:]
                     found.update({r[0]: dict(zip(names, r[1:])) for r in cursor})
-                for tbl, key, _ in notes:
-                    if tbl == table:
-                        changes.append(RowChange(table, key, found.get(key)))
+                changes += [RowChange(table, key, found.get(key)) for key in keys]
         finally:
             self.db.execute("COMMIT")
-        return changes, notes
+        return changes, [(seq,) for seq, _, _ in read]
 
-    def confirm(self, notes: Iterable[tuple[str, str, int]], positions: Mapping[int, int]) -> None:
+    def confirm(self, notes: Iterable[tuple[int]], positions: Mapping[int, int]) -> None:
         """The changes of these notes are committed in the changelog, whose partitions this
-        file is now at ``positions``: forget the notes (not the ones changed since), one
-        transaction."""
+        file is now at ``positions``: delete the notes (a row changed since has a later one),
+        one transaction."""
         self.db.execute("BEGIN IMMEDIATE")
         try:
-            self.db.executemany("DELETE FROM changelog_pending WHERE tbl = ? AND key = ? AND gen = ?",
-                                list(notes))
+            self.db.executemany("DELETE FROM changelog_pending WHERE seq = ?", list(notes))
             self.save_changelog_positions(positions)
         except BaseException:
             self.db.execute("ROLLBACK")
@@ -148,7 +149,7 @@ class Replica:
         """Note every replicated row as changed (a database from before the changelog, to be
         published whole); call inside a transaction."""
         for table in KEYS:
-            self.db.execute(f"INSERT OR IGNORE INTO changelog_pending (tbl, key) SELECT '{table}',"
+            self.db.execute(f"INSERT INTO changelog_pending (tbl, key) SELECT '{table}',"
                             f" CAST({_key_sql(table, table)} AS TEXT) FROM main.{table}")
 
     def wipe(self) -> None:
