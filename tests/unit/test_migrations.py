@@ -43,6 +43,27 @@ def test_a_release_0_1_database_is_migrated_and_keeps_its_rows(tmp_path: Path) -
     again.close()
 
 
+def test_a_version_9_database_keeps_its_changelog_notes(tmp_path: Path) -> None:
+    """Notes the last turn before an upgrade left (Kafka may lack those changes) survive the
+    move to the append-only list of version 10, so the next start still rebuilds."""
+    from yadtqd.store import migrations
+
+    path = tmp_path / "v9.db"
+    db = sqlite3.connect(path)
+    db.executescript("\n".join(migrations()[:9]) + "\nPRAGMA user_version = 9;")
+    db.execute("INSERT INTO changelog_pending (tbl, key, gen) VALUES ('tasks', 't1', 3),"
+               " ('offsets', 'yadtq.tasks/0', 1)")
+    db.commit()
+    db.close()
+    store = Store(path, create=True)
+    assert store.found_version == 9 and store.has_pending()
+    store.capture()
+    changes, notes = store.pending_changes()
+    assert sorted((c.table, c.key) for c in changes) == [("offsets", "yadtq.tasks/0"), ("tasks", "t1")]
+    store.confirm(notes, {})
+    assert not store.has_pending()
+
+
 def test_a_fresh_database_gets_the_current_schema(tmp_path: Path) -> None:
     store = Store(tmp_path / "new.db", create=True)
     assert store.found_version == 0

@@ -203,6 +203,39 @@ def test_a_backlog_of_notes_goes_in_chunks(writer: Store) -> None:
     assert sizes == [5, 5, 2]
 
 
+def test_a_chunk_of_notes_with_repeated_rows_keeps_the_offsets_last(writer: Store) -> None:
+    with writer.transaction():
+        writer.save_offsets({("yadtq.tasks", 0): 1})  # noted first, read last
+        for i in range(4):
+            writer.intake(sub(f"t{i}"), 1.0)
+        hello(writer)
+        for i in range(4):
+            writer.grant(f"t{i}", "w", "e1", 2.0)  # each task noted twice
+    chunks = []
+    while writer.has_pending():
+        changes, notes = writer.pending_changes(5)
+        chunks.append([c.table for c in changes])
+        writer.confirm(notes, {})
+    assert "offsets" in chunks[-1] and all("offsets" not in c for c in chunks[:-1])
+    tasks = [t for chunk in chunks for t in chunk if t == "tasks"]
+    assert 4 <= len(tasks) <= 8  # a row whose notes fall into two chunks is sent with each
+
+
+def test_a_backlog_past_the_limit_keeps_the_newest_note_of_each_row(writer: Store) -> None:
+    hello(writer)
+    for beat in range(30):
+        with writer.transaction():
+            writer.heartbeat(m.Heartbeat(worker="w", epoch="e1", ts=beat, slots=2, busy=0), float(beat))
+    _, before = writer.pending_changes()
+    assert writer.compact_notes(1000) is None  # under the limit: nothing done
+    assert writer.compact_notes(10) == len(before) > 10
+    changes, notes = writer.pending_changes()
+    assert len(notes) == len(changes)  # one note a row
+    assert any(c.table == "workers" and c.row and c.row["last_heartbeat"] == 29.0 for c in changes)
+    writer.confirm(before, {})  # a read from before the compaction confirms every note left
+    assert not writer.has_pending()
+
+
 def test_salvage_finds_the_unfinished_tasks_only_this_file_noted(writer: Store) -> None:
     with writer.transaction():
         writer.intake(sub("sent"), 1.0)

@@ -76,13 +76,6 @@ def test_full_lifecycle(store: Store) -> None:
     assert (worker["executed"], worker["succeeded"], worker["failed_runs"]) == (1, 1, 0)
 
 
-def test_run_counters_per_outcome() -> None:
-    assert runs_counted("success") == (1, 1, 0)
-    assert runs_counted("failed") == (1, 0, 1)
-    assert runs_counted("retry") == (0, 0, 1)  # failed, to run again: not yet an execution
-    assert runs_counted("cancelled") is None and runs_counted("stale") is None
-
-
 def test_grant_only_from_queued(store: Store) -> None:
     store.intake(sub(), 1.0)
     assert store.grant("t1", "w", "e1", 2.0) is not None

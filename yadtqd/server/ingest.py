@@ -100,6 +100,13 @@ class Ingest:
         in the ``started`` (so the row is the same however the events were batched: a replay
         after a crash batches them otherwise).
         """
+        try:
+            return self._apply(batch, now)
+        finally:  # what one batch gathered is never counted again with the next
+            self._began.clear()
+            self._runs.clear()
+
+    def _apply(self, batch: list[Message], now: float) -> Effects:
         effects = Effects()
         positions = effects.positions
         events = [self._parse_event(msg) if msg.topic() != self.tasks_topic else None for msg in batch]
@@ -124,8 +131,6 @@ class Ingest:
             positions[(topic, partition)] = offset + 1
         self.store.count_runs(self._runs)
         self.store.save_offsets(positions)
-        self._began.clear()
-        self._runs.clear()
         return effects
 
     # ------------------------------------------------------------ submissions

@@ -336,7 +336,7 @@ class Server:
         now, mono = time.time(), time.monotonic()  # one instant: grants' times and limits' clock
         if self.retention.step(store, now) + self.cron.step(store, now):
             self.changes.signal()
-        with store.transaction():  # one commit a turn: the batch, the deaths and the grants
+        with store.transaction():  # one commit for the batch, the deaths and the grants
             effects = ingest.apply(batch, now) if batch else Effects()
             fences = effects.fences + self._check_deaths(ingest, now)
             promoted = store.promote_due(now)  # scheduled tasks now due join the queue

@@ -57,8 +57,11 @@ log = logging.getLogger("yadtqd.server")
 
 #: Seconds a turn waits for a transaction's commit before it goes on (and tries again later).
 COMMIT_WAIT = 1.0
-#: Rows one transaction carries at most (a large backlog of notes goes in several).
+#: Notes of changed rows one transaction reads at most (a large backlog goes in several).
 CHUNK = 5000
+#: Notes past which a backlog keeps only the newest of each row (Kafka refusing commits for
+#: long while the loop goes on: notes grow with every change, heartbeats included).
+NOTES_LIMIT = 100_000
 #: Seconds a transaction may stay open, being committed, before it is aborted and sent again
 #: (below the broker's transaction timeout, which would abort it for us and fence the producer).
 OPEN_LIMIT = 30.0
@@ -235,12 +238,17 @@ class Changelog:
         if self.state == "committing":
             return self._commit(store, timeout)
         changes, notes = store.pending_changes(CHUNK)
+        if len(notes) >= CHUNK:  # a backlog: notes grow with changes while Kafka refuses them
+            noted = store.compact_notes(NOTES_LIMIT)
+            if noted is not None:
+                log.warning("%d changes waited for %s: kept only the newest of each row",
+                            noted, self.topic, extra={"event": "changelog_backlog"})
         if not changes and not self.queued:
             if self.state == "primed" and time.monotonic() - self._opened >= PRIME_LIMIT:
                 self.state = "committing"  # placeholders only: end it before the broker would
                 return self._commit(store, timeout)
             return True
-        if linger and not self.queued and len(changes) < CHUNK:
+        if linger and not self.queued and len(notes) < CHUNK:
             now = time.monotonic()
             self._put_off = self._put_off or now
             if now - self._put_off < LINGER:

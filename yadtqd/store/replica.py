@@ -110,6 +110,23 @@ class Replica:
             self.db.execute("COMMIT")
         return changes, [(seq,) for seq, _, _ in read]
 
+    def compact_notes(self, above: int) -> int | None:
+        """When more than ``above`` notes wait (Kafka refusing commits while the loop goes on),
+        keep only the newest of each row's; returns how many there were, or None when fewer.
+        Safe beside a read in flight: a row whose note is deleted has a newer one, still noted."""
+        if self.db.execute("SELECT 1 FROM changelog_pending LIMIT 1 OFFSET ?", (above,)).fetchone() is None:
+            return None
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            count = self.db.execute("SELECT count(*) FROM changelog_pending").fetchone()[0]
+            self.db.execute("DELETE FROM changelog_pending WHERE seq NOT IN"
+                            " (SELECT max(seq) FROM changelog_pending GROUP BY tbl, key)")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+        return int(count)
+
     def confirm(self, notes: Iterable[tuple[int]], positions: Mapping[int, int]) -> None:
         """The changes of these notes are committed in the changelog, whose partitions this
         file is now at ``positions``: delete the notes (a row changed since has a later one),
