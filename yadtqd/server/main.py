@@ -27,7 +27,7 @@ from confluent_kafka import Consumer, Producer
 from yadtqd import messages as m
 from yadtqd import topics, transport
 from yadtqd.config import Config
-from yadtqd.errors import ConfigError, UnreachableError
+from yadtqd.errors import UnreachableError
 from yadtqd.inbox import Inbox
 from yadtqd.server.dispatch import Dispatcher
 from yadtqd.server.evidence import Evidence
