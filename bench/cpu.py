@@ -1,6 +1,6 @@
 """Where the CPU goes: CPU time per task of each role during throughput runs.
 
-    .venv/bin/python bench/cpu.py [--tasks 20000] [--workers 1 2 4] [--runs 3] [--warmup 80000]
+    .venv/bin/python bench/cpu.py [--tasks 20000] [--workers 1 2 4] [--runs 3] [--warmup 40000]
                                   [--threads]
 
 Reads user + system time from /proc for the broker (the Java process), the server, the
@@ -23,10 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import broker, cluster, submit_all, summary, wait_done  # noqa: E402
+from common import broker, cluster, cpu_seconds, submit_all, summary, wait_done, warm  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
-TICK = os.sysconf("SC_CLK_TCK")
 ROLES = ("broker", "server", "worker", "execution")
 
 
@@ -42,12 +41,6 @@ def _role(cmdline: str) -> str | None:
     return None
 
 
-def _seconds(stat: str) -> float:
-    """User + system CPU seconds from a ``/proc/.../stat`` line."""
-    fields = stat[stat.rindex(")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
-
-
 def cpu_by_thread() -> dict[tuple[str, str], float]:
     """Seconds of CPU used so far by the threads of each role, by (role, thread name); the
     threads of processes that exited are gone, so compare only what runs throughout."""
@@ -61,7 +54,7 @@ def cpu_by_thread() -> dict[tuple[str, str], float]:
                 continue
             for tid in os.listdir(f"/proc/{entry}/task"):
                 name = Path(f"/proc/{entry}/task/{tid}/comm").read_text().strip()
-                totals[role, name] += _seconds(Path(f"/proc/{entry}/task/{tid}/stat").read_text())
+                totals[role, name] += cpu_seconds(Path(f"/proc/{entry}/task/{tid}/stat").read_text())
         except OSError:
             continue  # exited meanwhile
     return totals
@@ -80,7 +73,7 @@ def cpu_by_role() -> dict[str, float]:
             continue  # exited meanwhile
         role = _role(cmdline)
         if role:
-            totals[role] += _seconds(stat)
+            totals[role] += cpu_seconds(stat)
     return totals
 
 
@@ -106,14 +99,15 @@ def main() -> int:
     parser.add_argument("--tasks", type=int, default=20_000)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=80_000)
+    parser.add_argument("--warmup", type=int, default=40_000,
+                        help="tasks a warm-up round, rounds until the broker's JIT settles (0: none)")
     parser.add_argument("--threads", action="store_true", help="split each role by thread name")
     args = parser.parse_args()
     threads: dict[int, dict[tuple[str, str], float]] = {
         w: collections.defaultdict(float) for w in args.workers}
     with broker() as bootstrap:
         if args.warmup:
-            run(bootstrap, args.warmup, 2)
+            warm(bootstrap, lambda: run(bootstrap, args.warmup, 2))
         results = {w: [run(bootstrap, args.tasks, w, threads[w]) for _ in range(args.runs)]
                    for w in args.workers}
     print(f"\nCPU microseconds per task (median of {args.runs} runs of {args.tasks:,} tasks;"

@@ -10,9 +10,11 @@ with a standby server following; failover of a worker and takeovers of the activ
 (``--kills`` each); with ``--scale N``, the server's rate with 100 simulated workers and its
 database and memory after N tasks. Each figure is the median of ``--runs`` runs with min and
 max. Uses ``YADTQ_TEST_BOOTSTRAP`` if set, else starts a broker of its own. Logging is at the
-default level (info), as deployed. First, ``--warmup`` tasks go through YADTQ and as many
-messages through the raw hops, unreported: a fresh broker's JIT takes tens of thousands of
-messages to settle (its CPU per task fell from 630 to 130 us over the first 60,000 here).
+default level (info), as deployed. First, ``--warmup`` messages go through the raw hops and
+rounds of ``--warmup`` tasks through YADTQ, unreported, until the broker's JIT settles (a
+round in which it took under 5 % of the broker's CPU; :func:`common.warm`): a fresh broker
+compiles for hundreds of thousands of messages (its CPU per task fell from 630 to 130 us over
+the first 60,000 here, and its compiler still took a third of it after 120,000).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import raw  # noqa: E402
-from common import broker, cluster, percentile, submit_all, summary, wait_done  # noqa: E402
+from common import broker, cluster, percentile, submit_all, summary, wait_done, warm  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
 
@@ -89,7 +91,8 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--latency", type=int, default=500)
     parser.add_argument("--kills", type=int, default=10, help="failover kills (0 to skip)")
-    parser.add_argument("--warmup", type=int, default=40_000, help="unreported tasks first (0 to skip)")
+    parser.add_argument("--warmup", type=int, default=40_000,
+                        help="unreported tasks a warm-up round, rounds until the broker's JIT settles (0: none)")
     parser.add_argument("--scale", type=int, default=0,
                         help="server scale: tasks through 100 simulated workers (0 to skip)")
     args = parser.parse_args()
@@ -97,7 +100,10 @@ def main() -> int:
     with broker() as bootstrap:
         if args.warmup:
             raw.throughput(bootstrap, args.warmup)
-            throughput(bootstrap, args.warmup, 2)
+            shares = warm(bootstrap, lambda: throughput(bootstrap, args.warmup, 2))
+            rows.append(["warm-up: rounds of --warmup tasks until the broker's JIT settles", "rounds",
+                         f"{len(shares)} (JIT share of the broker's CPU: "
+                         f"{', '.join(f'{s:.0%}' for s in shares) or 'not measured'})"])
         raw_tp = [raw.throughput(bootstrap, args.tasks) for _ in range(args.runs)]
         rows.append(["raw Kafka, same hops", "messages/s", fmt(raw_tp)])
         results = {}
