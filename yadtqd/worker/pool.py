@@ -2,7 +2,8 @@
 
 The worker's main loop owns the pool and never blocks on it: it waits on :meth:`Pool.waitables`
 with everything else, then calls :meth:`Pool.collect`. A slot whose process dies or is killed is
-replaced at once with a fresh process. Each slot answers pings from a thread of its own, so
+replaced at once with a fresh process. Each slot has two pipes: one that brings it jobs, read by
+its main thread, and one for pings (which a thread of its own answers) and what it sends back, so
 :meth:`Pool.responsive` tells a wedged pool from one that runs long tasks; a process that never
 finishes loading its plugins counts as wedged too.
 
@@ -46,7 +47,10 @@ class Slot:
     """One execution process and the job it runs, if any."""
 
     process: BaseProcess
+    #: Pings to the process; its answers, readiness and outcomes back.
     conn: Connection
+    #: Jobs to the process.
+    jobs: Connection
     generation: int
     ready: bool = False
     job: Job | None = None
@@ -84,12 +88,15 @@ class Pool:
 
     def _spawn(self) -> Slot:
         parent, child_end = self.ctx.Pipe()
+        jobs_read, jobs_write = self.ctx.Pipe(duplex=False)
         process = self.ctx.Process(target=child.main,
-                                   args=(child_end, self.max_result_bytes, self.plugins, self.max_memory),
+                                   args=(child_end, jobs_read, self.max_result_bytes, self.plugins,
+                                         self.max_memory),
                                    name="yadtq-exec", daemon=True)
         process.start()
         child_end.close()
-        return Slot(process, parent, self.generation, last_answer=time.monotonic())
+        jobs_read.close()
+        return Slot(process, parent, jobs_write, self.generation, last_answer=time.monotonic())
 
     @property
     def free(self) -> int:
@@ -111,7 +118,7 @@ class Pool:
         slot.job = job
         slot.began = time.monotonic()
         slot.deadline = time.monotonic() + timeout if timeout else None
-        slot.conn.send_bytes(msgspec.json.encode(job))
+        slot.jobs.send_bytes(msgspec.json.encode(job))
 
     def waitables(self) -> list[Connection]:
         """The pipes to wait on for outcomes."""
@@ -284,6 +291,7 @@ class Pool:
         """Stop every process: close the pipes, wait, then kill what is left."""
         self._end_probe()
         for slot in self.slots:
+            slot.jobs.close()
             slot.conn.close()
         deadline = time.monotonic() + timeout
         for slot in self.slots:
@@ -324,6 +332,7 @@ def _stop(slot: Slot) -> None:
     if slot.process.is_alive():
         slot.process.kill()
     slot.process.join()
+    slot.jobs.close()
     slot.conn.close()
 
 
