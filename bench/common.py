@@ -146,9 +146,14 @@ def submit_all(bootstrap: str, prefix: str, count: int) -> tuple[list[str], floa
     return ids, time.perf_counter() - start
 
 
-def wait_done(c: Cluster, count: int, timeout: float = 600.0) -> None:
-    """Until ``count`` tasks are terminal."""
+def wait_done(c: Cluster, count: int, timeout: float = 600.0, last: str | None = None) -> None:
+    """Until ``count`` tasks are terminal. With ``last`` (the id submitted last), first until
+    that one is, told by the server (``result`` with ``wait``), then counted: granted oldest
+    first, it ends among the last, so the 20 ms polls of the count that follow are few (polled
+    from the start, they took 5 to 14 % of the server's CPU, charged to YADTQ's figures)."""
     deadline = time.monotonic() + timeout
+    if last is not None:
+        c.client.result(last, wait=timeout)
     while True:
         tasks = c.client.stats()["tasks"]
         if tasks.get("success", 0) + tasks.get("failed", 0) >= count:

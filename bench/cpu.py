@@ -84,8 +84,8 @@ def run(bootstrap: str, tasks: int, workers: int,
     with cluster(bootstrap, workers) as c:
         before, threads_before = cpu_by_role(), cpu_by_thread()
         start = time.perf_counter()
-        submit_all(bootstrap, c.prefix, tasks)
-        wait_done(c, tasks)
+        ids, _ = submit_all(bootstrap, c.prefix, tasks)
+        wait_done(c, tasks, last=ids[-1])
         elapsed = time.perf_counter() - start
         after, threads_after = cpu_by_role(), cpu_by_thread()
     if threads is not None:

@@ -37,8 +37,8 @@ def throughput(bootstrap: str, tasks: int, workers: int, prefetch: int = -1,
     """(end-to-end tasks/s, submit rate/s) for one run."""
     with cluster(bootstrap, workers, prefetch=prefetch, standby=standby) as c:
         start = time.perf_counter()
-        _, submit_seconds = submit_all(bootstrap, c.prefix, tasks)
-        wait_done(c, tasks)
+        ids, submit_seconds = submit_all(bootstrap, c.prefix, tasks)
+        wait_done(c, tasks, last=ids[-1])
         return tasks / (time.perf_counter() - start), tasks / submit_seconds
 
 
@@ -47,8 +47,8 @@ def log_lines(bootstrap: str, tasks: int) -> tuple[float, float]:
     with cluster(bootstrap, 2) as c:
         names = ["server", "bench0", "bench1"]
         before = {n: c.log(n).count("\n") for n in names}
-        submit_all(bootstrap, c.prefix, tasks)
-        wait_done(c, tasks)
+        ids, _ = submit_all(bootstrap, c.prefix, tasks)
+        wait_done(c, tasks, last=ids[-1])
         lines = {n: c.log(n).count("\n") - before[n] for n in names}
         return lines["server"] / tasks, (lines["bench0"] + lines["bench1"]) / tasks
 

@@ -123,9 +123,9 @@ def steps(bootstrap: str, workers: int, tasks: int, step: int,
         while done < tasks:
             size = min(step, tasks - done)
             start = time.perf_counter()
-            submit_all(bootstrap, c.prefix, size)
+            ids, _ = submit_all(bootstrap, c.prefix, size)
             done += size
-            wait_done(c, done, timeout=3600)
+            wait_done(c, done, timeout=3600, last=ids[-1])
             rate = size / (time.perf_counter() - start)
             db = sum(p.stat().st_size for p in Path(c.database).parent.glob("yadtq.db*")) / 2**20
             out.append((done, rate, db, rss_mib(server_pid)))
