@@ -267,11 +267,14 @@ def test_the_same_id_with_another_follow_up_is_a_conflict(store: Store) -> None:
     ("SELECT id FROM tasks WHERE status = 'success' AND finished_at < 5 ORDER BY finished_at LIMIT 10",
      "tasks_ended (status=? AND finished_at<?)"),
     ("SELECT priority, seq, id FROM tasks WHERE status = 'queued' AND name = 'a' AND run_after <= 5"
-     " ORDER BY priority DESC, seq LIMIT 5", "tasks_waiting (status=? AND name=?)"),
+     " ORDER BY priority DESC, seq LIMIT 5", "tasks_waiting (name=?)"),
+    ("SELECT id FROM tasks WHERE status = 'queued' AND name = 'a' AND submitted_at < 5"
+     " ORDER BY priority DESC, seq LIMIT 5", "tasks_waiting (name=?)"),
 ])
 def test_the_lifecycle_queries_read_by_their_index(store: Store, query: str, index: str) -> None:
-    """The shapes of promote_due, purge_tasks and waiting: an index range, no scan, no sort
-    (100,000 scheduled or a week of successes must cost nothing until due)."""
+    """The shapes of promote_due, purge_tasks, waiting and fail_unroutable: an index range, no
+    scan, no sort (100,000 scheduled or a week of successes must cost nothing until due). The
+    last two read a partial index (queued tasks only): their "status = 'queued'" is its WHERE."""
     plan = " ".join(r[3] for r in store.db.execute(f"EXPLAIN QUERY PLAN {query}"))
     assert f"USING INDEX {index}" in plan and "TEMP B-TREE" not in plan, plan
 

@@ -64,6 +64,35 @@ def test_a_version_9_database_keeps_its_changelog_notes(tmp_path: Path) -> None:
     assert not store.has_pending()
 
 
+def test_version_11_indexes_only_the_rows_each_partial_index_serves(tmp_path: Path) -> None:
+    """A version 10 database moves to partial indexes: queued tasks alone in tasks_waiting, ended
+    ones alone in tasks_ended, and the waiting and retention queries still find theirs."""
+    from yadtqd.store import migrations
+
+    path = tmp_path / "v10.db"
+    db = sqlite3.connect(path)
+    db.executescript("\n".join(migrations()[:10]) + "\nPRAGMA user_version = 10;")
+    rows = [("q1", "queued", None), ("q2", "queued", None), ("a1", "assigned", None),
+            ("p1", "processing", None), ("s1", "success", 5.0), ("f1", "failed", 6.0)]
+    db.executemany("INSERT INTO tasks (id, name, payload, status, submitted_at, finished_at)"
+                   " VALUES (?, 'add', '[]', ?, 1.0, ?)", rows)
+    db.commit()
+    db.close()
+    store = Store(path, create=True)
+    assert store.found_version == 10
+    indexed = {name: store.db.execute(f"SELECT count(*) FROM tasks INDEXED BY {name} WHERE {where}").fetchone()[0]
+               for name, where in (("tasks_waiting", "status = 'queued'"),
+                                   ("tasks_ended", "finished_at IS NOT NULL"))}
+    assert indexed == {"tasks_waiting": 2, "tasks_ended": 2}
+    entries = {r[0]: r[1] for r in store.db.execute("SELECT name, sql FROM sqlite_master WHERE type = 'index'")}
+    assert "WHERE status = 'queued'" in entries["tasks_waiting"]
+    assert "WHERE finished_at IS NOT NULL" in entries["tasks_ended"]
+    assert [w.task_id for w in store.waiting(["add"], 10, now=10.0)] == ["q1", "q2"]
+    with store.transaction():
+        assert store.purge_tasks(["success", "failed", "cancelled"], 10.0, 10.0) == 2
+    assert sorted(store.counts().items()) == [("assigned", 1), ("processing", 1), ("queued", 2)]
+
+
 def test_a_fresh_database_gets_the_current_schema(tmp_path: Path) -> None:
     store = Store(tmp_path / "new.db", create=True)
     assert store.found_version == 0
