@@ -105,10 +105,9 @@ def main(conn: Connection, jobs: Connection, max_result_bytes: int, only: tuple[
             resource.setrlimit(resource.RLIMIT_AS, (max_memory, max_memory))
     try:
         answers.send(msgspec.json.encode(Ready(tasks=tasks, problems=registry.problems)))
-        while (job := _next_job(jobs)) is not None:
-            answers.running = True
+        while (job := _next_job(jobs)) is not None and answers.begin():
             outcome = run(registry, job, max_result_bytes, max_memory)
-            answers.running = False
+            answers.end()
             answers.send(msgspec.json.encode(outcome))
     except (BrokenPipeError, ConnectionResetError):
         pass  # the worker closed the pipe (it stopped, or gave this task up at its stop timeout)
@@ -133,8 +132,22 @@ class _Answers:
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
         self.send_lock = threading.Lock()
-        #: A task runs now (set by the main thread).
+        #: A task runs now (set by the main thread); the pool closed the pipe. Both under
+        #: ``state_lock``: a job read just as the pool went away is never run unwatched.
+        self.state_lock = threading.Lock()
         self.running = False
+        self.closed = False
+
+    def begin(self) -> bool:
+        """A job is about to run: False (do not run it) if the pool has gone away."""
+        with self.state_lock:
+            self.running = not self.closed
+            return self.running
+
+    def end(self) -> None:
+        """The job ended."""
+        with self.state_lock:
+            self.running = False
 
     def send(self, raw: bytes) -> None:
         with self.send_lock:
@@ -157,8 +170,10 @@ class _Answers:
                 except (BrokenPipeError, ConnectionResetError):
                     raw = b""  # the worker is gone: as if it had closed the pipe
             if not raw:
-                if self.running:
-                    _end_group()
+                with self.state_lock:
+                    self.closed = True
+                    if self.running:
+                        _end_group()
                 return
 
 

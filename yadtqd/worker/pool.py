@@ -118,7 +118,10 @@ class Pool:
         slot.job = job
         slot.began = time.monotonic()
         slot.deadline = time.monotonic() + timeout if timeout else None
-        slot.jobs.send_bytes(msgspec.json.encode(job))
+        try:
+            slot.jobs.send_bytes(msgspec.json.encode(job))
+        except OSError:
+            pass  # the process died: collect() sees its exit and fails this job with how it ended
 
     def waitables(self) -> list[Connection]:
         """The pipes to wait on for outcomes."""
