@@ -100,9 +100,9 @@ def main() -> int:
     with broker() as bootstrap:
         if args.warmup:
             raw.throughput(bootstrap, args.warmup)
-            shares = warm(bootstrap, lambda: throughput(bootstrap, args.warmup, 2))
+            rounds, shares = warm(bootstrap, lambda: throughput(bootstrap, args.warmup, 2))
             rows.append(["warm-up: rounds of --warmup tasks until the broker's JIT settles", "rounds",
-                         f"{len(shares)} (JIT share of the broker's CPU: "
+                         f"{rounds} (JIT share of the broker's CPU: "
                          f"{', '.join(f'{s:.0%}' for s in shares) or 'not measured'})"])
         raw_tp = [raw.throughput(bootstrap, args.tasks) for _ in range(args.runs)]
         rows.append(["raw Kafka, same hops", "messages/s", fmt(raw_tp)])
