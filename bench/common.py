@@ -98,18 +98,17 @@ def warm(bootstrap: str, step: Callable[[], object], most: int = 10) -> tuple[in
     one's JIT share (printed too); without the broker's process at hand (another machine, or
     a bootstrap that names several brokers), one round, unmeasured."""
     pid = broker_pid(bootstrap)
-    shares: list[float] = []
-    for rounds in range(1, most + 1):
-        before = broker_cpu(pid) if pid else (0.0, 0.0)
+    if pid is None:
         step()
-        if pid is None:
-            return rounds, shares
+        return 1, []
+    shares: list[float] = []
+    while len(shares) < most and (not shares or shares[-1] >= SETTLED):
+        before = broker_cpu(pid)
+        step()
         total, jit = (after - first for after, first in zip(broker_cpu(pid), before))
         shares.append(jit / total if total else 0.0)
-        print(f"warm-up round {rounds}: the broker's JIT used {shares[-1]:.0%} of its CPU",
+        print(f"warm-up round {len(shares)}: the broker's JIT used {shares[-1]:.0%} of its CPU",
               file=sys.stderr, flush=True)
-        if shares[-1] < SETTLED:
-            break
     return len(shares), shares
 
 

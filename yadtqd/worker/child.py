@@ -11,7 +11,8 @@ Each execution process leads a process group of its own, so whatever a task star
 (subprocesses, forks) is in it, and the pool ends the whole group with the task (a timeout, a
 fence, a stop). When the worker dies, the kernel sends this process SIGUSR2
 (``PR_SET_PDEATHSIG``) and its handler ends the group; the pipes closing do the same from the
-thread that answers pings. (A task holding the interpreter lock in a C call delays both until it returns.)
+thread that answers pings. (A task holding the interpreter lock in a C call delays both until it
+returns.)
 """
 
 from __future__ import annotations
