@@ -13,12 +13,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from tests.cluster import Cluster
 from tests.netns import Netns
 from yadtqd.testing.broker import Broker
 
 _BROKERS: list[Broker] = []
+
+# Property tests judge behaviour, never speed: no per-example deadline (200 ms by default) and no
+# health check on how fast examples are generated, both of which a busy two-core machine trips
+# (test_arbitrary_json_objects_only_ever_raise_bad_message failed so once in a unit run here).
+settings.register_profile("yadtq", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("yadtq")
 
 
 @pytest.fixture(scope="session")
