@@ -152,6 +152,7 @@ class Cluster:
                 pass  # killed
         for name in list(self.processes):
             self.stop(name, timeout=20)
+        self.client.close()
 
     # ------------------------------------------------------------ observation
 

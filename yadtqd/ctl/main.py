@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     as_json = getattr(args, "json", False)
     try:
         socket = getattr(args, "socket", None) or configuration.client_socket(getattr(args, "config", None))
-        return COMMANDS[args.command](Client(socket), args, as_json)
+        with Client(socket) as client:
+            return COMMANDS[args.command](client, args, as_json)
     except YadtqError as exc:
         output.fail(str(exc))
         return exc.exit_code

@@ -3,11 +3,15 @@
 The socket file is created with mode 0660 by binding under a tight umask: there is no window in
 which it exists with looser permissions (no chmod after bind). Each connection is served by a
 thread of its own with a read-only store connection of its own, taken from a few kept open
-between connections (most clients make one request per connection).
+between connections.
 
-No client can exhaust the server: at most ``max_connections`` are served at once (one more is
-told ``busy`` and closed), and a connection that sends no request for ``idle_timeout`` seconds
-is closed (a ``result`` wait or a ``watch`` is not idle: the server is the one writing).
+No client can exhaust the server: at most ``max_connections`` are served at once, and a
+connection that sends no request for ``idle_timeout`` seconds is closed (a ``result`` wait or a
+``watch`` is not idle: the server is the one writing). Clients keep a connection open between
+calls (:class:`yadtqd.client.Client`), so at the cap the one idle longest after a request is
+closed to make room; only when none is idle is the newcomer told ``busy`` and closed. A
+connection closed so is closed between two requests: a request that arrives as it closes is
+never served (the client sends it again on a fresh connection, and it runs once).
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import socket
 import stat
 import struct
 import threading
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +40,20 @@ log = logging.getLogger("yadtqd.server")
 CLOSING_CODES = {"bad_request", "too_large", "unknown_op"}
 #: Read-only store connections kept open for the next connections.
 IDLE_STORES = 8
+
+
+@dataclass(eq=False)
+class _Served:
+    """A connection being served: whether it is idle (its last request answered, or being
+    answered in full), whether its thread waits for the next request, when its last request
+    arrived, and whether the server closed it to make room."""
+
+    sock: socket.socket
+    idle: bool = False
+    waiting: bool = False
+    last_request: float = 0.0
+    reclaimed: bool = False
+    requests: int = field(default=0)
 
 
 class SocketServer:
@@ -53,6 +73,8 @@ class SocketServer:
         self._stopping = threading.Event()
         self._idle: list[Store] = []
         self._idle_lock = threading.Lock()
+        self._served: set[_Served] = set()
+        self._served_lock = threading.Lock()
 
     def start(self) -> None:
         """Bind (mode 0660), listen and start accepting."""
@@ -124,11 +146,28 @@ class SocketServer:
                 conn, _ = self.listener.accept()
             except OSError:
                 return
-            if not self._slots.acquire(blocking=False):
+            if not self._slots.acquire(blocking=False) and not self._reclaim():
                 self._refuse(conn)
                 continue
             threading.Thread(target=self._serve_counted, args=(conn,), name="yadtq-conn",
                              daemon=True).start()
+
+    def _reclaim(self) -> bool:
+        """At the cap: close the idle connection whose last request is the oldest; its slot
+        passes to the newcomer. False when none is idle."""
+        with self._served_lock:
+            idle = [s for s in self._served if s.idle and not s.reclaimed]
+            if not idle:
+                return False
+            victim = min(idle, key=lambda s: s.last_request)
+            victim.reclaimed = True
+            waiting = victim.waiting
+        if waiting:  # else its thread, sending its last reply, closes it once that is sent
+            with contextlib.suppress(OSError):
+                victim.sock.shutdown(socket.SHUT_RDWR)  # wakes it: it serves nothing more
+        log.debug("socket: closed a connection idle for %.1f s to make room",
+                  time.monotonic() - victim.last_request)
+        return True
 
     def _refuse(self, conn: socket.socket) -> None:
         """Over the connection cap: say so and close (never blocking the accepting thread)."""
@@ -142,10 +181,32 @@ class SocketServer:
                     self.max_connections, extra={"event": "socket_busy"})
 
     def _serve_counted(self, conn: socket.socket) -> None:
+        served = _Served(conn)
+        with self._served_lock:
+            self._served.add(served)
         try:
-            self._serve(conn)
+            self._serve(served)
         finally:
-            self._slots.release()
+            with self._served_lock:
+                self._served.discard(served)
+            if not served.reclaimed:  # else its slot went to the connection it made room for
+                self._slots.release()
+
+    def _next_line(self, served: _Served, reader: Any) -> bytes | None:
+        """The next request line; None when the connection ended, or was closed to make room
+        (then even a line read meanwhile is not served: its client sends it again)."""
+        with self._served_lock:
+            if served.reclaimed:
+                return None
+            served.waiting = True
+        line: bytes = reader.readline(self.max_line + 1)
+        with self._served_lock:
+            served.waiting = served.idle = False
+            if served.reclaimed or not line:
+                return None
+            served.requests += 1
+            served.last_request = time.monotonic()
+        return line
 
     def _take_store(self) -> Store:
         with self._idle_lock:
@@ -162,21 +223,24 @@ class SocketServer:
                 return
         store.close()
 
-    def _serve(self, conn: socket.socket) -> None:
+    def _serve(self, served: _Served) -> None:
+        conn = served.sock
         store = self._take_store()
         conn.settimeout(self.idle_timeout)
         uid = _peer_uid(conn)
         try:
             with conn, conn.makefile("rb") as reader:
                 while not self._stopping.is_set():
-                    line = reader.readline(self.max_line + 1)
-                    if not line:
+                    line = self._next_line(served, reader)
+                    if line is None:
                         return
                     reply = self._reply(store, line, uid)
                     if reply.get("watch"):
                         self.queries.watch(store, reply["request"],
                                            lambda snap: conn.sendall(protocol.encode(snap)))
                         return
+                    with self._served_lock:  # answered: may make room once the reply is out
+                        served.idle = True
                     conn.sendall(protocol.encode(reply))
                     if not reply["ok"] and reply["error"]["code"] in CLOSING_CODES:
                         self._close_gently(conn)
