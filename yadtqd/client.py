@@ -25,6 +25,7 @@ import socket
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Iterator, Mapping
 from types import TracebackType
 from typing import Any
@@ -39,14 +40,38 @@ RETRY_PAUSE = 0.5
 #: Connections a :class:`Client` keeps open between calls (per process): a call on a kept one
 #: costs one round trip, not a connect and a new server thread (0.2 ms against 0.5 here).
 KEEP = 2
-#: Requests never sent again on a fresh connection after a kept one failed: one the server
-#: could have served before it went away would be done twice (``retry`` makes a new attempt).
-NOT_RESENT = frozenset({"retry"})
+#: Requests that always go on a connection of their own, never kept nor sent twice: the
+#: operator's orders (one the server served before it went away would be done again: a cancel
+#: could stop a newer attempt, a retry make one more) and ``watch`` (a stream of replies).
+OWN_CONNECTION = frozenset({"cancel", "retry", "purge", "watch"})
 
 
 class _Stale(Exception):
     """A kept connection the server had closed (its idle timeout, its connection cap, its
-    restart) before any of the reply came back."""
+    restart) before any of the reply came back; ``sent``: after the request was sent whole
+    (the server was there then), rather than refused as it was sent."""
+
+    def __init__(self, sent: bool) -> None:
+        super().__init__()
+        self.sent = sent
+
+
+#: Every client of this process, for :func:`_after_fork`.
+_CLIENTS: weakref.WeakSet[Client] = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    """In a forked child: each client forgets its parent's connections (closing the child's
+    copies only) and takes a lock of its own (another thread may have held the parent's)."""
+    for client in list(_CLIENTS):
+        client._lock = threading.Lock()
+        kept, client._kept = client._kept, []
+        for sock, reader in kept:
+            reader.close()
+            sock.close()
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 def default_socket() -> str:
@@ -92,15 +117,22 @@ class Client:
     """Talks to the server's socket. Up to :data:`KEEP` connections are kept open between calls
     (thread-safe: each call has a connection to itself); one the server closed meanwhile is
     replaced and the request sent again, since the server never serves a request on a
-    connection it closes as idle (:mod:`yadtqd.server.sockets`). :meth:`close` (or ``with``)
-    closes them; a forked child opens its own."""
+    connection it closes as idle (:mod:`yadtqd.server.sockets`); the operator's orders always
+    go on a connection of their own (:data:`OWN_CONNECTION`). :meth:`close` (or ``with``)
+    closes them; a forked child or an unpickled copy opens its own."""
 
     def __init__(self, socket_path: str | None = None, timeout: float = 30.0) -> None:
         self.socket_path = socket_path or default_socket()
         self.timeout = timeout
         self._kept: list[tuple[socket.socket, Any]] = []
         self._lock = threading.Lock()
-        self._pid = os.getpid()
+        _CLIENTS.add(self)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"socket_path": self.socket_path, "timeout": self.timeout}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["socket_path"], state["timeout"])  # type: ignore[misc]
 
     def __enter__(self) -> Client:
         return self
@@ -119,34 +151,40 @@ class Client:
     def request(self, request: Mapping[str, Any], timeout: float | None = None) -> dict[str, Any]:
         """Send one request and return the reply; an error reply raises :class:`RequestError`."""
         data = json.dumps(request).encode() + b"\n"
-        conn = self._take() if request.get("op") not in NOT_RESENT else None
-        line = None
-        if conn is not None:
+        own = request.get("op") in OWN_CONNECTION
+        line: bytes | None = None
+        went_away = False
+        kept = None if own else self._take()
+        if kept is not None:
             try:
-                line = self._exchange(conn, data, timeout, kept=True)
-            except _Stale:  # closed by the server before it read the request: send it anew
-                line = None
+                line, conn = self._exchange(kept, data, timeout, kept=True), kept
+            except _Stale as stale:  # closed by the server before it read the request: anew
+                went_away = stale.sent
         if line is None:
             try:
                 conn = self._connect(timeout)
             except UnreachableError as exc:
-                if conn is not None:  # it was there a moment ago: going away, or restarting
+                if went_away:  # it was there as the request went out: it is restarting
                     exc.absent = False
                 raise
             line = self._exchange(conn, data, timeout)
-        assert conn is not None
         if not line.endswith(b"\n"):  # nothing, or half a line: the server went away
             raise UnreachableError(f"the server at {self.socket_path} closed the connection")
         try:
-            reply: dict[str, Any] = json.loads(line)
-        except json.JSONDecodeError:
+            reply = json.loads(line)
+        except ValueError:
+            reply = None
+        if not isinstance(reply, dict):
             self._discard(conn)
-            raise UnreachableError(f"the server at {self.socket_path} sent a broken reply") from None
+            raise UnreachableError(f"the server at {self.socket_path} sent a broken reply")
         if not reply.get("ok"):
             self._discard(conn)  # the server may close after an error: never kept
             err = reply.get("error", {})
             raise RequestError(err.get("code", "internal"), err.get("message", "unknown error"))
-        self._keep(conn)
+        if own:
+            self._discard(conn)
+        else:
+            self._keep(conn)
         return reply
 
     def _connect(self, timeout: float | None) -> tuple[socket.socket, Any]:
@@ -162,16 +200,14 @@ class Client:
         return sock, sock.makefile("rb")
 
     def _take(self) -> tuple[socket.socket, Any] | None:
-        """A kept connection, if any (none from a parent process: they are its own)."""
+        """A kept connection, if any."""
         with self._lock:
-            if os.getpid() != self._pid:
-                self._pid, self._kept = os.getpid(), []
             return self._kept.pop() if self._kept else None
 
     def _keep(self, conn: tuple[socket.socket, Any]) -> None:
         """Keep a connection that served a request whole, for the next call (or close it)."""
         with self._lock:
-            if len(self._kept) < KEEP and os.getpid() == self._pid:
+            if len(self._kept) < KEEP:
                 self._kept.append(conn)
                 return
         self._discard(conn)
@@ -182,10 +218,12 @@ class Client:
         line is closed. A ``kept`` connection closed before any of the reply raises
         :class:`_Stale` (the server closes one only between requests, serving none on it)."""
         sock, reader = conn
+        sent = False
         try:
             sock.settimeout(timeout or self.timeout)
             try:
                 sock.sendall(data)
+                sent = True
             except (BrokenPipeError, ConnectionResetError):
                 if kept:
                     raise
@@ -194,14 +232,14 @@ class Client:
         except BaseException as exc:
             self._discard(conn)
             if kept and isinstance(exc, (BrokenPipeError, ConnectionResetError)):
-                raise _Stale() from None
+                raise _Stale(sent) from None
             if isinstance(exc, OSError):
                 raise self._unreachable(exc) from None
             raise
         if not line.endswith(b"\n"):
             self._discard(conn)
             if kept and not line:
-                raise _Stale()
+                raise _Stale(sent)
         return line
 
     @staticmethod

@@ -23,7 +23,7 @@ def _kept(client: Client) -> list[socket.socket]:
 
 
 def test_a_client_keeps_its_connection_and_replaces_one_the_server_closed(cluster: Cluster) -> None:
-    cluster.write_config(server={"idle_timeout": 0.5})
+    cluster.write_config(server={"idle_timeout": 2.0})
     cluster.start_server()
     with Client(cluster.socket, timeout=30) as client:
         client.stats()
@@ -88,11 +88,12 @@ def test_a_result_wait_rides_through_a_restart_of_the_server(cluster: Cluster) -
     cluster.start_server()
     cluster.start_worker("w1")
     with Client(cluster.socket, timeout=30) as client:
-        task_id = client.submit("sleep", 3.0)
+        task_id = client.submit("sleep", 5.0)
         outcome: dict[str, object] = {}
         waiter = threading.Thread(target=lambda: outcome.update(view=client.result(task_id, wait=120)))
         waiter.start()
         cluster.wait_for(lambda: "socket request result" in cluster.log("server"), "the wait to arrive")
+        assert waiter.is_alive() and cluster.status([task_id])[task_id]["status"] != "success"
         cluster.stop("server", signal.SIGKILL)
         cluster.start_server()
         waiter.join(120)

@@ -8,10 +8,12 @@ between connections.
 No client can exhaust the server: at most ``max_connections`` are served at once, and a
 connection that sends no request for ``idle_timeout`` seconds is closed (a ``result`` wait or a
 ``watch`` is not idle: the server is the one writing). Clients keep a connection open between
-calls (:class:`yadtqd.client.Client`), so at the cap the one idle longest after a request is
-closed to make room; only when none is idle is the newcomer told ``busy`` and closed. A
-connection closed so is closed between two requests: a request that arrives as it closes is
-never served (the client sends it again on a fresh connection, and it runs once).
+calls (:class:`yadtqd.client.Client`), so at the cap the one idle longest (waiting for a
+request after answering one) is closed to make room; only when none is idle is the newcomer
+told ``busy`` and closed. A connection closed so is closed while its thread waits to read: a
+request that arrives as it closes is never served (the client sends it again on a fresh
+connection, and it runs once). Stopping closes the idle connections too, and waits a moment for
+their threads, so their store connections close before the process ends.
 """
 
 from __future__ import annotations
@@ -40,20 +42,22 @@ log = logging.getLogger("yadtqd.server")
 CLOSING_CODES = {"bad_request", "too_large", "unknown_op"}
 #: Read-only store connections kept open for the next connections.
 IDLE_STORES = 8
+#: Seconds a stopping server waits for the threads of its connections to end.
+STOP_WAIT = 2.0
 
 
 @dataclass(eq=False)
 class _Served:
-    """A connection being served: whether it is idle (its last request answered, or being
-    answered in full), whether its thread waits for the next request, when its last request
-    arrived, and whether the server closed it to make room."""
+    """A connection being served: whether its thread waits to read a request, when it last
+    answered one (only a connection waiting after an answer may be closed to make room),
+    whether the server closed it to make room, and the thread serving it."""
 
     sock: socket.socket
-    idle: bool = False
-    waiting: bool = False
-    last_request: float = 0.0
+    reading: bool = False
+    answered_at: float = 0.0
     reclaimed: bool = False
     requests: int = field(default=0)
+    thread: threading.Thread | None = None
 
 
 class SocketServer:
@@ -108,7 +112,8 @@ class SocketServer:
                               f" {why} (the daemon must be a member: SupplementaryGroups=)") from None
 
     def close(self) -> None:
-        """Stop accepting and remove the socket file."""
+        """Stop accepting, remove the socket file, close the idle connections and wait a
+        moment (:data:`STOP_WAIT`) for the threads of all to end."""
         self._stopping.set()
         if self.listener is not None:
             with contextlib.suppress(OSError):
@@ -116,6 +121,16 @@ class SocketServer:
             self.listener.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
+        with self._served_lock:  # a thread waiting to read stops; one serving, after its reply
+            served = list(self._served)
+            reading = [each for each in served if each.reading]
+        for each in reading:
+            with contextlib.suppress(OSError):
+                each.sock.shutdown(socket.SHUT_RDWR)
+        deadline = time.monotonic() + STOP_WAIT
+        for each in served:
+            if each.thread is not None:
+                each.thread.join(max(0.0, deadline - time.monotonic()))
         with self._idle_lock:
             idle, self._idle = self._idle, []
         for store in idle:
@@ -153,20 +168,18 @@ class SocketServer:
                              daemon=True).start()
 
     def _reclaim(self) -> bool:
-        """At the cap: close the idle connection whose last request is the oldest; its slot
-        passes to the newcomer. False when none is idle."""
+        """At the cap: close the connection idle longest (waiting for a request after
+        answering one); its slot passes to the newcomer. False when none is idle."""
         with self._served_lock:
-            idle = [s for s in self._served if s.idle and not s.reclaimed]
+            idle = [s for s in self._served if s.reading and s.requests and not s.reclaimed]
             if not idle:
                 return False
-            victim = min(idle, key=lambda s: s.last_request)
+            victim = min(idle, key=lambda s: s.answered_at)
             victim.reclaimed = True
-            waiting = victim.waiting
-        if waiting:  # else its thread, sending its last reply, closes it once that is sent
-            with contextlib.suppress(OSError):
-                victim.sock.shutdown(socket.SHUT_RDWR)  # wakes it: it serves nothing more
+        with contextlib.suppress(OSError):
+            victim.sock.shutdown(socket.SHUT_RDWR)  # wakes its thread, which serves nothing more
         log.debug("socket: closed a connection idle for %.1f s to make room",
-                  time.monotonic() - victim.last_request)
+                  time.monotonic() - victim.answered_at)
         return True
 
     def _refuse(self, conn: socket.socket) -> None:
@@ -181,7 +194,7 @@ class SocketServer:
                     self.max_connections, extra={"event": "socket_busy"})
 
     def _serve_counted(self, conn: socket.socket) -> None:
-        served = _Served(conn)
+        served = _Served(conn, thread=threading.current_thread())
         with self._served_lock:
             self._served.add(served)
         try:
@@ -193,19 +206,19 @@ class SocketServer:
                 self._slots.release()
 
     def _next_line(self, served: _Served, reader: Any) -> bytes | None:
-        """The next request line; None when the connection ended, or was closed to make room
-        (then even a line read meanwhile is not served: its client sends it again)."""
+        """The next request line; None when the connection ended, the server stops, or the
+        connection was closed to make room (then even a line read meanwhile is not served:
+        its client sends it again)."""
         with self._served_lock:
-            if served.reclaimed:
+            if served.reclaimed or self._stopping.is_set():
                 return None
-            served.waiting = True
+            served.reading = True
         line: bytes = reader.readline(self.max_line + 1)
         with self._served_lock:
-            served.waiting = served.idle = False
-            if served.reclaimed or not line:
+            served.reading = False
+            if served.reclaimed or self._stopping.is_set() or not line:
                 return None
             served.requests += 1
-            served.last_request = time.monotonic()
         return line
 
     def _take_store(self) -> Store:
@@ -239,8 +252,7 @@ class SocketServer:
                         self.queries.watch(store, reply["request"],
                                            lambda snap: conn.sendall(protocol.encode(snap)))
                         return
-                    with self._served_lock:  # answered: may make room once the reply is out
-                        served.idle = True
+                    served.answered_at = time.monotonic()
                     conn.sendall(protocol.encode(reply))
                     if not reply["ok"] and reply["error"]["code"] in CLOSING_CODES:
                         self._close_gently(conn)
