@@ -65,10 +65,7 @@ def _after_fork() -> None:
     copies only) and takes a lock of its own (another thread may have held the parent's)."""
     for client in list(_CLIENTS):
         client._lock = threading.Lock()
-        kept, client._kept = client._kept, []
-        for sock, reader in kept:
-            reader.close()
-            sock.close()
+        client.close()
 
 
 os.register_at_fork(after_in_child=_after_fork)
@@ -144,9 +141,8 @@ class Client:
         """Close the kept connections (a later call opens one again)."""
         with self._lock:
             kept, self._kept = self._kept, []
-        for sock, reader in kept:
-            reader.close()
-            sock.close()
+        for conn in kept:
+            self._discard(conn)
 
     def request(self, request: Mapping[str, Any], timeout: float | None = None) -> dict[str, Any]:
         """Send one request and return the reply; an error reply raises :class:`RequestError`."""

@@ -28,7 +28,7 @@ import stat
 import struct
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +56,7 @@ class _Served:
     reading: bool = False
     answered_at: float = 0.0
     reclaimed: bool = False
-    requests: int = field(default=0)
+    requests: int = 0
     thread: threading.Thread | None = None
 
 
