@@ -152,6 +152,33 @@ def test_waiting_is_oldest_first_and_only_for_provided_names(store: Store) -> No
     assert store.waiting([], 10, 9.0) == []
 
 
+def test_waiting_reads_only_the_names_that_have_tasks_queued(store: Store) -> None:
+    provided = ["add", "echo", "sleep", "mul", "div", "fail"]
+    statements: list[str] = []
+    store.db.set_trace_callback(statements.append)
+    assert store.waiting(provided, 10, 9.0) == []
+    assert len(statements) == 1  # the queue's names: none, so no query per provided name
+    store.db.set_trace_callback(None)
+    for i, name in enumerate(["echo", "add", "echo"]):
+        store.intake(sub(f"t{i}", task=name), float(i))
+    statements.clear()
+    store.db.set_trace_callback(statements.append)
+    assert [w.task_id for w in store.waiting(provided, 10, 9.0)] == ["t0", "t1", "t2"]
+    store.db.set_trace_callback(None)
+    assert len(statements) == 3  # the names, then one query each for add and echo
+
+
+def test_waiting_past_many_queued_names_reads_each_provided_name(store: Store) -> None:
+    from yadtqd.store.transitions import QUEUED_NAMES_MORE
+
+    with store.transaction():
+        for i in range(QUEUED_NAMES_MORE + 10):  # more names queued than it reads first
+            store.intake(sub(f"other{i}", task=f"a{i:03d}"), float(i))
+        store.intake(sub("mine", task="zzz"), 500.0)  # its name sorts after all of them
+    assert [w.task_id for w in store.waiting(["zzz", "none"], 10, 999.0)] == ["mine"]
+    assert [w.task_id for w in store.waiting(["a001", "zzz"], 10, 999.0)] == ["other1", "mine"]
+
+
 def test_declare_dead_requeues_then_fails_after_max_attempts(store: Store) -> None:
     store.intake(sub(), 1.0)
     for life in range(1, 4):

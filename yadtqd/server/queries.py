@@ -261,7 +261,9 @@ class Queries:
             terminal = row is not None and row["status"] in protocol.TERMINAL
             left = deadline - time.monotonic()
             if terminal or left <= 0:
-                view = protocol.task_view(row, self._why(store, row, _provided(store), time.time()))
+                queued = row is not None and row["status"] == "queued"
+                provided = _provided(store) if queued else set()  # only a queued task's wait names them
+                view = protocol.task_view(row, self._why(store, row, provided, time.time()))
                 return {"ok": True, "task-id": task_id, "task": view,
                         "timed_out": not terminal and wait > 0}
             seen = self.changes.wait(seen, min(left, 1.0))

@@ -32,6 +32,9 @@ from yadtqd.store.schema import connect, migrate, schema_version
 from yadtqd.store.terms import Terms
 
 WORKER_LOST = "WorkerLost"
+#: :meth:`Store.waiting` reads the queue's names first when there are at most this many more
+#: than the names asked for (one seek each), then only the names that have tasks queued.
+QUEUED_NAMES_MORE = 64
 
 
 @dataclass(frozen=True)
@@ -159,11 +162,16 @@ class Store(Reads, Replica, Terms, Lifecycle):
         priority first, oldest first within one; not those of a name's ``closed`` limit keys
         (None: the tasks without a key).
 
-        One indexed query per name, merged: queued tasks of names nobody provides are never
-        read, however many there are.
+        One indexed query per name that has queued tasks (found by :meth:`queued_names`, so an
+        empty queue costs one index seek, not a query per name a worker provides), merged:
+        queued tasks of names nobody provides are never read, however many there are.
         """
         found: list[tuple[int, int, str, str, str | None]] = []
-        for name in set(names):
+        wanted = set(names)
+        queued = self.queued_names(len(wanted) + QUEUED_NAMES_MORE)
+        if len(queued) < len(wanted) + QUEUED_NAMES_MORE:  # all of them: skip the names with none
+            wanted.intersection_update(queued)
+        for name in wanted:
             shut = (closed or {}).get(name, set())
             keys = sorted(k for k in shut if k is not None)
             where = (" AND limit_key IS NOT NULL" if None in shut else "") + (
@@ -214,17 +222,18 @@ class Store(Reads, Replica, Terms, Lifecycle):
             out.setdefault(r["epoch"], []).append(Held(r["id"], r["name"], r["limit_key"]))
         return out
 
-    def queued_names(self) -> list[str]:
-        """The distinct names of the queued tasks (a skip-scan of the queue's index, named: one
-        index seek per name, however many tasks; left to itself, SQLite prefers the equality on
-        status of ``tasks_by_status`` and reads every queued row)."""
+    def queued_names(self, most: int = -1) -> list[str]:
+        """The distinct names of the queued tasks, in order, at most ``most`` of them (-1: all):
+        a skip-scan of the queue's index, named: one index seek per name, however many tasks;
+        left to itself, SQLite prefers the equality on status of ``tasks_by_status`` and reads
+        every queued row."""
         rows = self.db.execute(
             "WITH RECURSIVE n(name) AS ("
             " SELECT min(name) FROM tasks INDEXED BY tasks_waiting WHERE status = 'queued'"
             " UNION ALL SELECT (SELECT min(name) FROM tasks INDEXED BY tasks_waiting"
             " WHERE status = 'queued' AND name > n.name)"
-            " FROM n WHERE n.name IS NOT NULL)"
-            " SELECT name FROM n WHERE name IS NOT NULL")
+            " FROM n WHERE n.name IS NOT NULL LIMIT ?)"  # here, the recursion stops there
+            " SELECT name FROM n WHERE name IS NOT NULL LIMIT ?", (most + 1 if most >= 0 else -1, most))
         return [r["name"] for r in rows]
 
     def fail_unroutable(self, name: str, older_than: float, waited: float, now: float,
