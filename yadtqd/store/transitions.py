@@ -232,7 +232,7 @@ class Store(Reads, Replica, Terms, Lifecycle):
             " SELECT min(name) FROM tasks INDEXED BY tasks_waiting WHERE status = 'queued'"
             " UNION ALL SELECT (SELECT min(name) FROM tasks INDEXED BY tasks_waiting"
             " WHERE status = 'queued' AND name > n.name)"
-            " FROM n WHERE n.name IS NOT NULL LIMIT ?)"  # here, the recursion stops there
+            " FROM n WHERE n.name IS NOT NULL LIMIT ?)"  # a LIMIT here stops the recursion itself
             " SELECT name FROM n WHERE name IS NOT NULL LIMIT ?", (most + 1 if most >= 0 else -1, most))
         return [r["name"] for r in rows]
 
