@@ -223,6 +223,7 @@ class Server:
                                          "ended without stepping down (killed, frozen or cut off from"
                                          " the broker)")
         self.inbox = inbox
+        out.wake = inbox.wake  # a commit done in its thread ends the loop's wait
         signal.set_wakeup_fd(inbox.wakeup_fd, warn_on_full_buffer=False)
         inbox.start()
         with submitter.lock:
@@ -357,7 +358,9 @@ class Server:
                 dispatcher.left(answer.worker, answer.epoch, answer.partition)
             else:
                 dispatcher.refuse(answer.worker, answer.epoch, answer.partition, answer.reason)
-        if out.commit(store):  # the turn's changes and messages, one Kafka transaction
+        # The turn's changes and messages, one Kafka transaction, committed while the next
+        # turns go on (their work waits for the transaction after it).
+        if out.commit(store, timeout=0.0):
             dispatcher.prime(self.scheduler.open_routes())  # the next one, ahead of need
         self._follow(inbox)
         dispatcher.poll()  # delivery reports first: a slow turn is not a slow broker

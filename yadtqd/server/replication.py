@@ -10,7 +10,10 @@ and ``events`` are rows of the store, so they are in the same transaction as the
 caused.
 
 SQLite commits first, so a result is readable at once; the rows a turn changed stay noted in the
-store until Kafka committed them (:meth:`~yadtqd.store.Store.confirm`). A transaction that fails
+store until Kafka committed them (:meth:`~yadtqd.store.Store.confirm`). A commit waits in a
+thread of its own, not in the loop: while it does, the next turns record their work in SQLite,
+and their rows and messages go in the next transaction, begun when the commit is done (the
+thread wakes the loop). A transaction that fails
 is aborted, and the next one sends the noted rows (as they are by then) and the messages again
 (workers drop repeats, invariant 5); a commit that times out (the broker away) is tried again
 at the next turn, while the loop goes on, and aborted after 30 s. A transaction carries at most
@@ -30,6 +33,7 @@ is published, in chunks, resumed after a restart.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import logging
@@ -102,8 +106,10 @@ class Outgoing:
 class Changelog:
     """The server's transactional producer: changelog records and dispatch messages."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, wake: Callable[[], None] = lambda: None) -> None:
         self.config = config
+        #: Called (from the committing thread) when a commit is done: it ends the loop's wait.
+        self.wake = wake
         self.topic = config.topic("changelog")
         self.transactional_id = config.topic("server")
         self.monitor = transport.ConnectionMonitor("server transactional producer")
@@ -123,6 +129,9 @@ class Changelog:
         #: "idle", "primed" (a transaction open ahead of need, holding placeholders only),
         #: "committing" (a commit timed out: try again) or "aborting" (likewise).
         self.state = "idle"
+        #: The call committing the transaction, in the committing thread, while it runs.
+        self._committer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="yadtq-commit")
+        self._call: concurrent.futures.Future[KafkaError | None] | None = None
         #: When the rows waiting for a transaction were first put off (:data:`LINGER`), and
         #: when the last transaction ended (:data:`SETTLE`); monotonic.
         self._put_off: float | None = None
@@ -224,19 +233,15 @@ class Changelog:
 
     def commit(self, store: Store, timeout: float = COMMIT_WAIT, linger: bool = True) -> bool:
         """Send the rows the store noted and the queued messages in one transaction and commit
-        it; True once committed (or when there was nothing to send, or only rows that may
-        still wait: :data:`LINGER`, unless not ``linger``), False when it must be tried again
-        (the next call does). Raises :class:`Fenced`."""
+        it, waiting at most ``timeout`` for the commit (0: the loop goes on while it is done);
+        first, the transaction being committed, if any, must be done. True once all is
+        committed (or when there was nothing to send, or only rows that may still wait:
+        :data:`LINGER`, unless not ``linger``), False while a commit is under way or must be
+        tried again (the next call sees to both). Raises :class:`Fenced`."""
         if self.state == "aborting" and not self._abort(timeout):
             return False
-        if self.state == "committing" and time.monotonic() - self._opened > OPEN_LIMIT:
-            log.error("a changelog transaction stayed uncommitted for %.0f s: aborted, sent again"
-                      " next turn", OPEN_LIMIT, extra={"event": "changelog_abort"})
-            self.state = "aborting"
-            self._abort(timeout)
+        if self.state == "committing" and not self._commit(store, timeout):
             return False
-        if self.state == "committing":
-            return self._commit(store, timeout)
         changes, notes = store.pending_changes(CHUNK)
         if len(notes) >= CHUNK:  # a backlog: notes grow with changes while Kafka refuses them
             noted = store.compact_notes(NOTES_LIMIT)
@@ -320,7 +325,9 @@ class Changelog:
 
     def discard(self) -> None:
         """Drop what this producer holds (a term that ends): nothing left in flight, so
-        nothing keeps it alive (a fenced producer may refuse even that)."""
+        nothing keeps it alive (a fenced producer may refuse even that); the committing thread
+        ends once its call does."""
+        self._committer.shutdown(wait=False)
         with contextlib.suppress(KafkaException):
             self.producer.purge()
             self.producer.flush(0)
@@ -382,10 +389,24 @@ class Changelog:
             self._positions[partition] = max(self._positions.get(partition, 0), (msg.offset() or 0) + 1)
 
     def _commit(self, store: Store, timeout: float) -> bool:
+        """Commit the open transaction in the committing thread, unless it is under way, and
+        wait at most ``timeout`` for it; True once committed (its notes confirmed)."""
+        if self._call is None:
+            if time.monotonic() - self._opened > OPEN_LIMIT:
+                log.error("a changelog transaction stayed uncommitted for %.0f s: aborted, sent"
+                          " again next turn", OPEN_LIMIT, extra={"event": "changelog_abort"})
+                self.state = "aborting"
+                self._abort(max(timeout, COMMIT_WAIT))
+                return False
+            self._call = self._committer.submit(self._committed)
+            self._call.add_done_callback(lambda _: self.wake())
         try:
-            self.producer.commit_transaction(timeout)
-        except KafkaException as exc:
-            return self._failed(exc.args[0], timeout)
+            error = self._call.result(timeout)
+        except concurrent.futures.TimeoutError:
+            return False  # under way: a later call sees it done
+        self._call = None
+        if error is not None:
+            return self._failed(error, max(timeout, COMMIT_WAIT))
         self.state, self._ended = "idle", time.monotonic()
         store.confirm(self._notes, self._positions)
         self.sending, self._notes = [], []
@@ -398,6 +419,14 @@ class Changelog:
             log.info("changelog transactions commit again", extra={"event": "changelog_back"})
             self.problem = ""
         return True
+
+    def _committed(self) -> KafkaError | None:
+        """The commit itself, in the committing thread: None once done, else why not."""
+        try:
+            self.producer.commit_transaction(COMMIT_WAIT)
+        except KafkaException as exc:
+            return exc.args[0]  # type: ignore[no-any-return]
+        return None
 
     def _failed(self, err: KafkaError, timeout: float) -> bool:
         if err.fatal() and err.code() in FENCED:

@@ -1,0 +1,155 @@
+"""The changelog's transactions in sequence (DESIGN 13): a commit waits in its own thread while
+the loop goes on, and what the loop records meanwhile goes in the next transaction, begun only
+once the commit is done; a failed commit sends everything again; a fenced one stops the server.
+
+The producer is a stand-in that records what each transaction held: the sequencing is pure
+logic. That real transactions commit, fence and survive kills is proved against a real broker
+(``tests/integration/test_changelog.py``, ``test_failover.py``, ``tests/chaos``)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from confluent_kafka import KafkaError, KafkaException
+
+from tests.unit.test_store import sub
+from yadtqd.config import Config
+from yadtqd.server.replication import Changelog, Fenced
+from yadtqd.store import Store
+
+
+class _Delivered:
+    def __init__(self, partition: int, offset: int) -> None:
+        self._partition, self._offset = partition, offset
+
+    def partition(self) -> int:
+        return self._partition
+
+    def offset(self) -> int:
+        return self._offset
+
+
+class FakeProducer:
+    """Transactions recorded; a commit waits until :attr:`release` is set (or times out, as
+    librdkafka's does), and fails with :attr:`fail` if set."""
+
+    def __init__(self) -> None:
+        self.committed: list[list[tuple[str, bytes]]] = []
+        self.aborted: list[list[tuple[str, bytes]]] = []
+        self.open: list[tuple[str, bytes]] | None = None
+        self.release = threading.Event()
+        self.release.set()
+        self.committing = threading.Event()
+        self.fail: KafkaError | None = None
+        self.offset = 0
+
+    def begin_transaction(self) -> None:
+        assert self.open is None, "a transaction begun while another is open"
+        self.open = []
+
+    def produce(self, topic: str, value: bytes | None, key: bytes = b"", partition: int = 0,
+                on_delivery: Any = None) -> None:
+        assert self.open is not None, "produced outside a transaction"
+        self.open.append((topic, key))
+        if on_delivery is not None:
+            on_delivery(None, _Delivered(partition, self.offset))
+        self.offset += 1
+
+    def commit_transaction(self, timeout: float) -> None:
+        self.committing.set()
+        if not self.release.wait(timeout):
+            raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "not yet", retriable=True))
+        if self.fail is not None:
+            raise KafkaException(self.fail)
+        assert self.open is not None
+        self.committed.append(self.open)
+        self.open = None
+
+    def abort_transaction(self, timeout: float) -> None:
+        assert self.open is not None
+        self.aborted.append(self.open)
+        self.open = None
+
+    def purge(self) -> None:
+        pass
+
+    def flush(self, timeout: float = 0) -> int:
+        return 0
+
+    def poll(self, timeout: float = 0) -> int:
+        return 0
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    db = Store(tmp_path / "db.sqlite", create=True)
+    db.capture()
+    return db
+
+
+@pytest.fixture
+def out() -> Iterator[Changelog]:
+    changelog = Changelog(Config(kafka={"bootstrap.servers": "127.0.0.1:9"}))
+    changelog.producer = FakeProducer()  # type: ignore[assignment]
+    yield changelog
+    changelog.discard()
+
+
+def submit(store: Store, task_id: str) -> None:
+    with store.transaction():
+        store.intake(sub(task_id), 1.0)
+
+
+def keys(transaction: list[tuple[str, bytes]], topic: str = "yadtq.changelog") -> list[bytes]:
+    return [key for t, key in transaction if t == topic]
+
+
+def test_the_loop_goes_on_while_a_commit_is_under_way(store: Store, out: Changelog) -> None:
+    fake: FakeProducer = out.producer  # type: ignore[assignment]
+    woken = threading.Event()
+    out.wake = woken.set
+    fake.release.clear()
+    submit(store, "a")
+    assert out.commit(store, timeout=0.0, linger=False) is False  # under way, not waited for
+    assert fake.committing.wait(5)
+    submit(store, "b")  # the loop records the next turn meanwhile
+    out.send("yadtq.dispatch", b"run b", "w", 0)
+    assert out.commit(store, timeout=0.0, linger=False) is False  # the first is not done yet
+    assert fake.open is not None and keys(fake.open) == [b"tasks/a"]  # b waits for the next one
+    fake.release.set()
+    assert woken.wait(5), "the loop was not woken when the commit was done"
+    assert out.commit(store, timeout=5.0, linger=False) is True
+    assert [keys(t) for t in fake.committed] == [[b"tasks/a"], [b"tasks/b"]]
+    assert keys(fake.committed[1], "yadtq.dispatch") == [b"w"]
+    assert not store.has_pending()
+    assert store.changelog_positions() == {0: 2}
+
+
+def test_a_failed_commit_is_aborted_and_all_of_it_sent_again(store: Store, out: Changelog) -> None:
+    fake: FakeProducer = out.producer  # type: ignore[assignment]
+    fake.fail = KafkaError(KafkaError._INCONSISTENT, "refused", txn_requires_abort=True)
+    submit(store, "a")
+    out.send("yadtq.dispatch", b"run a", "w", 0)
+    assert out.commit(store, timeout=5.0, linger=False) is False
+    assert [keys(t) for t in fake.aborted] == [[b"tasks/a"]]
+    assert store.has_pending()
+    fake.fail = None
+    submit(store, "b")
+    assert out.commit(store, timeout=5.0, linger=False) is True
+    assert [keys(t) for t in fake.committed] == [[b"tasks/a", b"tasks/b"]]
+    assert keys(fake.committed[0], "yadtq.dispatch") == [b"w"]
+    assert out.take_undelivered() == 1
+    assert not store.has_pending()
+
+
+def test_a_fenced_commit_stops_the_active(store: Store, out: Changelog) -> None:
+    fake: FakeProducer = out.producer  # type: ignore[assignment]
+    fake.fail = KafkaError(KafkaError._FENCED, "fenced", fatal=True)
+    submit(store, "a")
+    with pytest.raises(Fenced):
+        out.commit(store, timeout=5.0, linger=False)
+    assert store.has_pending()  # never confirmed: the next active's changelog decides
