@@ -3,12 +3,14 @@ adaptive prefetch window."""
 
 from __future__ import annotations
 
+import itertools
+import random
 from collections import Counter
 from pathlib import Path
 
 from yadtqd import messages as m
 from yadtqd.server.scheduler import (ADAPTIVE, LONG_TASK, PREFETCH_HORIZON, PREFETCH_PER_SLOT,
-                                      Member, Scheduler)
+                                      Chooser, Member, Scheduler)
 from yadtqd.store import Store
 
 
@@ -195,3 +197,30 @@ def test_a_names_first_end_times_every_grant_of_it_held(tmp_path: Path) -> None:
     sched.started("b", b_sleep)
     sched.finished("b", b_sleep, runtime=0.001)
     assert a.unknown == 0 and a.work > 0 and a.may_take()
+
+
+def test_the_fast_choice_is_the_choice_of_a_look_at_every_epoch() -> None:
+    """Chooser stands in for Scheduler._pick while no epoch waits on a name not timed yet:
+    over random epochs (slots, fixed or adaptive prefetch, names, work held, ties) and random
+    runs of grants, both choose the same epoch every time."""
+    rng = random.Random(15)
+    names = ["a", "b", "c", "d"]
+    for _ in range(200):
+        sched = Scheduler()
+        for i in range(rng.randint(1, 12)):
+            mb = Member(epoch=f"e{i}", worker=f"w{i}", slots=rng.randint(1, 4),
+                        prefetch=rng.choice([0, 2, ADAPTIVE]),
+                        tasks=frozenset(rng.sample(names, rng.randint(1, 3))), partition=0,
+                        accepting=rng.random() > 0.1, last_granted=rng.choice([0, 0, i]))
+            for k in range(rng.randint(0, 5)):
+                mb.hold(f"h{i}.{k}", rng.choice(sorted(mb.tasks)), rng.choice([0.001, 0.004, 0.02]))
+            sched.join(mb)
+        order = itertools.count(100)
+        chooser = Chooser([mb for mb in sched.members.values() if mb.may_take()])
+        for g in range(rng.randint(1, 60)):
+            name = rng.choice(names)
+            expected = sched._pick(name, 0.0)
+            assert chooser.pick(name) is expected
+            if expected is not None and rng.random() > 0.1:  # a grant; sometimes the task was gone
+                expected.hold(f"g{g}", name, rng.choice([0.001, 0.004, 0.02]))
+                expected.last_granted = next(order)
