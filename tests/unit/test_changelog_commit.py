@@ -18,6 +18,7 @@ from confluent_kafka import KafkaError, KafkaException
 
 from tests.unit.test_store import sub
 from yadtqd.config import Config
+from yadtqd.server import replication
 from yadtqd.server.replication import Changelog, Fenced
 from yadtqd.store import Store
 
@@ -45,6 +46,7 @@ class FakeProducer:
         self.release.set()
         self.committing = threading.Event()
         self.fail: KafkaError | None = None
+        self.commit_open = False
         self.offset = 0
 
     def begin_transaction(self) -> None:
@@ -61,8 +63,10 @@ class FakeProducer:
 
     def commit_transaction(self, timeout: float) -> None:
         self.committing.set()
+        self.commit_open = True
         if not self.release.wait(timeout):
             raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "not yet", retriable=True))
+        self.commit_open = False
         if self.fail is not None:
             raise KafkaException(self.fail)
         assert self.open is not None
@@ -70,6 +74,9 @@ class FakeProducer:
         self.open = None
 
     def abort_transaction(self, timeout: float) -> None:
+        if self.commit_open:  # as librdkafka: a commit call that timed out must be called again
+            raise KafkaException(KafkaError(KafkaError._CONFLICT, "commit_transaction in progress",
+                                            retriable=True))
         assert self.open is not None
         self.aborted.append(self.open)
         self.open = None
@@ -108,7 +115,9 @@ def keys(transaction: list[tuple[str, bytes]], topic: str = "yadtq.changelog") -
     return [key for t, key in transaction if t == topic]
 
 
-def test_the_loop_goes_on_while_a_commit_is_under_way(store: Store, out: Changelog) -> None:
+def test_the_loop_goes_on_while_a_commit_is_under_way(store: Store, out: Changelog,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(replication, "COMMIT_WAIT", 60.0)  # the commit ends when released, not before
     fake: FakeProducer = out.producer  # type: ignore[assignment]
     woken = threading.Event()
     out.wake = woken.set
@@ -153,3 +162,19 @@ def test_a_fenced_commit_stops_the_active(store: Store, out: Changelog) -> None:
     with pytest.raises(Fenced):
         out.commit(store, timeout=5.0, linger=False)
     assert store.has_pending()  # never confirmed: the next active's changelog decides
+
+
+def test_a_commit_too_long_under_way_goes_on_when_librdkafka_refuses_to_abort_it(
+        store: Store, out: Changelog, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(replication, "COMMIT_WAIT", 0.05)  # each commit call times out at once
+    fake: FakeProducer = out.producer  # type: ignore[assignment]
+    fake.release.clear()
+    submit(store, "a")
+    assert out.commit(store, timeout=5.0, linger=False) is False  # the call timed out
+    monkeypatch.setattr(replication, "OPEN_LIMIT", 0.0)  # and now the transaction is open too long
+    assert out.commit(store, timeout=5.0, linger=False) is False  # abort refused: the call is open
+    assert out.state == "committing"
+    fake.release.set()
+    assert out.commit(store, timeout=5.0, linger=False) is True  # the call, made again, ends it
+    assert [keys(t) for t in fake.committed] == [[b"tasks/a"]] and fake.aborted == []
+    assert not store.has_pending()

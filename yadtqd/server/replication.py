@@ -132,6 +132,9 @@ class Changelog:
         #: The call committing the transaction, in the committing thread, while it runs.
         self._committer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="yadtq-commit")
         self._call: concurrent.futures.Future[KafkaError | None] | None = None
+        #: librdkafka refused to abort the open transaction after :data:`OPEN_LIMIT` (its
+        #: commit call had not ended): its commit goes on instead.
+        self._abort_refused = False
         #: When the rows waiting for a transaction were first put off (:data:`LINGER`), and
         #: when the last transaction ended (:data:`SETTLE`); monotonic.
         self._put_off: float | None = None
@@ -364,7 +367,7 @@ class Changelog:
             if exc.args[0].fatal():
                 self._failed(exc.args[0], timeout=1.0)
             return False
-        self._opened = time.monotonic()
+        self._opened, self._abort_refused = time.monotonic(), False
         return True
 
     def _produce(self, topic: str, value: bytes | None, key: bytes, partition: int,
@@ -392,9 +395,9 @@ class Changelog:
         """Commit the open transaction in the committing thread, unless it is under way, and
         wait at most ``timeout`` for it; True once committed (its notes confirmed)."""
         if self._call is None:
-            if time.monotonic() - self._opened > OPEN_LIMIT:
-                log.error("a changelog transaction stayed uncommitted for %.0f s: aborted, sent"
-                          " again next turn", OPEN_LIMIT, extra={"event": "changelog_abort"})
+            if time.monotonic() - self._opened > OPEN_LIMIT and not self._abort_refused:
+                log.error("a changelog transaction stayed uncommitted for %.0f s: aborting it, to"
+                          " send it again", OPEN_LIMIT, extra={"event": "changelog_abort"})
                 self.state = "aborting"
                 self._abort(max(timeout, COMMIT_WAIT))
                 return False
@@ -426,6 +429,8 @@ class Changelog:
             self.producer.commit_transaction(COMMIT_WAIT)
         except KafkaException as exc:
             return exc.args[0]  # type: ignore[no-any-return]
+        except Exception as exc:  # not expected (a callback that raised, say): it is asked again
+            return KafkaError(KafkaError._FAIL, f"commit_transaction raised {exc!r}")
         return None
 
     def _failed(self, err: KafkaError, timeout: float) -> bool:
@@ -454,6 +459,12 @@ class Changelog:
         except KafkaException as exc:
             if exc.args[0].fatal():
                 return self._failed(exc.args[0], timeout)
+            if exc.args[0].code() == KafkaError._CONFLICT:  # a commit call is open, and librdkafka
+                # aborts nothing before it ends: it is called again (it ends within the
+                # transaction's timeout, committed, or failed and then aborted)
+                self.state, self._abort_refused = "committing", True
+                log.warning("the changelog transaction cannot be aborted while its commit is under"
+                            " way: its commit goes on", extra={"event": "changelog_slow"})
             return False
         self.undelivered += sum(1 for out in self.sending if not out.retried)
         self.queued = [dataclasses.replace(out, retried=True) for out in self.sending] + self.queued
