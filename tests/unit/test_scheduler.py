@@ -224,3 +224,20 @@ def test_the_fast_choice_is_the_choice_of_a_look_at_every_epoch() -> None:
             if expected is not None and rng.random() > 0.1:  # a grant; sometimes the task was gone
                 expected.hold(f"g{g}", name, rng.choice([0.001, 0.004, 0.02]))
                 expected.last_granted = next(order)
+
+
+def test_an_epoch_just_given_a_task_of_unknown_length_holds_the_others_back_in_later_plans_too(
+        tmp_path: Path) -> None:
+    """The hold-back of DESIGN 5 outlives the plan that granted the untimed task: the next
+    plan, moments later, also keeps b within its slots of a (the fast choice, which knows no
+    such rule, must not decide it)."""
+    store = _store(tmp_path, ["sleep"])
+    sched = Scheduler()
+    sched.join(_adaptive("a"))
+    sched.join(_adaptive("b"))
+    _learn(sched, "add", 0.0001)
+    assert [(g.task_id, g.worker) for g in sched.plan(store, 100.0, mono=1000.0)] == [("t0", "a")]
+    for i in range(20):
+        store.intake(m.Submission(task_id=f"more{i}", task="add"), 101.0)
+    held = Counter(g.worker for g in sched.plan(store, 102.0, mono=1000.1))
+    assert held == {"a": 1, "b": 4}  # a: its free slot; b: its 2 slots, and 2 ahead of a's 2

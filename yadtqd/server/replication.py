@@ -13,10 +13,11 @@ SQLite commits first, so a result is readable at once; the rows a turn changed s
 store until Kafka committed them (:meth:`~yadtqd.store.Store.confirm`). A commit waits in a
 thread of its own, not in the loop: while it does, the next turns record their work in SQLite,
 and their rows and messages go in the next transaction, begun when the commit is done (the
-thread wakes the loop). A transaction that fails
-is aborted, and the next one sends the noted rows (as they are by then) and the messages again
-(workers drop repeats, invariant 5); a commit that times out (the broker away) is tried again
-at the next turn, while the loop goes on, and aborted after 30 s. A transaction carries at most
+thread wakes the loop). A transaction that fails is aborted, and the next one sends the noted
+rows (as they are by then) and the messages again (workers drop repeats, invariant 5); a commit
+that times out (the broker away) is tried again at the next turn, while the loop goes on, and
+after 30 s aborted if librdkafka lets it (not while a commit call is open: then librdkafka ends
+the commit itself within the transaction's timeout). A transaction carries at most
 5,000 rows: a backlog of notes goes in several. A server whose transactional producer is fenced
 (a newer server took the ``transactional.id``) or failed for good stops being the active:
 :class:`Fenced`; only the servers' group makes it active again.
@@ -67,7 +68,9 @@ CHUNK = 5000
 #: long while the loop goes on: notes grow with every change, heartbeats included).
 NOTES_LIMIT = 100_000
 #: Seconds a transaction may stay open, being committed, before it is aborted and sent again
-#: (below the broker's transaction timeout, which would abort it for us and fence the producer).
+#: (below the broker's transaction timeout, which would abort it for us and fence the producer),
+#: if librdkafka lets it: not while a commit call is open, which is the common case (a commit
+#: that timed out); that commit then goes on, and ends within the transaction's timeout.
 OPEN_LIMIT = 30.0
 #: Seconds a transaction opened ahead of need (:meth:`Changelog.prime`) may wait for work
 #: before it is committed as it is (far below the broker's transaction timeout).
@@ -106,10 +109,10 @@ class Outgoing:
 class Changelog:
     """The server's transactional producer: changelog records and dispatch messages."""
 
-    def __init__(self, config: Config, wake: Callable[[], None] = lambda: None) -> None:
+    def __init__(self, config: Config) -> None:
         self.config = config
         #: Called (from the committing thread) when a commit is done: it ends the loop's wait.
-        self.wake = wake
+        self.wake: Callable[[], None] = lambda: None
         self.topic = config.topic("changelog")
         self.transactional_id = config.topic("server")
         self.monitor = transport.ConnectionMonitor("server transactional producer")
@@ -127,7 +130,8 @@ class Changelog:
         self._notes: list[tuple[int]] = []
         self._positions: dict[int, int] = {}
         #: "idle", "primed" (a transaction open ahead of need, holding placeholders only),
-        #: "committing" (a commit timed out: try again) or "aborting" (likewise).
+        #: "committing" (a commit under way, or timed out: call it again) or "aborting" (an
+        #: abort that timed out: likewise).
         self.state = "idle"
         #: The call committing the transaction, in the committing thread, while it runs.
         self._committer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="yadtq-commit")
@@ -407,6 +411,9 @@ class Changelog:
             error = self._call.result(timeout)
         except concurrent.futures.TimeoutError:
             return False  # under way: a later call sees it done
+        except BaseException:  # not expected (a callback that raised, say): the loop stops
+            self._call = None
+            raise
         self._call = None
         if error is not None:
             return self._failed(error, max(timeout, COMMIT_WAIT))
@@ -429,14 +436,13 @@ class Changelog:
             self.producer.commit_transaction(COMMIT_WAIT)
         except KafkaException as exc:
             return exc.args[0]  # type: ignore[no-any-return]
-        except Exception as exc:  # not expected (a callback that raised, say): it is asked again
-            return KafkaError(KafkaError._FAIL, f"commit_transaction raised {exc!r}")
         return None
 
     def _failed(self, err: KafkaError, timeout: float) -> bool:
         if err.fatal() and err.code() in FENCED:
-            raise Fenced(f"another server took transactional.id {self.transactional_id}"
-                         f" ({err.str()}): this one stops granting")
+            raise Fenced(f"this server's transactional producer was fenced ({err.str()}): another"
+                         f" server took transactional.id {self.transactional_id}, or the broker"
+                         " ended a transaction left open past its timeout; this one stops granting")
         if err.fatal():  # a new producer must not fence a newer active: the group decides
             raise Fenced(f"the changelog producer failed for good ({err.str()})")
         if err.txn_requires_abort():
