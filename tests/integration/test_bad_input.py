@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from tests.cluster import Cluster
 from yadtqd import messages as m
 from yadtqd.errors import BadMessage
+from yadtqd.transport import partition_for
 
 pytestmark = pytest.mark.kafka
 
@@ -74,6 +75,21 @@ def test_bad_events_and_dispatch_messages_are_skipped(cluster: Cluster) -> None:
                      "four bad events counted")
     assert "skipped bad event at" in cluster.log("server")
     assert "live" in {w["state"] for w in cluster.client.workers()}
+
+
+def test_a_worker_parses_only_the_dispatch_messages_keyed_for_it(cluster: Cluster) -> None:
+    """Workers whose ids hash to one partition share it: each passes over what is keyed for
+    another unread (a bad message included: its own worker reports it), and reports its own."""
+    cluster.start_server()
+    cluster.start_worker("w1")
+    topic = f"{cluster.prefix}.dispatch"
+    producer = Producer({"bootstrap.servers": cluster.bootstrap})
+    partition = partition_for("w1", len(producer.list_topics(topic, timeout=10).topics[topic].partitions))
+    producer.produce(topic, b"garbage for w2", key=b"w2", partition=partition)
+    producer.produce(topic, b"garbage for w1", key=b"w1", partition=partition)
+    assert producer.flush(30) == 0
+    _still_serving(cluster)  # its run lies past both in the partition: both were read
+    assert cluster.log("w1").count("skipped dispatch message") == 1
 
 
 def test_stale_events_are_counted_and_not_applied(cluster: Cluster) -> None:

@@ -90,6 +90,7 @@ class Worker:
     def __init__(self, config: Config, notifier: Notifier) -> None:
         self.config = config
         self.worker_id = config.worker.worker_id
+        self._key = self.worker_id.encode()  # the key of the dispatch messages addressed to it
         self.notifier = notifier
         self.epoch = ""
         self.seen = Seen()
@@ -257,6 +258,9 @@ class Worker:
         return timeout
 
     def _on_dispatch(self, msg: Message) -> None:
+        key = msg.key()
+        if key is not None and key != self._key:
+            return  # keyed for another worker sharing the partition, or a placeholder: not parsed
         try:
             order = m.parse_dispatch(msg.value())
         except BadMessage as exc:
