@@ -9,8 +9,8 @@ from collections import Counter
 from pathlib import Path
 
 from yadtqd import messages as m
-from yadtqd.server.scheduler import (ADAPTIVE, LONG_TASK, PREFETCH_HORIZON, PREFETCH_PER_SLOT,
-                                      Chooser, Member, Scheduler)
+from yadtqd.server.scheduler import (ADAPTIVE, LONG_TASK, PREFETCH_HORIZON, PREFETCH_MOST,
+                                      PREFETCH_PER_SLOT, Chooser, Member, Scheduler)
 from yadtqd.store import Store
 
 
@@ -241,3 +241,35 @@ def test_an_epoch_just_given_a_task_of_unknown_length_holds_the_others_back_in_l
         store.intake(m.Submission(task_id=f"more{i}", task="add"), 101.0)
     held = Counter(g.worker for g in sched.plan(store, 102.0, mono=1000.1))
     assert held == {"a": 1, "b": 4}  # a: its free slot; b: its 2 slots, and 2 ahead of a's 2
+
+
+def test_a_plan_reads_no_more_of_the_queue_than_the_horizon_lets_it_grant(tmp_path: Path) -> None:
+    """Tasks of 10 ms: an epoch of 2 slots may take its 2 and about 10 more (100 ms of work),
+    so the plan reads 14 rows of a queue of 600, not the 258 its count allows."""
+    store = _store(tmp_path, ["sleep"] * 600)
+    sched = Scheduler()
+    sched.join(_adaptive("a"))
+    _learn(sched, "sleep", 0.01)
+    limits: list[int] = []
+    read = store.waiting
+    store.waiting = lambda *a, **k: limits.append(a[1]) or read(*a, **k)  # type: ignore[method-assign]
+    grants = sched.plan(store, 1000.0)
+    assert 10 <= len(grants) <= limits[0] <= 2 + 10 + 2
+    assert limits[0] < sched.members["a"].most
+
+
+def test_a_name_no_epoch_can_take_more_of_does_not_hide_the_rest_of_the_queue(tmp_path: Path) -> None:
+    """a runs only x, b only y, one slot each: the x queued ahead of y must not fill the
+    plan's read, so both take a task in the same plan."""
+    store = _store(tmp_path, ["x", "x", "x", "y"])
+    sched = Scheduler()
+    sched.join(Member(epoch="a", worker="a", slots=1, prefetch=0, tasks=frozenset({"x"}), partition=0))
+    sched.join(Member(epoch="b", worker="b", slots=1, prefetch=0, tasks=frozenset({"y"}), partition=0))
+    assert sorted((g.worker, g.task_id) for g in sched.plan(store, 100.0)) == [("a", "t0"), ("b", "t3")]
+
+
+def test_an_adaptive_epoch_of_many_slots_holds_at_most_prefetch_most_beyond_them() -> None:
+    """What an epoch holds goes in one ``bye`` and one ``failures`` row: bounded, however many
+    slots it has."""
+    assert _adaptive("a", slots=2).most == 2 + 2 * PREFETCH_PER_SLOT
+    assert _adaptive("a", slots=256).most == 256 + PREFETCH_MOST

@@ -46,6 +46,10 @@ PREFETCH_HORIZON = 0.05
 #: lingers, a turn, a commit behind the one under way, the fetch), and slots ran dry: two
 #: workers of 2 slots, 10,000 ``add``, 6 runs alternating: 2,610 -> 3,334 tasks/s (median).
 PREFETCH_PER_SLOT = 128
+#: The most grants an adaptive epoch holds beyond its slots, however many slots it has: what it
+#: holds is listed in one message when it leaves (``bye``) and in one changelog record when it
+#: dies (its ``failures`` row), and both must stay well under Kafka's message size.
+PREFETCH_MOST = 4096
 #: A task running longer than this is long, whatever its name's estimate says: its epoch takes
 #: no prefetched grants until it ends. (Below it, its ``finished`` may simply be unread yet.)
 LONG_TASK = 0.5
@@ -64,6 +68,10 @@ class Estimates:
     def get(self, name: str) -> float | None:
         """The estimate for a task name, or None while none of its tasks has ended."""
         return self.seconds.get(name)
+
+    def shortest(self, names: Iterable[str]) -> float | None:
+        """The least estimate among these names (None when none has one)."""
+        return min((s for n in names if (s := self.seconds.get(n)) is not None), default=None)
 
     def add(self, name: str, sample: float) -> None:
         """One task of this name held its slot ``sample`` seconds."""
@@ -118,8 +126,23 @@ class Member:
     def most(self) -> int:
         """The most grants it may ever hold: slots plus the fixed prefetch, or plus the adaptive
         one's cap."""
-        extra = self.slots * PREFETCH_PER_SLOT if self.prefetch == ADAPTIVE else self.prefetch
-        return self.slots + extra
+        if self.prefetch != ADAPTIVE:
+            return self.slots + self.prefetch
+        return self.slots + min(self.slots * PREFETCH_PER_SLOT, PREFETCH_MOST)
+
+    def room(self, shortest: float | None) -> int:
+        """At most how many grants it may take now, ``shortest`` being the least estimate of the
+        names it provides (None: none has one): how much of the queue a plan need read for it.
+        Beyond its slots, an adaptive epoch's every grant adds at least ``shortest`` of work or
+        is of unknown length, which stops it, so the horizon bounds the count too."""
+        if not self.may_take():
+            return 0
+        left = self.most - len(self.held)
+        if self.prefetch != ADAPTIVE or not shortest:
+            return left
+        free = max(0, self.slots - len(self.held))
+        budget = max(0.0, PREFETCH_HORIZON * self.slots - self.work)
+        return min(left, free + int(budget / shortest) + 2)
 
     def may_take(self) -> bool:
         """Whether one more grant may go to this epoch now."""
@@ -269,14 +292,13 @@ class Scheduler:
         takers = [mb for mb in self.members.values() if mb.may_take()]
         if not takers:
             return []
-        names = {n for mb in takers for n in mb.tasks}
         self._chooser = None if any(_floors(mb, mono) for mb in self.members.values()) else Chooser(takers)
         grants: list[Grant] = []
         counts: dict[str, int] = {}
         for _ in range(LIMIT_PASSES):  # again, past the limit keys the last pass filled
-            limit = sum(mb.most - mb.outstanding for mb in takers)
+            limit, each = self._room(takers)  # the most they may take: no more of the queue is read
             held_back, before = False, len(grants)
-            for waiting in store.waiting(names, limit, now, self.limiter.closed(mono)):
+            for waiting in store.waiting(each, limit, now, self.limiter.closed(mono), each):
                 if not self.limiter.allows(waiting.name, waiting.limit_key, mono):
                     held_back = True  # a global limit (issue 14): it waits in the queue, in its place
                     continue
@@ -285,6 +307,16 @@ class Scheduler:
                 break
         store.count_grants(counts)
         return grants
+
+    def _room(self, takers: list[Member]) -> tuple[int, dict[str, int]]:
+        """How many grants the takers may take at most, in all and of each name they provide."""
+        total, each = 0, dict[str, int]()
+        for mb in takers:
+            room = mb.room(self.estimates.shortest(mb.tasks))
+            total += room
+            for name in mb.tasks if room else ():
+                each[name] = each.get(name, 0) + room
+        return total, each
 
     def _grant(self, store: Store, waiting: Waiting, now: float, mono: float, grants: list[Grant],
                counts: dict[str, int]) -> None:

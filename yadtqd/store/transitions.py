@@ -157,10 +157,12 @@ class Store(Reads, Replica, Terms, Lifecycle):
         return cur.rowcount
 
     def waiting(self, names: Iterable[str], limit: int, now: float,
-                closed: Mapping[str, set[str | None]] | None = None) -> list[Waiting]:
+                closed: Mapping[str, set[str | None]] | None = None,
+                each: Mapping[str, int] | None = None) -> list[Waiting]:
         """Queued tasks that may run now and that some live worker provides: the highest
-        priority first, oldest first within one; not those of a name's ``closed`` limit keys
-        (None: the tasks without a key).
+        priority first, oldest first within one, at most ``limit`` (and of a name at most what
+        ``each`` gives it, when it does); not those of a name's ``closed`` limit keys (None:
+        the tasks without a key).
 
         One indexed query per name that has queued tasks (found by :meth:`queued_names`, so an
         empty queue costs one index seek, not a query per name a worker provides), merged:
@@ -178,7 +180,8 @@ class Store(Reads, Replica, Terms, Lifecycle):
                 f" AND (limit_key IS NULL OR limit_key NOT IN ({','.join('?' * len(keys))}))" if keys else "")
             found += [(-r["priority"], r["seq"], r["id"], name, r["limit_key"]) for r in self.db.execute(
                 "SELECT priority, seq, id, limit_key FROM tasks WHERE status = 'queued' AND name = ?"
-                f" AND run_after <= ?{where} ORDER BY priority DESC, seq LIMIT ?", (name, now, *keys, limit))]
+                f" AND run_after <= ?{where} ORDER BY priority DESC, seq LIMIT ?",
+                (name, now, *keys, min(limit, each.get(name, limit)) if each else limit))]
         found.sort()
         return [Waiting(task_id, name, key) for _, _, task_id, name, key in found[:max(limit, 0)]]
 
