@@ -3,6 +3,7 @@ outage, recovers on its own, and nothing acknowledged is lost."""
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import signal
 import time
@@ -58,16 +59,28 @@ def _wait_seconds(cluster: Cluster, seconds: float) -> None:
 
 def _running(cluster: Cluster, book: Path, count: int) -> list[str]:
     """A server and two workers whose librdkafka gives up on a message after 5 s (every outage
-    below outlasts that), ``count`` one-second ledger tasks, and a few of them done."""
+    below outlasts that), ``count`` one-second ledger tasks, a few of them done and both workers
+    mid-task."""
     cluster.write_config(kafka={"message.timeout.ms": 5000},
                          worker={"heartbeat_interval": 0.5, "slots": 2})
     cluster.start_server()
     cluster.start_worker("w1")
     cluster.start_worker("w2")
     ids = [cluster.client.submit("ledger", str(book), 1.0, i) for i in range(count)]
-    cluster.wait_for(lambda: sum(v["status"] == "success" for v in cluster.client.status(*ids).values()) >= 6,
-                     "a few tasks to finish")
+    cluster.wait_for(lambda: _both_mid_task(cluster, ids), "a few tasks to finish, and both"
+                     " workers each to run one that ends more than 0.3 s from now")
     return ids
+
+
+def _both_mid_task(cluster: Cluster, ids: list[str]) -> bool:
+    """Whether a few tasks succeeded and each worker runs a task started under 0.7 s ago: one
+    that ends after the broker is stopped now, so each has an event that outlives the outage
+    (a worker between two tasks when the broker stops may have none in flight)."""
+    views = cluster.client.status(*ids).values()
+    now = time.time()
+    fresh = {v["worker"] for v in views if v["status"] == "processing" and v.get("started_at")
+             and now - dt.datetime.fromisoformat(v["started_at"]).timestamp() < 0.7}
+    return sum(v["status"] == "success" for v in views) >= 6 and fresh >= {"w1", "w2"}
 
 
 def test_an_outage_longer_than_the_message_timeout_loses_nothing(
