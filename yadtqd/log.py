@@ -52,13 +52,25 @@ class _LineFormatter(logging.Formatter):
         fmt = "%(message)s" if priority_prefix else "%(asctime)s %(levelname)s %(name)s: %(message)s"
         super().__init__(fmt)
         self.priority_prefix = priority_prefix
+        #: The whole second last formatted, and its text up to the seconds.
+        self._second = -1
+        self._second_text = ""
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
-        when = dt.datetime.fromtimestamp(record.created, dt.timezone.utc)
-        return when.isoformat(timespec="milliseconds")
+        # the date and time up to the second once a second: per-task lines come by thousands
+        second = int(record.created)
+        if second != self._second:
+            when = dt.datetime.fromtimestamp(second, dt.timezone.utc)
+            self._second, self._second_text = second, when.strftime("%Y-%m-%dT%H:%M:%S")
+        return f"{self._second_text}.{int(record.msecs):03d}+00:00"
 
     def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
+        if record.exc_info or record.exc_text or record.stack_info:
+            text = super().format(record)
+        else:  # what the format above gives, without the general machinery (issue 15)
+            record.message = record.getMessage()
+            text = record.message if self.priority_prefix else (
+                f"{self.formatTime(record)} {record.levelname} {record.name}: {record.message}")
         fields = [f"{f}={value}" for f in FIELDS if (value := getattr(record, f, None))]
         if fields:
             text = f"{text} [{' '.join(fields)}]"
