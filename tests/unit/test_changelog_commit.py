@@ -178,3 +178,13 @@ def test_a_commit_too_long_under_way_goes_on_when_librdkafka_refuses_to_abort_it
     assert out.commit(store, timeout=5.0, linger=False) is True  # the call, made again, ends it
     assert [keys(t) for t in fake.committed] == [[b"tasks/a"]] and fake.aborted == []
     assert not store.has_pending()
+
+
+def test_the_positions_saved_are_past_the_last_record_of_the_transaction(store: Store,
+                                                                          out: Changelog) -> None:
+    for task_id in ("a", "b", "c"):
+        submit(store, task_id)
+    assert out.commit(store, timeout=5.0, linger=False) is True
+    fake: FakeProducer = out.producer  # type: ignore[assignment]
+    assert [keys(t) for t in fake.committed] == [[b"tasks/a", b"tasks/b", b"tasks/c"]]
+    assert store.changelog_positions() == {0: 3}  # one delivery report read: the last one's

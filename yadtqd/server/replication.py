@@ -271,9 +271,14 @@ class Changelog:
         if self.state != "primed" and not self._begin():
             return False
         self.state = "committing"
-        for change in changes:
+        last = len(changes) - 1
+        for index, change in enumerate(changes):
             key, value = changelog.encode(change)
-            problem = self._produce(self.topic, value, key, 0, self._delivered)
+            # one delivery report read, the last record's: the records go to one partition in
+            # order, so its offset is the highest (a report a record costs the committing
+            # thread 2 to 3 µs of the interpreter, three records a task)
+            problem = self._produce(self.topic, value, key, 0,
+                                    self._delivered if index == last else None)
             if problem:  # the start checks sizes, so this is not expected: never confirm it
                 log.critical("row %s/%s cannot be written to %s: %s; the transaction is aborted",
                              change.table, change.key, self.topic, problem,
