@@ -1,11 +1,13 @@
-"""What every message module shares: the limits, the field types, and the encoder."""
+"""What every message module shares: the limits, the field types, the encoder and the decoding."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import msgspec
 from msgspec import Meta, Struct
+
+from yadtqd.errors import BadMessage
 
 #: The most bytes of an error's message, and of its traceback, that an event carries.
 ERROR_TEXT_LIMIT = 16 * 1024
@@ -32,3 +34,15 @@ _encoder = msgspec.json.Encoder()
 def encode(message: Struct) -> bytes:
     """The wire form of any message of :mod:`yadtqd.messages`."""
     return _encoder.encode(message)
+
+
+T = TypeVar("T")
+
+
+def decode(decoder: msgspec.json.Decoder[T], raw: bytes | None, what: str) -> T:
+    """A message read from a topic (no value reads as empty), or :class:`BadMessage` naming
+    ``what`` it should have been and the problem (``invalid event: Expected ...``)."""
+    try:
+        return decoder.decode(raw or b"")
+    except msgspec.DecodeError as exc:
+        raise BadMessage(f"invalid {what}: {exc}") from None

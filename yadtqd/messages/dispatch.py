@@ -7,8 +7,7 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import Meta, Struct, field
 
-from yadtqd.errors import BadMessage
-from yadtqd.messages.common import Attempt, TaskId, TaskName
+from yadtqd.messages.common import Attempt, TaskId, TaskName, decode
 from yadtqd.messages.tasks import Options
 
 class Run(Struct, kw_only=True, tag_field="type", tag="run"):
@@ -120,7 +119,4 @@ _dispatch: msgspec.json.Decoder[Dispatch] = msgspec.json.Decoder(Dispatch)
 
 def parse_dispatch(raw: bytes | None) -> Dispatch:
     """Parse a message read from the ``dispatch`` topic."""
-    try:
-        return _dispatch.decode(raw or b"")
-    except msgspec.DecodeError as exc:
-        raise BadMessage(f"invalid dispatch message: {exc}") from None
+    return decode(_dispatch, raw, "dispatch message")

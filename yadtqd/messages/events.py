@@ -7,8 +7,8 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta, Raw, Struct, field
 
-from yadtqd.errors import BadMessage
-from yadtqd.messages.common import ERROR_TEXT_LIMIT, Attempt, Count, TaskId
+from yadtqd.messages.common import ERROR_TEXT_LIMIT, Attempt, Count, TaskId, decode
+
 
 class TaskRef(Struct, kw_only=True):
     """One attempt of one task."""
@@ -159,7 +159,4 @@ _event: msgspec.json.Decoder[Event] = msgspec.json.Decoder(Event)
 
 def parse_event(raw: bytes | None) -> Event:
     """Parse a message read from the ``events`` topic."""
-    try:
-        return _event.decode(raw or b"")
-    except msgspec.DecodeError as exc:
-        raise BadMessage(f"invalid event: {exc}") from None
+    return decode(_event, raw, "event")

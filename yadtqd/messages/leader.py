@@ -7,7 +7,8 @@ from typing import Annotated
 import msgspec
 from msgspec import Meta, Struct
 
-from yadtqd.errors import BadMessage
+from yadtqd.messages.common import decode
+
 
 class StandbyReport(Struct, kw_only=True, tag_field="type", tag="standby"):
     """A standby server says how far its replica is behind, every second, on ``leader``: the
@@ -29,7 +30,4 @@ _report: msgspec.json.Decoder[StandbyReport] = msgspec.json.Decoder(StandbyRepor
 
 def parse_report(raw: bytes | None) -> StandbyReport:
     """Parse a message read from the ``leader`` topic."""
-    try:
-        return _report.decode(raw or b"")
-    except msgspec.DecodeError as exc:
-        raise BadMessage(f"invalid standby report: {exc}") from None
+    return decode(_report, raw, "standby report")
