@@ -251,8 +251,13 @@ class Server:
             inbox.stop()
             inbox.close()
             if not fenced:  # what is left, if Kafka takes it: fewer rebuilds after a step-down
-                with contextlib.suppress(Fenced):
+                try:
                     out.close(store, 10.0 if self.stopping else 3.0)
+                except Fenced:
+                    pass
+                except Exception:  # the rest of this cleanup still runs; the next start rebuilds
+                    log.exception("the last changes could not be committed at the stop",
+                                  extra={"event": "changelog_close_failed"})
             out.discard()
             dispatcher.flush(2)
             dispatcher.discard()
