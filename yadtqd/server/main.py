@@ -13,7 +13,6 @@ back from ``tasks``.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import select
