@@ -259,3 +259,27 @@ def test_publishing_is_noted_and_wiped(writer: Store) -> None:
     with writer.transaction():
         writer.wipe()
     assert not writer.publishing()
+
+
+def test_every_note_read_by_a_join_gives_the_rows_a_list_of_keys_gives(writer: Store) -> None:
+    """The two ways of reading noted rows back: a join with the key column when every note is
+    read, a list of keys otherwise (or for keys of several columns). Same rows, tombstones too."""
+    with writer.transaction():
+        for i in range(4):
+            writer.intake(sub(f"t{i}", max_retries=1), 1.0 + i)
+        hello(writer)
+        writer.save_offsets({("p.tasks", 0): 4})
+        writer.grant("t0", "w", "e1", 10.0)
+        writer.bump("stale_events", 2)
+        writer.declare_dead("e1", "no heartbeat", 14.0, 3)  # a failures row (an integer key)
+        writer.db.execute("DELETE FROM tasks WHERE id = 't3'")  # a tombstone
+    notes = writer.db.execute("SELECT count(*) FROM changelog_pending").fetchone()[0]
+    joined, _ = writer.pending_changes(notes + 1)
+    listed, _ = writer.pending_changes(notes)  # the limit reached: read by a list of keys
+
+    def by_key(changes: list[RowChange]) -> dict[tuple[str, str], object]:
+        return {(c.table, c.key): c.row for c in changes}
+
+    assert by_key(joined) == by_key(listed)
+    assert {t for t, _ in by_key(joined)} >= {"tasks", "workers", "failures", "counters", "offsets"}
+    assert by_key(joined)[("tasks", "t3")] is None and by_key(joined)[("tasks", "t0")] is not None

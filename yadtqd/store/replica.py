@@ -93,22 +93,40 @@ class Replica:
                 "SELECT seq, tbl, key FROM changelog_pending ORDER BY tbl IN ('offsets', 'schedules'),"
                 " seq LIMIT ?", (limit,)).fetchall()
             keyed = dict.fromkeys((tbl, key) for _, tbl, key in read)  # each once, in order
+            every = len(read) < limit  # every note was read: a join finds their rows
             for table in {tbl for tbl, _ in keyed}:
-                key_sql = _key_sql(table, table)  # one column: its index serves the IN
                 keys = [key for tbl, key in keyed if tbl == table]
-                found: dict[str, dict[str, Any]] = {}
-                cursor = self.db.cursor()
-                cursor.row_factory = None  # plain tuples: half the cost of sqlite3.Row -> dict
-                for start in range(0, len(keys), 500):
-                    part = keys[start:start + 500]
-                    cursor.execute(f"SELECT CAST({key_sql} AS TEXT), * FROM main.{table} WHERE"
-                                   f" {key_sql} IN ({','.join('?' * len(part))})", part)
-                    names = [column[0] for column in cursor.description][1:]
-                    found.update({r[0]: dict(zip(names, r[1:])) for r in cursor})
+                found = (self._joined(table) if every and len(KEYS[table]) == 1
+                         else self._listed(table, keys))
                 changes += [RowChange(table, key, found.get(key)) for key in keys]
         finally:
             self.db.execute("COMMIT")
         return changes, [(seq,) for seq, _, _ in read]
+
+    def _joined(self, table: str) -> dict[str, dict[str, Any]]:
+        """The rows of ``table`` whose keys are noted, by key: a join of the notes with the
+        table's one key column (its index), 5 µs a row where a list of keys took 8 (issue 15)."""
+        cursor = self.db.cursor()
+        cursor.row_factory = None  # plain tuples: half the cost of sqlite3.Row -> dict
+        cursor.execute(f"SELECT p.key, t.* FROM changelog_pending p JOIN main.{table} t"
+                       f" ON t.{KEYS[table][0]} = p.key WHERE p.tbl = ?", (table,))
+        names = [column[0] for column in cursor.description][1:]
+        return {r[0]: dict(zip(names, r[1:])) for r in cursor}
+
+    def _listed(self, table: str, keys: list[str]) -> dict[str, dict[str, Any]]:
+        """The rows of ``table`` with these keys, by key (some of the notes were read, or a key
+        of several columns)."""
+        key_sql = _key_sql(table, table)  # one column: its index serves the IN
+        found: dict[str, dict[str, Any]] = {}
+        cursor = self.db.cursor()
+        cursor.row_factory = None
+        for start in range(0, len(keys), 500):
+            part = keys[start:start + 500]
+            cursor.execute(f"SELECT CAST({key_sql} AS TEXT), * FROM main.{table} WHERE"
+                           f" {key_sql} IN ({','.join('?' * len(part))})", part)
+            names = [column[0] for column in cursor.description][1:]
+            found.update({r[0]: dict(zip(names, r[1:])) for r in cursor})
+        return found
 
     def compact_notes(self, above: int) -> int | None:
         """When more than ``above`` notes wait (Kafka refusing commits while the loop goes on),
