@@ -188,3 +188,19 @@ def test_the_positions_saved_are_past_the_last_record_of_the_transaction(store: 
     fake: FakeProducer = out.producer  # type: ignore[assignment]
     assert [keys(t) for t in fake.committed] == [[b"tasks/a", b"tasks/b", b"tasks/c"]]
     assert store.changelog_positions() == {0: 3}  # one delivery report read: the last one's
+
+
+def test_a_backlog_goes_in_chunks_and_the_messages_with_the_last(
+        store: Store, out: Changelog, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run must not reach a worker before the record of its grant: with the grant's row in
+    a later chunk, a crash between the two would grant the task again (DESIGN 13)."""
+    monkeypatch.setattr(replication, "CHUNK", 2)
+    for task_id in ("a", "b", "c"):
+        submit(store, task_id)
+    out.send("yadtq.dispatch", b"run c", "w", 0)
+    assert out.commit(store, timeout=5.0, linger=False) is True  # the oldest two, no message
+    assert out.commit(store, timeout=5.0, linger=False) is True  # the rest, with the message
+    fake: FakeProducer = out.producer  # type: ignore[assignment]
+    assert [keys(t) for t in fake.committed] == [[b"tasks/a", b"tasks/b"], [b"tasks/c"]]
+    assert [keys(t, "yadtq.dispatch") for t in fake.committed] == [[], [b"w"]]
+    assert not store.has_pending() and not out.queued

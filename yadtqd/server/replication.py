@@ -18,7 +18,8 @@ rows (as they are by then) and the messages again (workers drop repeats, invaria
 that times out (the broker away) is tried again at the next turn, while the loop goes on, and
 after 30 s aborted if librdkafka lets it (not while a commit call is open: then librdkafka ends
 the commit itself within the transaction's timeout). A transaction carries at most
-5,000 rows: a backlog of notes goes in several. A server whose transactional producer is fenced
+5,000 rows: a backlog of notes goes in several, oldest first, and the dispatch messages wait
+for the last (a ``run`` never reaches a worker before its grant's record). A server whose transactional producer is fenced
 (a newer server took the ``transactional.id``) or failed for good stops being the active:
 :class:`Fenced`; only the servers' group makes it active again.
 
@@ -250,7 +251,8 @@ class Changelog:
         if self.state == "committing" and not self._commit(store, timeout):
             return False
         changes, notes = store.pending_changes(CHUNK)
-        if len(notes) >= CHUNK:  # a backlog: notes grow with changes while Kafka refuses them
+        backlog = len(notes) >= CHUNK  # more noted than one transaction carries
+        if backlog:  # notes grow with changes while Kafka refuses them
             noted = store.compact_notes(NOTES_LIMIT)
             if noted is not None:
                 log.warning("%d changes waited for %s: kept only the newest of each row",
@@ -260,14 +262,17 @@ class Changelog:
                 self.state = "committing"  # placeholders only: end it before the broker would
                 return self._commit(store, timeout)
             return True
-        if linger and not self.queued and len(notes) < CHUNK:
+        if linger and not self.queued and not backlog:
             now = time.monotonic()
             self._put_off = self._put_off or now
             if now - self._put_off < LINGER:
                 return True
         self._put_off = None
         self._notes, self._positions = notes, {}
-        self.sending, self.queued = self.queued, []
+        # the messages go with the last chunk of a backlog, which holds every note left: a
+        # chunk holds the oldest notes, and a run must not reach a worker before the record of
+        # its grant is committed (DESIGN 13: a crash between two chunks would grant it again)
+        self.sending, self.queued = ([], self.queued) if backlog else (self.queued, [])
         if self.state != "primed" and not self._begin():
             return False
         self.state = "committing"
