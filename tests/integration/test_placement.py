@@ -20,6 +20,10 @@ def test_workers_sharing_a_hashed_partition_are_placed_on_one_each_and_run_tasks
         cluster: Cluster) -> None:
     assert {partition_for(w, 3) for w in WORKERS} == {1}  # the premise: three topics' partitions
     cluster.start_server()
+    # queued before any worker: each newcomer is granted tasks in the turn that places it, so
+    # its first runs are in the transaction that carries its placed, and reach it only if it
+    # reads its new partition from the offset it took before its hello
+    ids = [cluster.client.submit("sleep", 0.05, queue_anyway=True) for _ in range(240)]
     for worker in WORKERS:
         cluster.start_worker(worker)
     live = {w["worker"]: w for w in cluster.client.workers() if w["state"] == "live"}
@@ -29,7 +33,6 @@ def test_workers_sharing_a_hashed_partition_are_placed_on_one_each_and_run_tasks
     for worker in moved:
         cluster.wait_for(lambda w=worker: "the server placed epoch" in cluster.log(w),
                          f"{worker} to read the partition it was placed on")
-    ids = [cluster.client.submit("add", i, 1) for i in range(300)]
     statuses = cluster.wait_terminal(ids, timeout=120)
     assert all(v["status"] == "success" for v in statuses.values())
     assert set(Counter(v["worker"] for v in statuses.values())) == set(WORKERS)

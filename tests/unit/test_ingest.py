@@ -176,12 +176,21 @@ def test_an_epoch_is_placed_only_when_placeable_and_within_the_partitions_it_can
         stays = ingest3.apply([_hello("b", "eb", 0, placeable=0)], 10.0)  # an older worker
         ingest3.apply([_hello("c", "ec", 2, placeable=3)], 10.0)
         narrow = ingest3.apply([_hello("d", "ed", 0, placeable=1)], 10.0)  # knew one partition
-        again = ingest3.apply([_hello("a", "ea2", 0, placeable=3)], 10.0)  # a's next life
     assert stays.answers == [] and narrow.answers == []
     assert ingest3.scheduler.members["eb"].dispatch == 0
     assert ingest3.scheduler.members["ed"].dispatch == 0
-    # a's older epoch is not counted against its next (it is fenced): 1 is read by nobody
-    assert [a.placed for a in again.answers] == [1]
+
+
+def test_a_workers_older_epoch_and_leaving_epochs_do_not_count_as_readers(ingest3: Ingest) -> None:
+    with ingest3.store.transaction():
+        ingest3.apply([_hello("a", "ea", 0, placeable=3)], 10.0)
+        again = ingest3.apply([_hello("a", "ea2", 0, placeable=3)], 10.0)  # a's next life
+        ingest3.apply([_hello("b", "eb", 1, placeable=3)], 10.0)
+        ingest3.apply([_msg("events", m.Bye(worker="b", epoch="eb", ts=0, handed_back=[]))], 10.0)
+        after_bye = ingest3.apply([_hello("c", "ec", 1, placeable=3)], 10.0)
+    assert again.answers == []  # ea, about to be fenced, is not another reader of 0
+    assert ingest3.scheduler.members["ea2"].dispatch == 0
+    assert after_bye.answers == []  # eb said bye: 1 is c's, as its hash says
 
 
 def test_least_read_keeps_home_on_a_tie_and_picks_the_lowest_of_the_fewest() -> None:

@@ -259,11 +259,12 @@ class Ingest:
 
     def _place(self, ev: m.Hello, home: int) -> int:
         """The ``dispatch`` partition a new epoch reads: its own, unless it is ``placeable`` and
-        another has fewer live epochs of other workers reading it."""
+        another has fewer live epochs of other workers reading it (a leaving epoch reads for a
+        moment only; an older epoch of the same worker is about to be fenced)."""
         if not ev.placeable:
             return home
         readers = Counter(member.dispatch for member in self.scheduler.members.values()
-                          if member.worker != ev.worker)
+                          if member.worker != ev.worker and member.accepting)
         return least_read(home, readers, min(ev.placeable, self.dispatch_partitions))
 
     def _other_holder(self, ev: m.Hello) -> dict[str, object] | None:

@@ -148,11 +148,18 @@ class Worker:
         topic = self.config.topic("dispatch")
         count = transport.partition_count(consumer, topic)
         partition = self.dispatch_partition = transport.partition_for(self.worker_id, count)
-        # every partition's end before the first hello: the server may place the epoch on any
-        # (``placed``), and reading it from here misses nothing sent to the epoch
-        self.dispatch_ends = {p: transport.end_offset(consumer, topic, p) for p in range(count)}
-        transport.assign(consumer, {(topic, partition): self.dispatch_ends[partition]})
-        log.info("reading %s[%d] from offset %d", topic, partition, self.dispatch_ends[partition])
+        start = transport.end_offset(consumer, topic, partition)
+        transport.assign(consumer, {(topic, partition): start})
+        log.info("reading %s[%d] from offset %d", topic, partition, start)
+        # every other partition's end too, before the first hello: the server may place the
+        # epoch on any (``placed``), and reading it from there misses nothing sent to the epoch
+        try:
+            self.dispatch_ends = {p: start if p == partition else
+                                  transport.end_offset(consumer, topic, p, timeout=5.0)
+                                  for p in range(count)}
+        except UnreachableError as exc:  # a partition without a leader, say: stay on this one
+            log.warning("this worker stays on %s[%d], which others may read too: %s", topic,
+                        partition, exc, extra={"worker_id": self.worker_id, "event": "not_placeable"})
 
     def _register(self, why: str) -> None:
         if self.epoch:  # a later epoch stays where the worker reads now: those ends are old
