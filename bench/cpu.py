@@ -8,7 +8,9 @@ workers' main processes and their execution processes, before and after each run
 prints microseconds of CPU per task for each. On a machine whose cores are all busy, the sum
 is what bounds throughput. ``--threads`` also splits each role by thread name (``python`` is
 the interpreter's threads, ``rdk:broker*`` librdkafka's, the rest the broker's JVM: its request
-threads are ``data-plane-kafk``, its JIT ``C2 CompilerThre``). Uses ``YADTQ_TEST_BOOTSTRAP`` if set (its broker is found among the
+threads are ``data-plane-kafk``, its JIT ``C2 CompilerThre``), and says how long the threads
+of each name waited for a CPU while ready to run (``/proc/.../schedstat``): on a machine whose
+cores are all busy, the server's loop, which does one task at a time, waits there too. Uses ``YADTQ_TEST_BOOTSTRAP`` if set (its broker is found among the
 processes by its command line), else starts a broker of its own.
 """
 
@@ -41,10 +43,11 @@ def _role(cmdline: str) -> str | None:
     return None
 
 
-def cpu_by_thread() -> dict[tuple[str, str], float]:
-    """Seconds of CPU used so far by the threads of each role, by (role, thread name); the
+def cpu_by_thread() -> dict[tuple[str, str], tuple[float, float]]:
+    """Seconds of CPU used so far by the threads of each role, and seconds they waited for a
+    CPU while ready to run (the run queue, from ``schedstat``), by (role, thread name); the
     threads of processes that exited are gone, so compare only what runs throughout."""
-    totals: dict[tuple[str, str], float] = collections.defaultdict(float)
+    totals: dict[tuple[str, str], tuple[float, float]] = collections.defaultdict(lambda: (0.0, 0.0))
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -54,7 +57,10 @@ def cpu_by_thread() -> dict[tuple[str, str], float]:
                 continue
             for tid in os.listdir(f"/proc/{entry}/task"):
                 name = Path(f"/proc/{entry}/task/{tid}/comm").read_text().strip()
-                totals[role, name] += cpu_seconds(Path(f"/proc/{entry}/task/{tid}/stat").read_text())
+                used = cpu_seconds(Path(f"/proc/{entry}/task/{tid}/stat").read_text())
+                waited = int(Path(f"/proc/{entry}/task/{tid}/schedstat").read_text().split()[1]) / 1e9
+                was = totals[role, name]
+                totals[role, name] = (was[0] + used, was[1] + waited)
         except OSError:
             continue  # exited meanwhile
     return totals
@@ -78,9 +84,11 @@ def cpu_by_role() -> dict[str, float]:
 
 
 def run(bootstrap: str, tasks: int, workers: int,
-        threads: dict[tuple[str, str], float] | None = None) -> tuple[float, dict[str, float]]:
+        threads: dict[tuple[str, str], float] | None = None,
+        waits: dict[tuple[str, str], float] | None = None) -> tuple[float, dict[str, float]]:
     """(tasks/s, CPU microseconds per task by role) for one run; adds the microseconds per task
-    of each (role, thread name) to ``threads`` when given."""
+    of each (role, thread name) to ``threads``, and the seconds its threads waited for a CPU
+    per second of the run to ``waits``, when given."""
     with cluster(bootstrap, workers) as c:
         before, threads_before = cpu_by_role(), cpu_by_thread()
         start = time.perf_counter()
@@ -88,9 +96,12 @@ def run(bootstrap: str, tasks: int, workers: int,
         wait_done(c, tasks, last=ids[-1])
         elapsed = time.perf_counter() - start
         after, threads_after = cpu_by_role(), cpu_by_thread()
-    if threads is not None:
-        for key, seconds in threads_after.items():
-            threads[key] += (seconds - threads_before.get(key, 0.0)) / tasks * 1e6
+    for key, (seconds, waited) in threads_after.items():
+        was = threads_before.get(key, (0.0, 0.0))
+        if threads is not None:
+            threads[key] += (seconds - was[0]) / tasks * 1e6
+        if waits is not None:
+            waits[key] += (waited - was[1]) / elapsed
     return tasks / elapsed, {r: (after[r] - before[r]) / tasks * 1e6 for r in ROLES}
 
 
@@ -105,10 +116,12 @@ def main() -> int:
     args = parser.parse_args()
     threads: dict[int, dict[tuple[str, str], float]] = {
         w: collections.defaultdict(float) for w in args.workers}
+    waits: dict[int, dict[tuple[str, str], float]] = {
+        w: collections.defaultdict(float) for w in args.workers}
     with broker() as bootstrap:
         if args.warmup:
             warm(bootstrap, lambda: run(bootstrap, args.warmup, 2))
-        results = {w: [run(bootstrap, args.tasks, w, threads[w]) for _ in range(args.runs)]
+        results = {w: [run(bootstrap, args.tasks, w, threads[w], waits[w]) for _ in range(args.runs)]
                    for w in args.workers}
     print(f"\nCPU microseconds per task (median of {args.runs} runs of {args.tasks:,} tasks;"
           " workers of 2 slots)\n")
@@ -123,6 +136,12 @@ def main() -> int:
         keys = sorted({k for w in args.workers for k, v in threads[w].items() if v / args.runs >= 5},
                       key=lambda k: (ROLES.index(k[0]), -threads[args.workers[0]].get(k, 0.0)))
         print(tabulate([[role, name, *[f"{threads[w].get((role, name), 0.0) / args.runs:,.0f}" for w in args.workers]]
+                        for role, name in keys],
+                       headers=["role", "thread", *[f"{w} worker(s)" for w in args.workers]]))
+        print(f"\nWaiting for a CPU while ready to run, by thread name, mean of {args.runs} runs"
+              " (seconds a second of the run, summed over the threads of that name; the server's"
+              " \"python\" is mostly its loop, which does one task at a time)\n")
+        print(tabulate([[role, name, *[f"{waits[w].get((role, name), 0.0) / args.runs:.2f}" for w in args.workers]]
                         for role, name in keys],
                        headers=["role", "thread", *[f"{w} worker(s)" for w in args.workers]]))
     return 0
