@@ -10,8 +10,9 @@ is what bounds throughput. ``--threads`` also splits each role by thread name (`
 the interpreter's threads, ``rdk:broker*`` librdkafka's, the rest the broker's JVM: its request
 threads are ``data-plane-kafk``, its JIT ``C2 CompilerThre``), and says how long the threads
 of each name waited for a CPU while ready to run (``/proc/.../schedstat``): on a machine whose
-cores are all busy, the server's loop, which does one task at a time, waits there too. Uses ``YADTQ_TEST_BOOTSTRAP`` if set (its broker is found among the
-processes by its command line), else starts a broker of its own.
+cores are all busy, the server's loop, which does one task at a time, waits there too. Uses
+``YADTQ_TEST_BOOTSTRAP`` if set (its broker is found among the processes by its command line),
+else starts a broker of its own.
 """
 
 from __future__ import annotations
