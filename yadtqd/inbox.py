@@ -27,7 +27,7 @@ from collections.abc import Iterable
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, TopicPartition
 
-from yadtqd.transport import assign, read_batch
+from yadtqd.transport import read_batch
 
 log = logging.getLogger("yadtqd.kafka")
 
@@ -56,8 +56,6 @@ class Inbox:
         self.reader.setblocking(False)
         self._writer.setblocking(False)
         self._messages: deque[Message] = deque()
-        #: A new assignment for the thread to make before its next read (see :meth:`move`).
-        self._moves: list[dict[tuple[str, int], int]] = []
         self._room = threading.Condition()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="yadtq-inbox", daemon=True)
@@ -94,14 +92,6 @@ class Inbox:
             self._room.notify()
         return taken
 
-    def move(self, positions: dict[tuple[str, int], int]) -> None:
-        """Read these partitions from these offsets instead of what is read now; the thread makes
-        the change before its next read (within its poll's 0.2 s). Messages already read from
-        the old ones may still be taken."""
-        with self._room:
-            self._moves.append(dict(positions))
-            self._room.notify()
-
     def stop(self) -> None:
         """Stop reading and wait for the thread."""
         self._stop.set()
@@ -133,9 +123,6 @@ class Inbox:
             with self._room:
                 room = self._room.wait_for(
                     lambda: len(self._messages) < self.limit or self._stop.is_set(), 0.2)
-                moves, self._moves = self._moves, []
-            for positions in moves:
-                assign(self.consumer, positions)
             if room and not self._stop.is_set():
                 try:
                     good = read_batch(self.consumer, 0.2, self.limit)

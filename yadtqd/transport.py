@@ -188,17 +188,6 @@ def partition_for(key: str, count: int) -> int:
     return zlib.crc32(key.encode()) % count
 
 
-def least_read(home: int, readers: Mapping[int, int], count: int) -> int:
-    """The ``dispatch`` partition for an epoch that may read any of the first ``count``:
-    ``home`` unless another partition has fewer ``readers`` (live epochs of other workers), then
-    the lowest-numbered of those with fewest. Workers sharing a partition each fetch all of its
-    messages, so this spreads them while it can."""
-    if count <= 0 or not 0 <= home < count:
-        return home
-    fewest = min(range(count), key=lambda p: (readers.get(p, 0), p))
-    return home if readers.get(home, 0) <= readers.get(fewest, 0) else fewest
-
-
 def end_offset(consumer: Consumer, topic: str, partition: int, timeout: float = 30.0) -> int:
     """The partition's high watermark (for a ``read_committed`` consumer, the last stable
     offset): the offset the next message will get; waits for the broker (and for a topic just

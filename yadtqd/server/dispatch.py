@@ -1,5 +1,5 @@
 """The server's side of ``dispatch`` (``run``, ``cancel``, ``fenced``, ``alive``, ``left``,
-``placed``, ``refused`` to worker epochs), and its markers on ``events`` (:mod:`yadtqd.server.evidence`).
+``refused`` to worker epochs), and its markers on ``events`` (:mod:`yadtqd.server.evidence`).
 
 Dispatch messages go into the turn's Kafka transaction (:mod:`yadtqd.server.replication`), with
 the changelog records of the grants and deaths they announce: a worker, reading ``dispatch``
@@ -97,11 +97,6 @@ class Dispatcher:
         """Confirm a ``bye``: the epoch is granted nothing more."""
         self._send(worker, self.route(worker, partition),
                    m.encode(m.Left(worker=worker, epoch=epoch)))
-
-    def place(self, worker: str, epoch: str, partition: int, placed: int) -> None:
-        """Tell a new epoch, on the partition its ``hello`` named, to read ``placed`` instead."""
-        self._send(worker, self.route(worker, partition),
-                   m.encode(m.Placed(worker=worker, epoch=epoch, partition=placed)))
 
     def refuse(self, worker: str, epoch: str, partition: int, reason: str) -> None:
         """Tell a new epoch that its ``hello`` was refused."""

@@ -360,8 +360,6 @@ class Server:
                 dispatcher.alive(answer.worker, answer.epoch, answer.partition, answer.probe)
             elif answer.left:
                 dispatcher.left(answer.worker, answer.epoch, answer.partition)
-            elif answer.placed >= 0:
-                dispatcher.place(answer.worker, answer.epoch, answer.partition, answer.placed)
             else:
                 dispatcher.refuse(answer.worker, answer.epoch, answer.partition, answer.reason)
         # The turn's changes and messages, one Kafka transaction, committed while the next
