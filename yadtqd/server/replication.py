@@ -19,9 +19,9 @@ that times out (the broker away) is tried again at the next turn, while the loop
 after 30 s aborted if librdkafka lets it (not while a commit call is open: then librdkafka ends
 the commit itself within the transaction's timeout). A transaction carries at most
 5,000 rows: a backlog of notes goes in several, oldest first, and the dispatch messages wait
-for the last (a ``run`` never reaches a worker before its grant's record). A server whose transactional producer is fenced
-(a newer server took the ``transactional.id``) or failed for good stops being the active:
-:class:`Fenced`; only the servers' group makes it active again.
+for the last (a ``run`` never reaches a worker before its grant's record). A server whose
+transactional producer is fenced (a newer server took the ``transactional.id``) or failed for
+good stops being the active: :class:`Fenced`; only the servers' group makes it active again.
 
 At start, :meth:`Changelog.start` fences any older server and aborts its open transaction, and
 :meth:`Changelog.restore` brings the store to the changelog's end: the tail after this file's
