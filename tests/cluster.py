@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,6 +24,8 @@ from yadtqd.client import Client
 from yadtqd.errors import WaitTimeout
 
 WAIT = 60.0
+#: A line librdkafka logged, through the daemon's logger or straight to stderr.
+_LIBRDKAFKA_LINE = re.compile(r"yadtqd\.kafka\.librdkafka:|^%\d\|")
 
 
 class Cluster:
@@ -223,11 +226,14 @@ class Cluster:
         return path.read_text(errors="replace") if path.exists() else ""
 
     def logs_tail(self, lines: int = 40) -> str:
-        """The last lines of every process log, for a failing test's report."""
+        """The last lines of every process log, for a failing test's report. librdkafka's own
+        lines are left out: during an outage they repeat each second for every client and
+        would fill the tail, hiding what the daemon itself said."""
         parts = []
         for path in sorted(self.dir.glob("*.log")):
-            tail = path.read_text(errors="replace").splitlines()[-lines:]
-            parts.append(f"----- {path.name}\n" + "\n".join(tail))
+            own = [line for line in path.read_text(errors="replace").splitlines()
+                   if not _LIBRDKAFKA_LINE.search(line)]
+            parts.append(f"----- {path.name}, without librdkafka's lines\n" + "\n".join(own[-lines:]))
         return "\n".join(parts)
 
 
