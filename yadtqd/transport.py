@@ -16,6 +16,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Mapping
+from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
@@ -27,6 +28,12 @@ log = logging.getLogger("yadtqd.kafka")
 
 STATS_INTERVAL_MS = 1000
 _DOWN_CODES = {KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT, KafkaError._RESOLVE}
+#: Seconds a client's statistics must show no broker before it counts as orphaned (a moment
+#: without one, within a re-bootstrap, is not; the state measured never ended).
+ORPHANED_AFTER = 3.0
+#: Where a broker a client can connect to comes from, in librdkafka's statistics (the others:
+#: ``logical``, a coordinator's handle with no address of its own, and ``internal``).
+_REAL_SOURCES = {"configured", "learned"}
 
 
 class ConnectionMonitor:
@@ -34,12 +41,22 @@ class ConnectionMonitor:
 
     librdkafka reports trouble through ``error_cb`` and the state of every broker connection
     through ``stats_cb``; together they give "connected", "lost" and "back" without polling.
+
+    The statistics also show a client left with no broker to connect to (:attr:`orphaned`):
+    librdkafka drops every broker a metadata response does not list, and a lone broker shutting
+    down answers with none (measured here with Kafka 4.2 and librdkafka 2.16: the servers'
+    group consumer, after a ``NOT_COORDINATOR`` at the broker's stop, knew only its logical
+    coordinator, which has no address, and never connected again). Only a new client recovers.
     """
 
     def __init__(self, client: str) -> None:
         self.client = client
         self.state = "connecting"
         self.changed_at = time.monotonic()
+        #: librdkafka has known no broker to connect to for :data:`ORPHANED_AFTER` seconds:
+        #: nothing but a new client connects again.
+        self.orphaned = False
+        self._brokerless_since: float | None = None
 
     @property
     def up(self) -> bool:
@@ -58,6 +75,17 @@ class ConnectionMonitor:
     def on_stats(self, raw: str) -> None:
         """librdkafka's ``stats_cb``: any real broker in state UP means connected."""
         brokers = json.loads(raw).get("brokers", {}).values()
+        if any(b.get("source") in _REAL_SOURCES for b in brokers):
+            self._brokerless_since = None
+        elif self._brokerless_since is None:
+            self._brokerless_since = time.monotonic()
+        since = self._brokerless_since
+        orphaned = since is not None and time.monotonic() - since >= ORPHANED_AFTER
+        if orphaned and not self.orphaned:
+            log.error("kafka %s: the client knows no broker any more (a metadata response listed"
+                      " none, as a lone broker shutting down sends), so it cannot connect again",
+                      self.client, extra={"event": "broker_orphaned"})
+        self.orphaned = orphaned
         up = any(b.get("nodeid", -1) >= 0 and b.get("state") == "UP" for b in brokers)
         if up:
             self._set("up", "")
@@ -162,8 +190,13 @@ def make_consumer(config: Config, client: str) -> tuple[Consumer, ConnectionMoni
 
 
 def make_admin(config: Config) -> AdminClient:
-    """An admin client with the same connection settings."""
-    return AdminClient(dict(config.kafka))
+    """An admin client with the same connection settings; what librdkafka says of it goes
+    through the daemon's log, as every other client's does (not raw to stderr, where a broker
+    outage would add a line a second without priority or fields)."""
+    settings: dict[str, Any] = dict(config.kafka)
+    settings.setdefault("client.id", "yadtq-admin")
+    settings["logger"] = logging.getLogger("yadtqd.kafka.librdkafka")
+    return AdminClient(settings)
 
 
 def partition_count(client: Consumer | Producer | AdminClient, topic: str, timeout: float = 30.0) -> int:

@@ -41,9 +41,47 @@ def test_monitor_logs_each_change_once(caplog) -> None:  # type: ignore[no-untyp
 
     caplog.set_level(logging.INFO, logger="yadtqd.kafka")
     monitor = transport.ConnectionMonitor("c")
-    up = json.dumps({"brokers": {"b/1": {"nodeid": 1, "state": "UP"}}})
-    down = json.dumps({"brokers": {"b/1": {"nodeid": 1, "state": "DOWN"},
-                                   "b/bootstrap": {"nodeid": -1, "state": "UP"}}})
+    up = json.dumps({"brokers": {"b/1": {"nodeid": 1, "state": "UP", "source": "learned"}}})
+    down = json.dumps({"brokers": {"b/1": {"nodeid": 1, "state": "DOWN", "source": "learned"},
+                                   "b/bootstrap": {"nodeid": -1, "state": "UP", "source": "configured"}}})
     for raw in (up, up, down, down, up):
         monitor.on_stats(raw)
     assert [r.event for r in caplog.records] == ["broker_connected", "broker_lost", "broker_back"]
+
+
+def test_monitor_tells_a_client_that_knows_no_broker(caplog, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The statistics of the servers' group consumer stuck after a lone broker's stop (only its
+    logical coordinator, without an address, left) against those of one that reconnected (the
+    bootstrap broker added again): only the first is orphaned, and it is said once."""
+    import json
+    import logging
+
+    monkeypatch.setattr(transport, "ORPHANED_AFTER", 0.0)
+    caplog.set_level(logging.INFO, logger="yadtqd.kafka")
+    coordinator = {"nodeid": -1, "state": "TRY_CONNECT", "source": "logical"}
+    stuck = json.dumps({"brokers": {"GroupCoordinator": coordinator}})
+    rebootstrapped = json.dumps({"brokers": {"GroupCoordinator": coordinator,
+                                             "b/bootstrap": {"nodeid": -1, "state": "INIT",
+                                                             "source": "configured"}}})
+    monitor = transport.ConnectionMonitor("c")
+    monitor.on_stats(rebootstrapped)
+    assert not monitor.orphaned
+    monitor.on_stats(stuck)
+    monitor.on_stats(stuck)
+    assert monitor.orphaned
+    assert [r.event for r in caplog.records] == ["broker_orphaned"]
+    monitor.on_stats(rebootstrapped)
+    assert not monitor.orphaned
+
+
+def test_a_moment_without_a_broker_is_not_orphaned() -> None:
+    """A snapshot without brokers (as within a re-bootstrap) is not taken for the lasting
+    state: the client counts as orphaned only after :data:`ORPHANED_AFTER` seconds of them."""
+    import json
+
+    monitor = transport.ConnectionMonitor("c")
+    stuck = json.dumps({"brokers": {"GroupCoordinator": {"nodeid": -1, "state": "INIT",
+                                                         "source": "logical"}}})
+    monitor.on_stats(stuck)
+    monitor.on_stats(stuck)
+    assert not monitor.orphaned
