@@ -35,29 +35,20 @@ log = logging.getLogger("yadtqd.server")
 
 #: Seconds a standby's report counts: one not renewed for that long is no longer shown.
 REPORT_AGE = 5.0
+#: Seconds the group consumer may stay unconnected while the reports producer is connected,
+#: before it is taken for stuck and replaced (a consumer merely reconnecting takes about one).
+STUCK_AFTER = 15.0
 
 
 class Elector:
     """This server's membership of the servers' group."""
 
     def __init__(self, config: Config, on_change: Callable[[], None] = lambda: None) -> None:
+        self.config = config
         self.topic = config.topic("leader")
         self.group = f"{config.topic_prefix}.servers"
-        monitor = transport.ConnectionMonitor("server election consumer")
-        settings = transport.consumer_settings(config, "server-election", monitor)
-        session_ms = int(config.server.session_timeout * 1000)
-        settings.update({"group.id": self.group, "partition.assignment.strategy": "cooperative-sticky",
-                         "session.timeout.ms": session_ms,
-                         # a standby hears of a rebalance (the active left) at its next heartbeat
-                         "heartbeat.interval.ms": max(100, min(250, session_ms // 6)),
-                         # the reports are current state, not work: no offsets are committed,
-                         # so each assignment reads from the topic's end
-                         "auto.offset.reset": "latest"})
-        self.consumer = Consumer(settings)
-        reports = transport.producer_settings(config, "server-reports", transport.ConnectionMonitor(
-            "server reports producer"))
-        reports.update({"linger.ms": 0, "message.timeout.ms": 5000})  # stale soon: never queue long
-        self.reporter = Producer(reports)
+        self.consumer, self.monitor = self._group_consumer()
+        self.reporter, self.reporter_monitor = self._report_producer()
         self.on_change = on_change
         self.name = config.server.server_name
         #: Set while this server holds the active role.
@@ -72,9 +63,65 @@ class Elector:
 
     def start(self) -> None:
         """Join the group."""
+        self._subscribe()
+        self._thread.start()
+
+    def _group_consumer(self) -> tuple[Consumer, transport.ConnectionMonitor]:
+        monitor = transport.ConnectionMonitor("server election consumer")
+        settings = transport.consumer_settings(self.config, "server-election", monitor)
+        session_ms = int(self.config.server.session_timeout * 1000)
+        settings.update({"group.id": self.group, "partition.assignment.strategy": "cooperative-sticky",
+                         "session.timeout.ms": session_ms,
+                         # a standby hears of a rebalance (the active left) at its next heartbeat
+                         "heartbeat.interval.ms": max(100, min(250, session_ms // 6)),
+                         # the reports are current state, not work: no offsets are committed,
+                         # so each assignment reads from the topic's end
+                         "auto.offset.reset": "latest"})
+        return Consumer(settings), monitor
+
+    def _report_producer(self) -> tuple[Producer, transport.ConnectionMonitor]:
+        monitor = transport.ConnectionMonitor("server reports producer")
+        settings = transport.producer_settings(self.config, "server-reports", monitor)
+        settings.update({"linger.ms": 0, "message.timeout.ms": 5000})  # stale soon: never queue long
+        return Producer(settings), monitor
+
+    def _subscribe(self) -> None:
         self.consumer.subscribe([self.topic], on_assign=self._assigned, on_revoke=self._revoked,
                                 on_lost=self._lost)
-        self._thread.start()
+
+    def _replace_stuck(self) -> None:
+        """Replace a client that will not connect again (:meth:`_stuck`): a new group consumer
+        joins the group, and this server is not the active until it is assigned the partition
+        again. The old clients are closed in a thread of their own: a consumer's close may wait
+        for a coordinator it can no longer reach."""
+        old: list[Consumer | Producer] = []
+        why = self._stuck()
+        if why:
+            self._set(False, f"the consumer of group {self.group} {why}: a new one joins")
+            old.append(self.consumer)
+            self.consumer, self.monitor = self._group_consumer()
+            self._subscribe()
+        if self.reporter_monitor.orphaned:
+            old.append(self.reporter)
+            self.reporter, self.reporter_monitor = self._report_producer()
+        if old:
+            threading.Thread(target=_close, args=(old,), name="yadtq-election-close", daemon=True).start()
+
+    def _stuck(self) -> str:
+        """Why the group consumer must be replaced, if it must. librdkafka (2.16) leaves it
+        unable to connect in two ways measured here: it knows no broker (a lone broker's
+        metadata at its stop listed none: :attr:`~yadtqd.transport.ConnectionMonitor.orphaned`),
+        or, after the broker was frozen (SIGSTOP) long enough for the group's session to end,
+        its coordinator's connection timed out and it never connected again while every other
+        client of the server did. The second is told by the reports producer, which talks to the
+        same brokers: connected for :data:`STUCK_AFTER` seconds while the consumer was not."""
+        if self.monitor.orphaned:
+            return "knew no broker"
+        mono = time.monotonic()
+        if (not self.monitor.up and self.reporter_monitor.up
+                and min(mono - self.monitor.changed_at, mono - self.reporter_monitor.changed_at) >= STUCK_AFTER):
+            return f"stayed unconnected for {STUCK_AFTER:g} s while the reports producer was connected"
+        return ""
 
     def report(self, report: m.StandbyReport) -> None:
         """Tell the active how far this standby is behind (once a second)."""
@@ -104,6 +151,7 @@ class Elector:
                     self.reporter.poll(0)
                     if msg is not None:
                         self._read(msg)
+                    self._replace_stuck()
                 except KafkaException as exc:
                     log.warning("servers' group: %s", exc.args[0].str())
         except BaseException:
@@ -144,15 +192,15 @@ class Elector:
                     del self._reports[name]
 
     def _assigned(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        if any(tp.partition == 0 for tp in partitions):
+        if consumer is self.consumer and any(tp.partition == 0 for tp in partitions):
             self._set(True, f"assigned {self.topic}[0] in group {self.group}")
 
     def _revoked(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        if any(tp.partition == 0 for tp in partitions):
+        if consumer is self.consumer and any(tp.partition == 0 for tp in partitions):
             self._set(False, f"{self.topic}[0] revoked in group {self.group}")
 
     def _lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        if any(tp.partition == 0 for tp in partitions):
+        if consumer is self.consumer and any(tp.partition == 0 for tp in partitions):
             self._set(False, f"membership of group {self.group} lost (no contact within the"
                              " session timeout)")
 
@@ -168,3 +216,15 @@ class Elector:
                     extra={"event": "elected" if leading else "deposed"})
         self.changed.set()
         self.on_change()
+
+
+def _close(clients: list[Consumer | Producer]) -> None:
+    """Close clients replaced for knowing no broker (a consumer leaves what it can of its group;
+    a producer drops the reports it still holds: they are stale)."""
+    for client in clients:
+        with contextlib.suppress(KafkaException, RuntimeError):
+            if isinstance(client, Consumer):
+                client.close()
+            else:
+                client.purge()
+                client.flush(0)
