@@ -43,7 +43,7 @@ class Dispatcher:
         self.lease = config.server.heartbeat_timeout
         self.evidence = evidence
         self.out = out
-        self.express, _ = transport.make_producer(config, "server-markers", linger_ms=0)
+        self.express, self.monitor = transport.make_producer(config, "server-markers", linger_ms=0)
         self._stale_metadata = False
         self._last_refresh = 0.0
         #: The last reason a marker could not be written (for the warning about unproven

@@ -197,7 +197,7 @@ class Server:
             out.restore(store, tick=lambda: self._report(store))
             phases.append(time.monotonic())
             store.capture()  # before _assign, which may count lost offsets
-            consumer, _ = transport.make_consumer(self.config, "server")
+            consumer, monitor = transport.make_consumer(self.config, "server")
             self._assign(consumer, store, timeout=5.0)
             phases.append(time.monotonic())
         except UnreachableError as exc:
@@ -233,11 +233,14 @@ class Server:
                     extra={"event": "takeover"})
         fenced = False
         try:
-            while not self.stopping and elector.leading.is_set():
+            # a client that knows no broker never connects again: the next term makes new ones
+            clients = (monitor, out.monitor, dispatcher.monitor)
+            while not self.stopping and elector.leading.is_set() and not any(c.orphaned for c in clients):
                 self._turn(store, ingest, inbox, dispatcher, out)
+            why = elector.why if not elector.leading.is_set() else "a Kafka client knew no broker"
             with store.transaction():  # said in the last transaction, if Kafka takes it
                 store.end_term(self.term, time.time(), f"stopped ({self.stop_signal})" if self.stopping
-                               else f"stepped down: {elector.why}")
+                               else f"stepped down: {why}")
         except Fenced as exc:
             fenced = True  # not active again before the group has had time to say otherwise
             self.deposed_until = time.monotonic() + 2 * self.config.server.session_timeout

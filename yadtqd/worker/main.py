@@ -117,6 +117,7 @@ class Worker:
         self.pool.ping_interval = config.worker.heartbeat_interval
         self.pool.load_grace = max(pool.LOAD_GRACE, config.worker.stall_timeout)
         self.outbox: Outbox | None = None
+        self.consumer_monitor = transport.ConnectionMonitor("worker consumer")
         self.events_partition = 0
         self.dispatch_partition = 0
         self.wedge_on = os.environ.get(WEDGE_ENV, "")
@@ -128,7 +129,7 @@ class Worker:
         _scrub_environment()
         self.pool.start()
         self.pool.wait_ready()
-        consumer, _ = transport.make_consumer(self.config, "worker")
+        consumer, self.consumer_monitor = transport.make_consumer(self.config, "worker")
         inbox = Inbox(consumer)
         self._install_signals(inbox)
         self._assign_dispatch(consumer)
@@ -229,6 +230,8 @@ class Worker:
             self.last_progress = time.time()
             if not inbox.alive:
                 raise UnreachableError("the thread reading Kafka died (see the log above); stopping")
+            if self.consumer_monitor.orphaned:  # it would never connect again: systemd restarts us
+                raise UnreachableError("the Kafka consumer knows no broker any more; stopping")
             if self.stopping and not stop_announced:
                 stop_announced = True
                 self._begin_stop()

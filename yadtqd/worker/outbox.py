@@ -12,7 +12,8 @@ Every delivery report is read. A ``hello``, ``started``, ``finished`` or ``bye``
 broker outage longer than ``message.timeout.ms``) is logged at error, counted, and sent again
 while its epoch is the current one; a heartbeat is not (the next one says more), but its report
 feeds the :class:`Lease`. An event Kafka can never take (too large) fails its task instead: the
-worker goes on. A fatal producer error ends the worker (systemd starts it again).
+worker goes on. A fatal producer error ends the worker (systemd starts it again), and so does a
+producer left knowing no broker (:class:`~yadtqd.transport.ConnectionMonitor`).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ class Outbox:
         self.lease = lease
         self.current_epoch = current_epoch
         self.on_hello_delivered = on_hello_delivered
-        self.producer, _ = transport.make_producer(config, "worker", linger_ms=LINGER_MS)
+        self.producer, self.monitor = transport.make_producer(config, "worker", linger_ms=LINGER_MS)
         #: Events whose delivery failed, to send again (with why); events Kafka will never take.
         self.failed: list[tuple[m.WorkerEvent, str]] = []
         self.refused: list[tuple[m.WorkerEvent, str]] = []
@@ -86,11 +87,14 @@ class Outbox:
         failure in place of a task's outcome Kafka will never take.
 
         Raises :class:`UnreachableError` after a fatal producer error (the idempotent producer
-        cannot go on): the daemon exits and systemd starts it again.
+        cannot go on), or once the producer knows no broker any more (it would never connect
+        again): the daemon exits and systemd starts it again.
         """
         self.producer.poll(0)
         if self.fatal:
             raise UnreachableError(f"the Kafka producer failed for good: {self.fatal}")
+        if self.monitor.orphaned:
+            raise UnreachableError("the Kafka producer knows no broker any more (see the log above)")
         refused, self.refused = self.refused, []
         for message, problem in refused:
             self._never(message, problem)
