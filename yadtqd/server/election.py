@@ -97,6 +97,8 @@ class Elector:
         old: list[Consumer | Producer] = []
         why = self._stuck()
         if why:
+            log.error("the consumer of group %s %s: a new one joins", self.group, why,
+                      extra={"event": "election_consumer_replaced"})
             self._set(False, f"the consumer of group {self.group} {why}: a new one joins")
             old.append(self.consumer)
             self.consumer, self.monitor = self._group_consumer()

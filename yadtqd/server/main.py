@@ -157,6 +157,10 @@ class Server:
                         elector.changed.wait(1.0)  # the broker away: try again, or get elected
                         elector.changed.clear()
                         continue
+                if follower.monitor.orphaned:  # it knows no broker: a new one connects again
+                    follower.close()
+                    follower = None
+                    continue
                 if follower.step(0.2):
                     self.changes.signal()
                 lag = follower.lag()
@@ -237,7 +241,8 @@ class Server:
             clients = (monitor, out.monitor, dispatcher.monitor)
             while not self.stopping and elector.leading.is_set() and not any(c.orphaned for c in clients):
                 self._turn(store, ingest, inbox, dispatcher, out)
-            why = elector.why if not elector.leading.is_set() else "a Kafka client knew no broker"
+            why = elector.why if not elector.leading.is_set() else next(
+                (f"the {c.client} knew no broker" for c in clients if c.orphaned), "")
             with store.transaction():  # said in the last transaction, if Kafka takes it
                 store.end_term(self.term, time.time(), f"stopped ({self.stop_signal})" if self.stopping
                                else f"stepped down: {why}")

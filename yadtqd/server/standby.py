@@ -74,7 +74,7 @@ class Follower:
     def __init__(self, config: Config, store: Store, timeout: float = 30.0) -> None:
         self.topic = config.topic("changelog")
         self.store = store
-        monitor = transport.ConnectionMonitor("server standby consumer")
+        self.monitor = monitor = transport.ConnectionMonitor("server standby consumer")
         settings = transport.consumer_settings(config, "server-standby", monitor)
         settings.setdefault("fetch.min.bytes", FOLLOW_MIN_BYTES)
         self.consumer = Consumer(settings)
