@@ -72,6 +72,31 @@ def test_a_short_task_says_its_start_in_its_finished_a_long_one_is_seen_processi
     assert alone and all(isinstance(e["started"], float) for e in alone)
 
 
+def test_a_mixed_burst_ends_in_even_shares(cluster: Cluster) -> None:
+    """DESIGN 5, issue 15: 150 ``add`` (a name the server has timed) and 150 short ``sleep``
+    (one it has not), produced at once to three workers of two slots: each worker runs within
+    15 % of a third of them. Counts, not times."""
+    cluster.start_server()
+    for w in ("w1", "w2", "w3"):
+        cluster.start_worker(w)
+    cluster.wait_terminal([cluster.client.submit("add", i, 1) for i in range(30)])
+    producer = Producer({"bootstrap.servers": cluster.bootstrap, "linger.ms": 20})
+    ids = []
+    for i in range(300):
+        task_id = str(uuid.uuid4())
+        task, args = ("add", [i, 1]) if i % 2 == 0 else ("sleep", [0.002])
+        producer.produce(f"{cluster.prefix}.tasks", json.dumps(
+            {"task-id": task_id, "task": task, "args": args}).encode(), key=task_id.encode())
+        ids.append(task_id)
+    assert producer.flush(30) == 0
+    statuses = cluster.wait_terminal(ids, timeout=300)
+    assert {v["status"] for v in statuses.values()} == {"success"}
+    shares = Counter(v["worker"] for v in statuses.values())
+    names = Counter((v["worker"], v["task"]) for v in statuses.values())
+    for worker in ("w1", "w2", "w3"):
+        assert abs(shares[worker] - 100) <= 15, f"{worker} ran {shares[worker]} of 300: {dict(names)}"
+
+
 def test_no_task_waits_behind_a_long_one_while_another_worker_could_run_it(cluster: Cluster) -> None:
     """DESIGN 5 with mixed task lengths, under the default (adaptive) prefetch: short tasks whose
     pipeline runs deep do not queue up in a worker busy with a long task."""

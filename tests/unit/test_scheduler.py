@@ -244,12 +244,12 @@ def test_an_epoch_just_given_a_task_of_unknown_length_holds_the_others_back_in_l
 
 
 def test_a_plan_reads_no_more_of_the_queue_than_the_horizon_lets_it_grant(tmp_path: Path) -> None:
-    """Tasks of 10 ms: an epoch of 2 slots may take its 2 and about 10 more (100 ms of work),
-    so the plan reads 14 rows of a queue of 600, not the 258 its count allows."""
+    """Tasks a tenth of an epoch's horizon long: an epoch of 2 slots may take its 2 and about
+    10 more, so the plan reads 14 rows of a queue of 600, not the 258 its count allows."""
     store = _store(tmp_path, ["sleep"] * 600)
     sched = Scheduler()
     sched.join(_adaptive("a"))
-    _learn(sched, "sleep", 0.01)
+    _learn(sched, "sleep", PREFETCH_HORIZON * 2 / 10)
     limits: list[int] = []
     read = store.waiting
     store.waiting = lambda *a, **k: limits.append(a[1]) or read(*a, **k)  # type: ignore[method-assign]
@@ -273,3 +273,27 @@ def test_an_adaptive_epoch_of_many_slots_holds_at_most_prefetch_most_beyond_them
     slots it has."""
     assert _adaptive("a", slots=2).most == 2 + 2 * PREFETCH_PER_SLOT
     assert _adaptive("a", slots=256).most == 256 + PREFETCH_MOST
+
+
+def test_a_queue_mixing_names_at_random_is_shared_by_name_when_the_horizon_binds(
+        tmp_path: Path) -> None:
+    """DESIGN 5's mixed burst in one plan: 150 ``add`` and 150 ``sleep`` in random order (as
+    the tasks topic's partitions deliver them), three epochs whose horizon holds about 40
+    ``sleep`` each. Every epoch gets as many ``add`` as another, give or take 6 (ranked by
+    expected work alone, a run of ``add`` went to one epoch: 30 to 64 each)."""
+    for seed in range(8):
+        kinds = ["add", "sleep"] * 150
+        random.Random(seed).shuffle(kinds)
+        (tmp_path / str(seed)).mkdir()
+        store = _store(tmp_path / str(seed), kinds)
+        sched = Scheduler()
+        for epoch in "abc":
+            sched.join(_adaptive(epoch))
+        _learn(sched, "add", 0.00005)
+        _learn(sched, "sleep", PREFETCH_HORIZON * 2 / 40)
+        grants = sched.plan(store, 1000.0)
+        assert 200 < len(grants) < 300  # the horizon binds
+        adds = Counter(g.worker for g in grants if kinds[int(g.task_id[1:])] == "add")
+        sleeps = Counter(g.worker for g in grants if kinds[int(g.task_id[1:])] == "sleep")
+        assert max(sleeps.values()) - min(sleeps.values()) <= 1, (seed, sleeps)
+        assert max(adds.values()) - min(adds.values()) <= 6, (seed, adds)
