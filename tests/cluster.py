@@ -239,6 +239,11 @@ class Cluster:
 
 def read_topic(bootstrap: str, topic: str) -> list[tuple[bytes | None, bytes | None]]:
     """Every committed record of a topic, in each partition's order: (key, value)."""
+    return [(key, value) for _, key, value in read_partitions(bootstrap, topic)]
+
+
+def read_partitions(bootstrap: str, topic: str) -> list[tuple[int, bytes | None, bytes | None]]:
+    """Every committed record of a topic, in each partition's order: (partition, key, value)."""
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "test-read",
                          "isolation.level": "read_committed", "enable.partition.eof": True,
                          "enable.auto.commit": False})
@@ -252,7 +257,7 @@ def read_topic(bootstrap: str, topic: str) -> list[tuple[bytes | None, bytes | N
             if msg.error() is not None:
                 ended.add(msg.partition())
             else:
-                records.append((msg.key(), msg.value()))
+                records.append((msg.partition(), msg.key(), msg.value()))
         return records
     finally:
         consumer.close()

@@ -10,6 +10,10 @@ the main loop's wait at once, and :meth:`Inbox.wake` lets another thread end it 
 socket threads, when they record a task). The thread stops reading while ``limit`` messages wait
 untaken, so a backlog stays in Kafka rather than in memory.
 
+The thread also makes the owner's changes to what is read (:meth:`Inbox.move`), and can read on
+with a new consumer from where the old one stopped (:meth:`Inbox.replace`): librdkafka may leave a
+consumer that never connects again (see :meth:`~yadtqd.transport.ConnectionMonitor.stuck_beside`).
+
 Only the inbox's thread calls the consumer once it runs: confluent-kafka serializes calls on one
 consumer, and a call from another thread would wait for the thread's next poll to end, and
 the next, and so on. So the thread also notes the high watermarks of the partitions in
@@ -27,7 +31,7 @@ from collections.abc import Iterable
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, TopicPartition
 
-from yadtqd.transport import read_batch
+from yadtqd.transport import assign, read_batch
 
 log = logging.getLogger("yadtqd.kafka")
 
@@ -56,6 +60,12 @@ class Inbox:
         self.reader.setblocking(False)
         self._writer.setblocking(False)
         self._messages: deque[Message] = deque()
+        #: Changes for the thread to make before its next read: a new assignment (None: the
+        #: positions reached), and a new consumer to make it on (None: the same one).
+        self._moves: list[tuple[dict[tuple[str, int], int] | None, Consumer | None]] = []
+        #: (topic, partition) → the next offset to read, for the partitions assigned through
+        #: :meth:`move` (or added by ``follow``), as far as the thread has read them.
+        self.positions: dict[tuple[str, int], int] = {}
         self._room = threading.Condition()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="yadtq-inbox", daemon=True)
@@ -92,6 +102,23 @@ class Inbox:
             self._room.notify()
         return taken
 
+    def move(self, positions: dict[tuple[str, int], int], consumer: Consumer | None = None) -> None:
+        """Read these partitions from these offsets instead of what is read now, with
+        ``consumer`` if given (the old one is then closed); the thread makes the change before
+        its next read (within its poll's 0.2 s). Messages already read from the old ones may
+        still be taken."""
+        with self._room:
+            self._moves.append((dict(positions), consumer))
+            self._room.notify()
+
+    def replace(self, consumer: Consumer) -> None:
+        """Read on with ``consumer`` from the :attr:`positions` the old one reached (it is
+        closed in a thread of its own: a stuck client's close may wait long). Nothing read is
+        read twice, nothing is skipped."""
+        with self._room:
+            self._moves.append((None, consumer))
+            self._room.notify()
+
     def stop(self) -> None:
         """Stop reading and wait for the thread."""
         self._stop.set()
@@ -123,12 +150,19 @@ class Inbox:
             with self._room:
                 room = self._room.wait_for(
                     lambda: len(self._messages) < self.limit or self._stop.is_set(), 0.2)
+                moves, self._moves = self._moves, []
+            for positions, consumer in moves:
+                self._make(positions, consumer)
             if room and not self._stop.is_set():
                 try:
                     good = read_batch(self.consumer, 0.2, self.limit)
                 except KafkaException as exc:  # the consumer reports and goes on; so do we
                     log.warning("reading from Kafka: %s", exc.args[0].str())
                     good = []
+                for msg in good:
+                    topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+                    if topic is not None and partition is not None and offset is not None:
+                        self.positions[(topic, partition)] = offset + 1
                 if good:
                     with self._room:
                         self._messages.extend(good)
@@ -139,6 +173,14 @@ class Inbox:
             if self.counts and time.monotonic() - self._last_follow >= FOLLOW_EVERY:
                 self._last_follow = time.monotonic()
                 self._follow()
+
+    def _make(self, positions: dict[tuple[str, int], int] | None, consumer: Consumer | None) -> None:
+        """One change of :meth:`move` or :meth:`replace`, in the thread."""
+        if consumer is not None:
+            old, self.consumer = self.consumer, consumer
+            threading.Thread(target=old.close, name="yadtq-inbox-close", daemon=True).start()
+        self.positions = dict(self.positions if positions is None else positions)
+        assign(self.consumer, self.positions)
 
     def _follow(self) -> None:
         """Start reading the partitions added to a followed topic since the last look."""
@@ -151,6 +193,7 @@ class Inbox:
                 continue
             added = [TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(known, len(meta.partitions))]
             self.consumer.incremental_assign(added)
+            self.positions.update({(topic, tp.partition): OFFSET_BEGINNING for tp in added})
             if topic == self.watch_topic:
                 self.watch += [TopicPartition(topic, tp.partition) for tp in added]
             self.counts[topic] = len(meta.partitions)

@@ -141,7 +141,8 @@ def worker_view(row: sqlite3.Row, holding: dict[str, int] | None = None) -> dict
     """A worker epoch as the ``workers`` operation shows it. Every figure comes from the store:
     ``running`` its tasks in ``processing``, ``granted`` those granted and waiting in it (both
     0 once it is dead or gone), ``succeeded`` and ``failed`` the outcomes recorded from it
-    (every failed attempt, retried or not), ``executed`` their sum."""
+    (every failed attempt, retried or not), ``executed`` their sum; ``dispatch_partition`` the
+    partition of ``dispatch`` it reads (the server places a new worker on one fewer read)."""
     holding = holding or {}
     return {
         "worker": row["worker"], "epoch": row["epoch"], "state": row["state"],
@@ -149,7 +150,7 @@ def worker_view(row: sqlite3.Row, holding: dict[str, int] | None = None) -> dict
         "running": holding.get("processing", 0), "granted": holding.get("assigned", 0),
         "succeeded": row["succeeded"], "failed": row["failed_runs"],
         "executed": row["succeeded"] + row["failed_runs"],
-        "undelivered": row["undelivered"],
+        "undelivered": row["undelivered"], "dispatch_partition": row["dispatch_partition"],
         "joined_at": iso(row["joined_at"]), "last_heartbeat": iso(row["last_heartbeat"]),
         "left_at": iso(row["left_at"]), "tasks": json.loads(row["tasks"]), "version": row["version"],
     }

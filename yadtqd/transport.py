@@ -34,6 +34,9 @@ ORPHANED_AFTER = 3.0
 #: Where a broker a client can connect to comes from, in librdkafka's statistics (the others:
 #: ``logical``, a coordinator's handle with no address of its own, and ``internal``).
 _REAL_SOURCES = {"configured", "learned"}
+#: Seconds a client may stay unconnected while a client of the same brokers is connected, before
+#: it is taken for stuck and replaced (a client merely reconnecting takes about one).
+STUCK_AFTER = 15.0
 
 
 class ConnectionMonitor:
@@ -91,6 +94,22 @@ class ConnectionMonitor:
             self._set("up", "")
         elif self.state == "up":
             self._set("down", "no broker connection is up")
+
+    def stuck_beside(self, sibling: ConnectionMonitor, mono: float | None = None) -> str:
+        """Why this client must be replaced by a new one, if it must ("" if not). librdkafka
+        (2.16) leaves a client unable to connect in two ways measured here: it knows no broker
+        (:attr:`orphaned`), or, after the broker was frozen (SIGSTOP) for 25 s, a connection of
+        it timed out and it never connected again while the process's other clients did (the
+        servers' group consumer, its coordinator's connection; a worker's consumer, moved to
+        another partition). The second is told by ``sibling``, a client of the same brokers:
+        connected for :data:`STUCK_AFTER` seconds while this one was not."""
+        if self.orphaned:
+            return "knew no broker"
+        mono = time.monotonic() if mono is None else mono
+        if (not self.up and sibling.up
+                and min(mono - self.changed_at, mono - sibling.changed_at) >= STUCK_AFTER):
+            return f"stayed unconnected for {STUCK_AFTER:g} s while the {sibling.client} was connected"
+        return ""
 
     def _set(self, state: str, detail: str) -> None:
         if state == self.state:
@@ -219,6 +238,17 @@ def partition_count(client: Consumer | Producer | AdminClient, topic: str, timeo
 def partition_for(key: str, count: int) -> int:
     """The partition of ``dispatch`` and ``events`` that belongs to a worker id."""
     return zlib.crc32(key.encode()) % count
+
+
+def least_read(home: int, readers: Mapping[int, int], count: int) -> int:
+    """The ``dispatch`` partition for an epoch that may read any of the first ``count``:
+    ``home`` unless another partition has fewer ``readers`` (live epochs of other workers), then
+    the lowest-numbered of those with fewest. Workers sharing a partition each fetch all of its
+    messages, so this spreads them while it can."""
+    if count <= 0 or not 0 <= home < count:
+        return home
+    fewest = min(range(count), key=lambda p: (readers.get(p, 0), p))
+    return home if readers.get(home, 0) <= readers.get(fewest, 0) else fewest
 
 
 def end_offset(consumer: Consumer, topic: str, partition: int, timeout: float = 30.0) -> int:

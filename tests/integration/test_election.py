@@ -38,7 +38,7 @@ class _Unconnected(transport.ConnectionMonitor):
 @pytest.fixture
 def elector(bootstrap: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Elector]:
     """An Elector of its own group, elected; closed at the end."""
-    monkeypatch.setattr(election, "STUCK_AFTER", 1.0)
+    monkeypatch.setattr(transport, "STUCK_AFTER", 1.0)
     config = configuration.load(None, env={"YADTQ_KAFKA_BOOTSTRAP_SERVERS": bootstrap,
                                            "YADTQ_TOPIC_PREFIX": f"el{uuid.uuid4().hex[:10]}"})
     topics.ensure_topics(transport.make_admin(config), topics.topic_specs(config))

@@ -6,12 +6,14 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Callable
 
 import pytest
-from confluent_kafka import TopicPartition
+from confluent_kafka import Consumer, TopicPartition
 
 from yadtqd import config as configuration
 from yadtqd import topics, transport
+from yadtqd.inbox import Inbox
 from yadtqd.testing.broker import Broker
 
 pytestmark = pytest.mark.kafka
@@ -81,3 +83,60 @@ def test_connection_loss_and_return_are_logged(own_broker: Broker, caplog: pytes
     assert delivered == [None]
     events = [getattr(r, "event", None) for r in caplog.records]
     assert events.index("broker_connected") < events.index("broker_lost") < events.index("broker_back")
+
+
+def test_an_inbox_reads_on_with_a_new_consumer_from_where_the_old_one_stopped(bootstrap: str) -> None:
+    """Inbox.move then Inbox.replace: every message once, in order, across the change of
+    consumer, including those produced while the new one took over; the old one is closed."""
+    config = _config(bootstrap)
+    topics.ensure_topics(transport.make_admin(config), topics.topic_specs(config))
+    producer, _ = transport.make_producer(config, "test")
+    topic = config.topic("tasks")
+
+    def produce(first: int, count: int) -> None:
+        for i in range(first, first + count):
+            producer.produce(topic, f"m{i}".encode(), partition=1)
+        assert transport.flush(producer, 30) == 0
+
+    def take(inbox: Inbox, count: int) -> list[bytes]:
+        got: list[bytes] = []
+        deadline = time.monotonic() + 30
+        while len(got) < count:
+            assert time.monotonic() < deadline, f"read {got}"
+            got += [msg.value() or b"" for msg in inbox.take()]
+            time.sleep(0.05)
+        return got
+
+    produce(0, 10)
+    old, _ = transport.make_consumer(config, "test")
+    inbox = Inbox(old)
+    inbox.move({(topic, 1): 3})
+    inbox.start()
+    try:
+        assert take(inbox, 7) == [f"m{i}".encode() for i in range(3, 10)]
+        new, _ = transport.make_consumer(config, "test")
+        inbox.replace(new)
+        _until(lambda: inbox.consumer is new, "the inbox to take the new consumer")
+        produce(10, 5)
+        assert take(inbox, 5) == [f"m{i}".encode() for i in range(10, 15)]
+        assert inbox.positions == {(topic, 1): 15}
+        _until(lambda: _closed(old), "the old consumer to be closed")
+    finally:
+        inbox.stop()
+        inbox.close()
+        inbox.consumer.close()
+
+
+def _until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + 30
+    while not condition():
+        assert time.monotonic() < deadline, f"waited 30 s for {what}"
+        time.sleep(0.05)
+
+
+def _closed(consumer: Consumer) -> bool:
+    try:
+        consumer.assignment()
+    except RuntimeError:  # confluent-kafka: "Consumer closed"
+        return True
+    return False

@@ -136,3 +136,68 @@ def test_a_bye_that_does_not_ask_gets_no_answer_and_a_stale_one_that_asks_does(i
     with ingest.store.transaction():  # an epoch the server never knew: told where it said it reads
         (answer,) = ingest.apply([_bye(confirm=True, epoch="e9", dispatch_partition=5)], 12.0).answers
     assert (answer.epoch, answer.left, answer.partition) == ("e9", True, 5)
+
+
+def _hello(worker: str, epoch: str, home: int, placeable: int) -> Message:
+    return _msg("events", m.Hello(worker=worker, epoch=epoch, ts=0, host="h", pid=1, slots=2,
+                                  tasks={}, version="0", dispatch_partition=home,
+                                  placeable=placeable))
+
+
+@pytest.fixture
+def ingest3(tmp_path: Path) -> Ingest:
+    store = Store(tmp_path / "db.sqlite", create=True)
+    return Ingest(store, Scheduler(), Config(kafka={}), Evidence("n", 5.0, 0.0), dispatch_partitions=3)
+
+
+def test_a_placeable_epoch_on_a_partition_another_worker_reads_is_placed_on_a_free_one(
+        ingest3: Ingest) -> None:
+    with ingest3.store.transaction():
+        first = ingest3.apply([_hello("a", "ea", 1, placeable=3)], 10.0)
+        second = ingest3.apply([_hello("b", "eb", 1, placeable=3)], 10.0)
+        third = ingest3.apply([_hello("c", "ec", 1, placeable=3)], 10.0)
+        fourth = ingest3.apply([_hello("d", "ed", 2, placeable=3)], 10.0)
+    assert first.answers == []  # alone on its own partition: it stays
+    (placed,) = second.answers
+    assert (placed.worker, placed.epoch, placed.partition, placed.placed) == ("b", "eb", 1, 0)
+    assert third.answers[0].placed == 2  # 0 and 1 are read: the one left
+    assert fourth.answers == []  # every partition read once: its own is as good as any
+    members = ingest3.scheduler.members
+    assert [members[e].dispatch for e in ("ea", "eb", "ec", "ed")] == [1, 0, 2, 2]
+    dispatch = {r["epoch"]: r["dispatch_partition"] for r in ingest3.store.db.execute(
+        "SELECT epoch, dispatch_partition FROM workers")}
+    assert dispatch == {"ea": 1, "eb": 0, "ec": 2, "ed": 2}  # replicated with the row
+
+
+def test_an_epoch_is_placed_only_when_placeable_and_within_the_partitions_it_can_read(
+        ingest3: Ingest) -> None:
+    with ingest3.store.transaction():
+        ingest3.apply([_hello("a", "ea", 0, placeable=3)], 10.0)
+        stays = ingest3.apply([_hello("b", "eb", 0, placeable=0)], 10.0)  # an older worker
+        ingest3.apply([_hello("c", "ec", 2, placeable=3)], 10.0)
+        narrow = ingest3.apply([_hello("d", "ed", 0, placeable=1)], 10.0)  # knew one partition
+    assert stays.answers == [] and narrow.answers == []
+    assert ingest3.scheduler.members["eb"].dispatch == 0
+    assert ingest3.scheduler.members["ed"].dispatch == 0
+
+
+def test_a_workers_older_epoch_and_leaving_epochs_do_not_count_as_readers(ingest3: Ingest) -> None:
+    with ingest3.store.transaction():
+        ingest3.apply([_hello("a", "ea", 0, placeable=3)], 10.0)
+        again = ingest3.apply([_hello("a", "ea2", 0, placeable=3)], 10.0)  # a's next life
+        ingest3.apply([_hello("b", "eb", 1, placeable=3)], 10.0)
+        ingest3.apply([_msg("events", m.Bye(worker="b", epoch="eb", ts=0, handed_back=[]))], 10.0)
+        after_bye = ingest3.apply([_hello("c", "ec", 1, placeable=3)], 10.0)
+    assert again.answers == []  # ea, about to be fenced, is not another reader of 0
+    assert ingest3.scheduler.members["ea2"].dispatch == 0
+    assert after_bye.answers == []  # eb said bye: 1 is c's, as its hash says
+
+
+def test_least_read_keeps_home_on_a_tie_and_picks_the_lowest_of_the_fewest() -> None:
+    from yadtqd.transport import least_read
+    assert least_read(2, {}, 3) == 2
+    assert least_read(2, {2: 1}, 3) == 0
+    assert least_read(2, {0: 1, 2: 1}, 3) == 1
+    assert least_read(2, {0: 1, 1: 1, 2: 1}, 3) == 2
+    assert least_read(0, {0: 2, 1: 1, 2: 1}, 3) == 1
+    assert least_read(5, {5: 3}, 3) == 5  # outside what the epoch can read: where it is

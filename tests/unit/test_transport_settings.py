@@ -85,3 +85,24 @@ def test_a_moment_without_a_broker_is_not_orphaned() -> None:
     monitor.on_stats(stuck)
     monitor.on_stats(stuck)
     assert not monitor.orphaned
+
+
+def test_a_client_unconnected_while_its_sibling_is_connected_is_stuck() -> None:
+    """ConnectionMonitor.stuck_beside: unconnected for STUCK_AFTER while a client of the same
+    brokers was connected as long is stuck; either for less, or both unconnected (the broker is
+    away), is not; orphaned is stuck whatever the sibling says."""
+    now = 1000.0
+    consumer, producer = transport.ConnectionMonitor("c"), transport.ConnectionMonitor("p")
+    consumer.state, consumer.changed_at = "down", now - transport.STUCK_AFTER
+    producer.state, producer.changed_at = "up", now - transport.STUCK_AFTER
+    assert consumer.stuck_beside(producer, now) == (
+        f"stayed unconnected for {transport.STUCK_AFTER:g} s while the p was connected")
+    assert consumer.stuck_beside(producer, now - 1) == ""  # not yet that long
+    producer.changed_at = now - 1
+    assert consumer.stuck_beside(producer, now) == ""  # the sibling only just came back
+    producer.state = "down"
+    assert consumer.stuck_beside(producer, now + 60) == ""  # both away: the broker is
+    consumer.state = "up"
+    assert consumer.stuck_beside(producer, now + 60) == ""
+    consumer.orphaned = True
+    assert consumer.stuck_beside(producer, now) == "knew no broker"

@@ -9,7 +9,7 @@ Topics and their messages:
 
 - ``tasks``: :class:`Submission` (the seed's ``{"task-id": ..., "task": ..., "args": [...]}``).
 - ``dispatch``: :class:`Run`, :class:`Cancel`, :class:`Fenced`, :class:`Alive`, :class:`Left`,
-  :class:`Refused` and the server's :class:`Prime`, tagged by ``"type"``.
+  :class:`Refused`, :class:`Placed` and the server's :class:`Prime`, tagged by ``"type"``.
 - ``events``: :class:`Hello`, :class:`Heartbeat`, :class:`Started`, :class:`Finished` and
   :class:`Bye` from workers, and the server's own :class:`Mark`, tagged by ``"type"``.
 - ``changelog``: the store's row changes, in their own codec, :mod:`yadtqd.changelog`.
@@ -23,8 +23,8 @@ from __future__ import annotations
 from yadtqd.messages.common import (ENVELOPE_BYTES, ERROR_TEXT_LIMIT, MAX_DELAY, MOST_PRIORITY,
                                     PRODUCER_DEFAULT_MAX, TASK_ID_PATTERN, Attempt, Count,
                                     Priority, TaskId, TaskName, encode)
-from yadtqd.messages.dispatch import (NEWER_EPOCH, Alive, Cancel, Dispatch, Fenced, Left, Prime,
-                                      Refused, Run, parse_dispatch)
+from yadtqd.messages.dispatch import (NEWER_EPOCH, Alive, Cancel, Dispatch, Fenced, Left, Placed,
+                                      Prime, Refused, Run, parse_dispatch)
 from yadtqd.messages.events import (Bye, ErrorInfo, Event, Finished, Hello, Heartbeat, Mark, Started,
                                     TaskInfo, TaskRef, WorkerEvent, cap, parse_event)
 from yadtqd.messages.leader import StandbyReport, parse_report
@@ -34,7 +34,7 @@ from yadtqd.messages.tasks import (ORDERS, Control, Ended, FollowUp, Options, Su
 __all__ = [
     "ENVELOPE_BYTES", "ERROR_TEXT_LIMIT", "MAX_DELAY", "MOST_PRIORITY", "PRODUCER_DEFAULT_MAX",
     "TASK_ID_PATTERN", "Attempt", "Count", "Priority", "TaskId", "TaskName", "encode",
-    "NEWER_EPOCH", "Alive", "Cancel", "Dispatch", "Fenced", "Left", "Prime", "Refused", "Run",
+    "NEWER_EPOCH", "Alive", "Cancel", "Dispatch", "Fenced", "Left", "Placed", "Prime", "Refused", "Run",
     "parse_dispatch",
     "Bye", "ErrorInfo", "Event", "Finished", "Hello", "Heartbeat", "Mark", "Started", "TaskInfo",
     "TaskRef", "WorkerEvent", "cap", "parse_event",

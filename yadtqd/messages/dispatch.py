@@ -77,6 +77,17 @@ class Refused(Struct, kw_only=True, tag_field="type", tag="refused"):
     v: int = 1
 
 
+class Placed(Struct, kw_only=True, tag_field="type", tag="placed"):
+    """The answer to a ``hello`` that was ``placeable``, sent on the partition the ``hello``
+    named: read ``partition`` instead, from the offset it had before the ``hello``. Everything
+    else for the epoch goes there (workers sharing a partition each fetch all of its messages)."""
+
+    worker: str
+    epoch: str
+    partition: Annotated[int, Meta(ge=0)]
+    v: int = 1
+
+
 class Cancel(Struct, kw_only=True, tag_field="type", tag="cancel"):
     """An operator cancelled a task this epoch holds: drop it if not started, else stop its
     execution process (SIGTERM, SIGKILL after ``[worker] cancel_grace``); either way answer
@@ -102,7 +113,7 @@ class Prime(Struct, kw_only=True, tag_field="type", tag="prime"):
     v: int = 1
 
 
-Dispatch = Run | Fenced | Alive | Left | Refused | Cancel | Prime
+Dispatch = Run | Fenced | Alive | Left | Refused | Placed | Cancel | Prime
 _dispatch: msgspec.json.Decoder[Dispatch] = msgspec.json.Decoder(Dispatch)
 
 

@@ -68,6 +68,11 @@ class Hello(Struct, kw_only=True, tag_field="type", tag="hello"):
     boot: str = ""
     #: The ``dispatch`` partition this epoch reads (-1 from older workers: the server hashes).
     dispatch_partition: Annotated[int, Meta(ge=-1)] = -1
+    #: How many ``dispatch`` partitions the server may move this epoch to (their end offsets were
+    #: taken before this ``hello``, so it misses nothing on any of them): the server answers
+    #: ``placed`` when another live worker reads ``dispatch_partition`` and a partition below
+    #: this number has fewer. 0 (older workers, and a worker's later epochs): it stays.
+    placeable: Annotated[int, Meta(ge=0)] = 0
     v: int = 1
 
 

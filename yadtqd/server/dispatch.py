@@ -1,5 +1,5 @@
 """The server's side of ``dispatch`` (``run``, ``cancel``, ``fenced``, ``alive``, ``left``,
-``refused`` to worker epochs), and its markers on ``events`` (:mod:`yadtqd.server.evidence`).
+``placed``, ``refused`` to worker epochs), and its markers on ``events`` (:mod:`yadtqd.server.evidence`).
 
 Dispatch messages go into the turn's Kafka transaction (:mod:`yadtqd.server.replication`), with
 the changelog records of the grants and deaths they announce: a worker, reading ``dispatch``
@@ -88,20 +88,11 @@ class Dispatcher:
                    m.encode(m.Cancel(worker=worker, epoch=epoch, task_id=task_id, attempt=attempt,
                                      grant=grant)))
 
-    def alive(self, worker: str, epoch: str, partition: int, probe: int) -> None:
-        """Answer a heartbeat that asked whether its epoch is live: it is."""
-        self._send(worker, self.route(worker, partition),
-                   m.encode(m.Alive(worker=worker, epoch=epoch, probe=probe)))
-
-    def left(self, worker: str, epoch: str, partition: int) -> None:
-        """Confirm a ``bye``: the epoch is granted nothing more."""
-        self._send(worker, self.route(worker, partition),
-                   m.encode(m.Left(worker=worker, epoch=epoch)))
-
-    def refuse(self, worker: str, epoch: str, partition: int, reason: str) -> None:
-        """Tell a new epoch that its ``hello`` was refused."""
-        self._send(worker, self.route(worker, partition),
-                   m.encode(m.Refused(worker=worker, epoch=epoch, reason=reason)))
+    def answer(self, worker: str, partition: int,
+               message: m.Alive | m.Left | m.Placed | m.Refused) -> None:
+        """Answer an event of an epoch (see :class:`yadtqd.server.ingest.Answer`), on the
+        ``dispatch`` partition it reads (``partition`` if the server knows no other)."""
+        self._send(worker, self.route(worker, partition), m.encode(message))
 
     def mark(self, partition: int, nonce: str, mono: float) -> None:
         """Write a marker to one ``events`` partition (see :mod:`yadtqd.server.evidence`)."""

@@ -35,9 +35,6 @@ log = logging.getLogger("yadtqd.server")
 
 #: Seconds a standby's report counts: one not renewed for that long is no longer shown.
 REPORT_AGE = 5.0
-#: Seconds the group consumer may stay unconnected while the reports producer is connected,
-#: before it is taken for stuck and replaced (a consumer merely reconnecting takes about one).
-STUCK_AFTER = 15.0
 
 
 class Elector:
@@ -90,12 +87,12 @@ class Elector:
                                 on_lost=self._lost)
 
     def _replace_stuck(self) -> None:
-        """Replace a client that will not connect again (:meth:`_stuck`): a new group consumer
+        """Replace a client that will not connect again (:meth:`~yadtqd.transport.ConnectionMonitor.stuck_beside`): a new group consumer
         joins the group, and this server is not the active until it is assigned the partition
         again. The old clients are closed in a thread of their own: a consumer's close may wait
         for a coordinator it can no longer reach."""
         old: list[Consumer | Producer] = []
-        why = self._stuck()
+        why = self.monitor.stuck_beside(self.reporter_monitor)
         if why:
             log.error("the consumer of group %s %s: a new one joins", self.group, why,
                       extra={"event": "election_consumer_replaced"})
@@ -108,22 +105,6 @@ class Elector:
             self.reporter, self.reporter_monitor = self._report_producer()
         if old:
             threading.Thread(target=_close, args=(old,), name="yadtq-election-close", daemon=True).start()
-
-    def _stuck(self) -> str:
-        """Why the group consumer must be replaced, if it must. librdkafka (2.16) leaves it
-        unable to connect in two ways measured here: it knows no broker (a lone broker's
-        metadata at its stop listed none: :attr:`~yadtqd.transport.ConnectionMonitor.orphaned`),
-        or, after the broker was frozen (SIGSTOP) long enough for the group's session to end,
-        its coordinator's connection timed out and it never connected again while every other
-        client of the server did. The second is told by the reports producer, which talks to the
-        same brokers: connected for :data:`STUCK_AFTER` seconds while the consumer was not."""
-        if self.monitor.orphaned:
-            return "knew no broker"
-        mono = time.monotonic()
-        if (not self.monitor.up and self.reporter_monitor.up
-                and min(mono - self.monitor.changed_at, mono - self.reporter_monitor.changed_at) >= STUCK_AFTER):
-            return f"stayed unconnected for {STUCK_AFTER:g} s while the reports producer was connected"
-        return ""
 
     def report(self, report: m.StandbyReport) -> None:
         """Tell the active how far this standby is behind (once a second)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 from confluent_kafka import Message
@@ -19,7 +20,7 @@ from yadtqd.errors import BadMessage
 from yadtqd.server.evidence import Evidence
 from yadtqd.server.scheduler import Member, Scheduler
 from yadtqd.store import Store, runs_counted
-from yadtqd.transport import partition_for
+from yadtqd.transport import least_read, partition_for
 
 #: Seconds between two ``fenced`` answers to the heartbeats of one epoch that is not live.
 REFENCE_EVERY = 2.0
@@ -41,7 +42,7 @@ class Fence:
 @dataclass(frozen=True)
 class Answer:
     """A dispatch message answering an event: ``alive`` (``probe`` set), ``left`` (``left``
-    set) or ``refused``."""
+    set), ``placed`` (``placed`` set) or ``refused``."""
 
     worker: str
     epoch: str
@@ -49,6 +50,21 @@ class Answer:
     probe: int = 0
     left: bool = False
     reason: str = ""
+    #: The partition a new epoch is to read instead of ``partition`` (-1: none).
+    placed: int = -1
+
+    def message(self) -> m.Alive | m.Left | m.Placed | m.Refused:
+        """The answer as sent: ``alive`` to a heartbeat that asked whether its epoch is live
+        (it is); ``left`` to confirm a ``bye`` (the epoch is granted nothing more); ``placed``
+        to tell a new epoch, on the partition its ``hello`` named, to read another instead;
+        ``refused`` to tell it its ``hello`` was refused."""
+        if self.probe:
+            return m.Alive(worker=self.worker, epoch=self.epoch, probe=self.probe)
+        if self.left:
+            return m.Left(worker=self.worker, epoch=self.epoch)
+        if self.placed >= 0:
+            return m.Placed(worker=self.worker, epoch=self.epoch, partition=self.placed)
+        return m.Refused(worker=self.worker, epoch=self.epoch, reason=self.reason)
 
 
 @dataclass(frozen=True)
@@ -231,23 +247,38 @@ class Ingest:
                       extra={"worker_id": ev.worker, "event": "worker_refused"})
             effects.answers.append(Answer(ev.worker, ev.epoch, ev.dispatch_partition, reason=reason))
             return
-        dispatch = (ev.dispatch_partition if ev.dispatch_partition >= 0
-                    else partition_for(ev.worker, self.dispatch_partitions))
+        home = (ev.dispatch_partition if ev.dispatch_partition >= 0
+                else partition_for(ev.worker, self.dispatch_partitions))
+        dispatch = self._place(ev, home)
         older = self.store.hello(ev, now, dispatch, partition)
         if older is None:
             self._stale(ev, "hello from a known epoch")
             return
+        if dispatch != home:
+            effects.answers.append(Answer(ev.worker, ev.epoch, home, placed=dispatch))
         self.scheduler.join(Member(
             epoch=ev.epoch, worker=ev.worker, slots=ev.slots, prefetch=ev.prefetch,
             tasks=frozenset(ev.tasks), partition=partition, dispatch=dispatch))
-        log.info("worker %s joined: epoch %s on %s pid %d, %d slots, tasks %s", ev.worker,
-                 ev.epoch, ev.host, ev.pid, ev.slots, ", ".join(sorted(ev.tasks)) or "none",
+        log.info("worker %s joined: epoch %s on %s pid %d, %d slots, dispatch partition %d%s,"
+                 " tasks %s", ev.worker, ev.epoch, ev.host, ev.pid, ev.slots, dispatch,
+                 f" (placed there from {home})" if dispatch != home else "",
+                 ", ".join(sorted(ev.tasks)) or "none",
                  extra={"worker_id": ev.worker, "event": "worker_joined"})
         for epoch in older:
             reason = m.NEWER_EPOCH
             gone = self.scheduler.members.get(epoch)
             self.declare_dead(epoch, reason, now)
             effects.fences.append(Fence(ev.worker, epoch, reason, gone.dispatch if gone else -1))
+
+    def _place(self, ev: m.Hello, home: int) -> int:
+        """The ``dispatch`` partition a new epoch reads: its own, unless it is ``placeable`` and
+        another has fewer live epochs of other workers reading it (a leaving epoch reads for a
+        moment only; an older epoch of the same worker is about to be fenced)."""
+        if not ev.placeable:
+            return home
+        readers = Counter(member.dispatch for member in self.scheduler.members.values()
+                          if member.worker != ev.worker and member.accepting)
+        return least_read(home, readers, min(ev.placeable, self.dispatch_partitions))
 
     def _other_holder(self, ev: m.Hello) -> dict[str, object] | None:
         """A live epoch of the same worker id in *another* process that is still heartbeating

@@ -364,12 +364,7 @@ class Server:
             dispatcher.cancel(cancel.worker, cancel.epoch, cancel.partition, cancel.task_id,
                               cancel.attempt, cancel.grant)
         for answer in effects.answers:
-            if answer.probe:
-                dispatcher.alive(answer.worker, answer.epoch, answer.partition, answer.probe)
-            elif answer.left:
-                dispatcher.left(answer.worker, answer.epoch, answer.partition)
-            else:
-                dispatcher.refuse(answer.worker, answer.epoch, answer.partition, answer.reason)
+            dispatcher.answer(answer.worker, answer.partition, answer.message())
         # The turn's changes and messages, one Kafka transaction, committed while the next
         # turns go on (their work waits for the transaction after it).
         if out.commit(store, timeout=0.0):

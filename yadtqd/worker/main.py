@@ -21,16 +21,13 @@ inbox and signals), so its heartbeat proves that the loop turns. Rules from DESI
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
-import selectors
 import signal
 import socket
 import time
 import uuid
 from collections import deque
-from collections.abc import Sequence
 
 import msgspec
 from confluent_kafka import Consumer, Message
@@ -43,11 +40,13 @@ from yadtqd.errors import BadMessage, ConfigError, UnreachableError
 from yadtqd.inbox import Inbox
 from yadtqd.systemd import Notifier
 from yadtqd.worker.child import Job, Outcome
+from yadtqd.worker.host import boot_id, scrub_environment
 from yadtqd.worker.lease import Lease
 from yadtqd.worker.outbox import Outbox
 from yadtqd.worker import pool
 from yadtqd.worker.pool import Pool
 from yadtqd.worker.seen import Seen
+from yadtqd.worker.waiter import Waiter
 
 log = logging.getLogger("yadtqd.worker")
 #: Seconds a task runs before its ``started`` is sent: a task that ends sooner says both in its
@@ -58,30 +57,6 @@ ANNOUNCE_AFTER = 0.02
 #: Test-only fault switch: when set to a task name, a ``run`` of that task wedges the main loop
 #: for good, so tests can watch the heartbeat and the watchdog stop. Never set it in production.
 WEDGE_ENV = "YADTQ_TEST_WEDGE_ON_TASK"
-
-
-class Waiter:
-    """Waits on the pool's pipes and the inbox with one epoll selector, built anew only when
-    that set changes (a slot was replaced); ``multiprocessing.connection.wait`` would build
-    and fill a selector at every turn of the loop."""
-
-    def __init__(self) -> None:
-        self._selector = selectors.DefaultSelector()
-        self._watched: list[object] = []
-
-    def wait(self, objects: Sequence[object], timeout: float) -> list[object]:
-        """The objects ready to read, after at most ``timeout`` seconds."""
-        if len(objects) != len(self._watched) or any(a is not b for a, b in zip(objects, self._watched)):
-            self._selector.close()
-            self._selector = selectors.DefaultSelector()
-            for obj in objects:
-                self._selector.register(obj, selectors.EVENT_READ)  # type: ignore[arg-type]
-            self._watched = list(objects)
-        return [key.fileobj for key, _ in self._selector.select(timeout)]
-
-    def close(self) -> None:
-        """Release the selector."""
-        self._selector.close()
 
 
 class Worker:
@@ -120,19 +95,23 @@ class Worker:
         self.consumer_monitor = transport.ConnectionMonitor("worker consumer")
         self.events_partition = 0
         self.dispatch_partition = 0
+        #: The end of each ``dispatch`` partition before the first ``hello`` (empty after it:
+        #: a later epoch is not placed).
+        self.dispatch_ends: dict[int, int] = {}
+        self.inbox: Inbox | None = None
         self.wedge_on = os.environ.get(WEDGE_ENV, "")
 
     # ------------------------------------------------------------ life cycle
 
     def run(self) -> int:
         """Run until SIGTERM and the drain that follows; returns the exit status."""
-        _scrub_environment()
+        scrub_environment()
         self.pool.start()
         self.pool.wait_ready()
         consumer, self.consumer_monitor = transport.make_consumer(self.config, "worker")
-        inbox = Inbox(consumer)
+        inbox = self.inbox = Inbox(consumer)
         self._install_signals(inbox)
-        self._assign_dispatch(consumer)
+        self._assign_dispatch(consumer, inbox)
         self.outbox = outbox = Outbox(self.config, self.worker_id, self.events_partition, self.lease,
                                       current_epoch=lambda: self.epoch,
                                       on_hello_delivered=self._on_hello_delivered)
@@ -145,7 +124,7 @@ class Worker:
             inbox.stop()
             self.pool.close()
             outbox.flush(10)
-            consumer.close()
+            inbox.consumer.close()
         return 0
 
     def _install_signals(self, inbox: Inbox) -> None:
@@ -163,7 +142,7 @@ class Worker:
     def _on_sighup(self, signum: int, frame: object) -> None:
         self.reload_requested = True  # the main loop acts on it
 
-    def _assign_dispatch(self, consumer: Consumer) -> None:
+    def _assign_dispatch(self, consumer: Consumer, inbox: Inbox) -> None:
         events = self.config.topic("events")
         count = transport.partition_count(consumer, events)
         self.events_partition = transport.partition_for(self.worker_id, count)
@@ -171,10 +150,21 @@ class Worker:
         count = transport.partition_count(consumer, topic)
         partition = self.dispatch_partition = transport.partition_for(self.worker_id, count)
         start = transport.end_offset(consumer, topic, partition)
-        transport.assign(consumer, {(topic, partition): start})
+        inbox.move({(topic, partition): start})
         log.info("reading %s[%d] from offset %d", topic, partition, start)
+        # every other partition's end too, before the first hello: the server may place the
+        # epoch on any (``placed``), and reading it from there misses nothing sent to the epoch
+        try:
+            self.dispatch_ends = {p: start if p == partition else
+                                  transport.end_offset(consumer, topic, p, timeout=5.0)
+                                  for p in range(count)}
+        except UnreachableError as exc:  # a partition without a leader, say: stay on this one
+            log.warning("this worker stays on %s[%d], which others may read too: %s", topic,
+                        partition, exc, extra={"worker_id": self.worker_id, "event": "not_placeable"})
 
     def _register(self, why: str) -> None:
+        if self.epoch:  # a later epoch stays where the worker reads now: those ends are old
+            self.dispatch_ends = {}
         self.epoch = uuid.uuid4().hex
         self.seen = Seen()  # runs of an older epoch are ignored anyway
         self.lease.restart(time.monotonic())
@@ -194,8 +184,9 @@ class Worker:
         self._send(m.Hello(worker=self.worker_id, epoch=self.epoch, ts=time.time(),
                            host=socket.gethostname(), pid=os.getpid(),
                            slots=self.pool.size, prefetch=self.config.worker.prefetch,
-                           tasks=tasks, version=yadtqd.__version__, boot=_boot_id(),
-                           dispatch_partition=self.dispatch_partition), urgent=True)
+                           tasks=tasks, version=yadtqd.__version__, boot=boot_id(),
+                           dispatch_partition=self.dispatch_partition,
+                           placeable=len(self.dispatch_ends)), urgent=True)
         log.info("epoch %s (%s) advertises %d tasks: %s", self.epoch, why, len(tasks),
                  ", ".join(sorted(tasks)) or "none",
                  extra={"worker_id": self.worker_id, "event": "worker_registered"})
@@ -230,8 +221,7 @@ class Worker:
             self.last_progress = time.time()
             if not inbox.alive:
                 raise UnreachableError("the thread reading Kafka died (see the log above); stopping")
-            if self.consumer_monitor.orphaned:  # it would never connect again: systemd restarts us
-                raise UnreachableError("the Kafka consumer knows no broker any more; stopping")
+            self._replace_stuck(inbox)
             if self.stopping and not stop_announced:
                 stop_announced = True
                 self._begin_stop()
@@ -282,10 +272,42 @@ class Worker:
                      extra={"worker_id": self.worker_id, "event": "worker_leave_confirmed"})
         elif isinstance(order, m.Refused):
             raise ConfigError(f"the server refused worker {self.worker_id!r}: {order.reason}")
+        elif isinstance(order, m.Placed):
+            self._on_placed(order)
         elif isinstance(order, m.Cancel):
             self._on_cancel(order)
         else:
             self._on_run(order)
+
+    def _on_placed(self, placed: m.Placed) -> None:
+        """The server placed this (first) epoch on another ``dispatch`` partition, where fewer
+        workers read: read that one from its end before the ``hello``."""
+        start = self.dispatch_ends.get(placed.partition)
+        if start is None or placed.partition == self.dispatch_partition:
+            return  # not one it took the end of (the server is told how many), or there already
+        assert self.inbox is not None
+        topic = self.config.topic("dispatch")
+        # with a new consumer: one re-assigned from the partition it read never connected again
+        # after a frozen broker in 1 run of 5 under load, and twice in CI (the process's other
+        # clients did); no consumer made for the partition it reads has been seen to
+        consumer, self.consumer_monitor = transport.make_consumer(self.config, "worker")
+        self.inbox.move({(topic, placed.partition): start}, consumer)
+        log.info("reading %s[%d] from offset %d instead of [%d]: the server placed epoch %s there",
+                 topic, placed.partition, start, self.dispatch_partition, self.epoch,
+                 extra={"worker_id": self.worker_id, "event": "worker_placed"})
+        self.dispatch_partition = placed.partition
+
+    def _replace_stuck(self, inbox: Inbox) -> None:
+        """Read on with a new consumer when this one will not connect again (see
+        :meth:`~yadtqd.transport.ConnectionMonitor.stuck_beside`; the outbox's producer talks
+        to the same brokers), from where it stopped: the tasks running go on."""
+        assert self.outbox is not None
+        why = self.consumer_monitor.stuck_beside(self.outbox.monitor)
+        if why:
+            log.error("the Kafka consumer %s: a new one reads on from where it stopped", why,
+                      extra={"worker_id": self.worker_id, "event": "consumer_replaced"})
+            consumer, self.consumer_monitor = transport.make_consumer(self.config, "worker")
+            inbox.replace(consumer)
 
     def _on_run(self, run: m.Run) -> None:
         if not self.seen.take(run.grant, run.task_id, run.attempt):
@@ -474,27 +496,3 @@ def hold_in_order(pending: deque[m.Run], run: m.Run) -> None:
         if held.priority < run.priority:
             pending.insert(index, run)
             return
-
-
-def _scrub_environment() -> None:
-    """Drop the daemon's own settings (``YADTQ_*``, Kafka credentials among them) from the
-    environment, once loaded: execution processes started afterwards inherit none of them, not
-    even in ``/proc/self/environ``. The worker's own ``/proc/<pid>/environ`` still holds its
-    start-up environment, so the worker makes itself not dumpable (``PR_SET_DUMPABLE`` 0): its
-    ``/proc`` files then belong to root, and task code running as the same user cannot read
-    them (nor attach a debugger to the worker)."""
-    for name in [n for n in os.environ if n.startswith("YADTQ_")]:
-        del os.environ[name]
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(4, 0)  # PR_SET_DUMPABLE
-    except (OSError, AttributeError):
-        pass  # not Linux
-
-
-def _boot_id() -> str:
-    """This machine's boot id (with the host name, it tells a restart from a second process)."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
