@@ -114,17 +114,27 @@ class Inbox:
     def replace(self, consumer: Consumer) -> None:
         """Read on with ``consumer`` from the :attr:`positions` the old one reached (it is
         closed in a thread of its own: a stuck client's close may wait long). Nothing read is
-        read twice, nothing is skipped."""
+        read twice, nothing is skipped. Only for an inbox whose every partition was assigned
+        through :meth:`move` (the worker's): the others' are not in :attr:`positions`."""
         with self._room:
             self._moves.append((None, consumer))
             self._room.notify()
 
-    def stop(self) -> None:
-        """Stop reading and wait for the thread."""
+    def stop(self) -> bool:
+        """Stop reading and wait for the thread (5 s at most); True if it ended, and then the
+        owner may close :attr:`consumer` (a consumer handed to :meth:`move` or :meth:`replace`
+        and not taken up yet is closed here)."""
         self._stop.set()
         with self._room:
             self._room.notify()
         self._thread.join(5)
+        if self._thread.is_alive():
+            return False
+        for _, consumer in self._moves:
+            if consumer is not None:
+                consumer.close()
+        self._moves = []
+        return True
 
     def close(self) -> None:
         """Close the wake-up socket (after :meth:`stop`, once no signal is sent to it)."""
@@ -176,6 +186,11 @@ class Inbox:
 
     def _make(self, positions: dict[tuple[str, int], int] | None, consumer: Consumer | None) -> None:
         """One change of :meth:`move` or :meth:`replace`, in the thread."""
+        if positions is None and not self.positions:  # nothing known to read on from
+            log.error("a new consumer was not taken: no partition was assigned through the inbox")
+            if consumer is not None:
+                consumer.close()
+            return
         if consumer is not None:
             old, self.consumer = self.consumer, consumer
             threading.Thread(target=old.close, name="yadtq-inbox-close", daemon=True).start()

@@ -87,7 +87,8 @@ def test_connection_loss_and_return_are_logged(own_broker: Broker, caplog: pytes
 
 def test_an_inbox_reads_on_with_a_new_consumer_from_where_the_old_one_stopped(bootstrap: str) -> None:
     """Inbox.move then Inbox.replace: every message once, in order, across the change of
-    consumer, including those produced while the new one took over; the old one is closed."""
+    consumer: those produced just before it (read by the old one or the new), and those
+    produced once the new one reads; the old one is closed."""
     config = _config(bootstrap)
     topics.ensure_topics(transport.make_admin(config), topics.topic_specs(config))
     producer, _ = transport.make_producer(config, "test")
@@ -115,11 +116,12 @@ def test_an_inbox_reads_on_with_a_new_consumer_from_where_the_old_one_stopped(bo
     try:
         assert take(inbox, 7) == [f"m{i}".encode() for i in range(3, 10)]
         new, _ = transport.make_consumer(config, "test")
+        produce(10, 5)
         inbox.replace(new)
         _until(lambda: inbox.consumer is new, "the inbox to take the new consumer")
-        produce(10, 5)
-        assert take(inbox, 5) == [f"m{i}".encode() for i in range(10, 15)]
-        assert inbox.positions == {(topic, 1): 15}
+        produce(15, 5)
+        assert take(inbox, 10) == [f"m{i}".encode() for i in range(10, 20)]
+        assert inbox.positions == {(topic, 1): 20}
         _until(lambda: _closed(old), "the old consumer to be closed")
     finally:
         inbox.stop()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import deque
 
 from yadtqd import messages as m
-from yadtqd.worker.main import hold_in_order
+from yadtqd.worker.pending import hold_in_order
 
 
 def _run(task_id: str, priority: int = 0) -> m.Run:

@@ -297,3 +297,17 @@ def test_a_queue_mixing_names_at_random_is_shared_by_name_when_the_horizon_binds
         sleeps = Counter(g.worker for g in grants if kinds[int(g.task_id[1:])] == "sleep")
         assert max(sleeps.values()) - min(sleeps.values()) <= 1, (seed, sleeps)
         assert max(adds.values()) - min(adds.values()) <= 6, (seed, adds)
+
+
+def test_a_fixed_prefetch_does_not_send_a_task_behind_a_long_one(tmp_path: Path) -> None:
+    """By name alone, the next ``add`` would go to x, which holds no ``add`` but a task of 10 s,
+    rather than to y, whose pipeline is one short ``add``: work past the horizon comes first."""
+    store = _store(tmp_path, ["add"])
+    sched = Scheduler()
+    for epoch in ("x", "y"):
+        sched.join(Member(epoch=epoch, worker=epoch, slots=1, prefetch=2,
+                          tasks=frozenset({"add", "long"}), partition=0))
+    sched.members["x"].hold("running-long", "long", 10.0)
+    sched.members["y"].hold("running-add", "add", 0.0001)
+    (grant,) = sched.plan(store, 100.0)
+    assert grant.worker == "y"

@@ -198,15 +198,18 @@ class Member:
         return name
 
 
-def _rank(mb: Member, name: str) -> tuple[int, int, float, int]:
+def _rank(mb: Member, name: str) -> tuple[int, bool, int, float, int]:
     """An epoch's place in the order of choice for a task of ``name``, lowest first: the most
-    free slots, then the fewest grants of that name held, then the least expected work held,
-    then granted least recently. The name comes before the work: in a queue mixing names at
-    random, work alone sends a run of tiny tasks to one epoch and a run of long ones to the
-    others, and the epochs then reach the horizon at different times, the last one open taking
-    the tiny tasks meanwhile (three epochs, 300 tasks, one plan: 30 to 64 ``add`` each; by name,
-    40 to 50)."""
-    return (-mb.free, mb.names.get(name, 0), mb.work, mb.last_granted)
+    free slots, then one holding no more work than the horizon, then the fewest grants of that
+    name held, then the least expected work held, then granted least recently. The name comes
+    before the work: in a queue mixing names at random, work alone sends a run of tiny tasks to
+    one epoch and a run of long ones to the others, and the epochs then reach the horizon at
+    different times, the last one open taking the tiny tasks meanwhile (three epochs, 300 tasks,
+    one plan: 30 to 64 ``add`` each; by name, 40 to 50). But not before work past the horizon,
+    which only a fixed prefetch can hold: a task must not wait behind a long one there while
+    another epoch's pipeline is short."""
+    return (-mb.free, mb.work > PREFETCH_HORIZON * mb.slots, mb.names.get(name, 0), mb.work,
+            mb.last_granted)
 
 
 def _floors(mb: Member, mono: float) -> bool:
@@ -225,7 +228,7 @@ class Chooser:
 
     def __init__(self, takers: list[Member]) -> None:
         self.takers = takers
-        self.heaps: dict[str, list[tuple[tuple[int, int, float, int], int, Member]]] = {}
+        self.heaps: dict[str, list[tuple[tuple[int, bool, int, float, int], int, Member]]] = {}
 
     def pick(self, name: str) -> Member | None:
         """The epoch the next task of ``name`` goes to, if any may take it."""

@@ -43,6 +43,7 @@ from yadtqd.worker.child import Job, Outcome
 from yadtqd.worker.host import boot_id, scrub_environment
 from yadtqd.worker.lease import Lease
 from yadtqd.worker.outbox import Outbox
+from yadtqd.worker.pending import hold_in_order
 from yadtqd.worker import pool
 from yadtqd.worker.pool import Pool
 from yadtqd.worker.seen import Seen
@@ -121,10 +122,11 @@ class Worker:
         try:
             self._loop(inbox)
         finally:
-            inbox.stop()
+            ended = inbox.stop()
             self.pool.close()
             outbox.flush(10)
-            inbox.consumer.close()
+            if ended:  # else the thread may still be using it
+                inbox.consumer.close()
         return 0
 
     def _install_signals(self, inbox: Inbox) -> None:
@@ -283,13 +285,17 @@ class Worker:
         """The server placed this (first) epoch on another ``dispatch`` partition, where fewer
         workers read: read that one from its end before the ``hello``."""
         start = self.dispatch_ends.get(placed.partition)
-        if start is None or placed.partition == self.dispatch_partition:
-            return  # not one it took the end of (the server is told how many), or there already
-        assert self.inbox is not None
         topic = self.config.topic("dispatch")
-        # with a new consumer: one re-assigned from the partition it read never connected again
-        # after a frozen broker in 1 run of 5 under load, and twice in CI (the process's other
-        # clients did); no consumer made for the partition it reads has been seen to
+        if placed.partition == self.dispatch_partition:
+            return
+        if start is None:  # not one it took the end of: what is sent there for it may be missed
+            log.error("the server placed epoch %s on %s[%d], whose end this worker did not take:"
+                      " a new epoch, on [%d]", self.epoch, topic, placed.partition,
+                      self.dispatch_partition, extra={"worker_id": self.worker_id})
+            self._register("placed where it could miss messages")
+            return
+        assert self.inbox is not None
+        # a new consumer: the one re-assigned never connected again after a frozen broker
         consumer, self.consumer_monitor = transport.make_consumer(self.config, "worker")
         self.inbox.move({(topic, placed.partition): start}, consumer)
         log.info("reading %s[%d] from offset %d instead of [%d]: the server placed epoch %s there",
@@ -484,15 +490,3 @@ class Worker:
         assert self.outbox is not None
         self.outbox.send(message, urgent)
 
-
-def hold_in_order(pending: deque[m.Run], run: m.Run) -> None:
-    """Queue a granted run among the unstarted ones this epoch holds: highest priority first,
-    in arrival order within one, so an urgent task granted into a deep prefetch starts at the
-    next free slot rather than behind the whole pipeline (issue 14)."""
-    if not pending or pending[-1].priority >= run.priority:
-        pending.append(run)
-        return
-    for index, held in enumerate(pending):
-        if held.priority < run.priority:
-            pending.insert(index, run)
-            return
