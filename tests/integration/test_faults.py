@@ -262,3 +262,30 @@ def test_a_second_live_process_with_the_same_worker_id_is_refused(cluster: Clust
     cluster.start_worker("twin")
     (failure,) = cluster.client.failures()
     assert failure["reason"] == "a newer epoch of the same worker said hello"
+
+
+def test_a_worker_reads_on_with_a_new_consumer_and_its_tasks_go_on(cluster: Cluster,
+                                                                    tmp_path: Path) -> None:
+    """A worker whose consumer is replaced (as when librdkafka leaves one that never connects
+    again) reads on from where the old one stopped, in the same process and epoch: the task
+    running meanwhile ends, every task granted before and after the change runs once, and no
+    ``run`` is read twice."""
+    cluster.start_server()
+    worker = cluster.start_worker("w1", env={"YADTQ_TEST_REPLACE_CONSUMER_ON_TASK": "echo"})
+    epochs = cluster.epochs("w1")
+    book = tmp_path / "ledger"
+    running = cluster.client.submit("ledger", str(book), 3.0, "running")
+    _holder(cluster, running)
+    before = {cluster.client.submit("ledger", str(book), 0.01, f"b{i}"): f"b{i}" for i in range(20)}
+    trigger = cluster.client.submit("echo", "replace")
+    cluster.wait_for(lambda: "a new one reads on" in cluster.log("w1"), "the consumer's replacement")
+    assert cluster.status([running])[running]["status"] == "processing"  # it goes on meanwhile
+    after = {cluster.client.submit("ledger", str(book), 0.01, f"a{i}"): f"a{i}" for i in range(20)}
+    ids = {running: "running", **before, **after}
+    statuses = cluster.wait_terminal([*ids, trigger])
+    assert {v["status"] for v in statuses.values()} == {"success"}
+    assert {v["attempt"] for v in statuses.values()} == {1}
+    assert ledger.check_contract(cluster, book, ids).re_executions == 0
+    assert worker.poll() is None and cluster.epochs("w1") == epochs
+    assert cluster.log("w1").count("event=consumer_replaced") == 1
+    assert "event=task_duplicate" not in cluster.log("w1")  # nothing read twice, either

@@ -58,6 +58,9 @@ ANNOUNCE_AFTER = 0.02
 #: Test-only fault switch: when set to a task name, a ``run`` of that task wedges the main loop
 #: for good, so tests can watch the heartbeat and the watchdog stop. Never set it in production.
 WEDGE_ENV = "YADTQ_TEST_WEDGE_ON_TASK"
+#: Test-only switch: when set to a task name, a ``run`` of that task has the worker replace its
+#: consumer as if librdkafka had left it stuck (no way to make it so on demand was found).
+REPLACE_ENV = "YADTQ_TEST_REPLACE_CONSUMER_ON_TASK"
 
 
 class Worker:
@@ -101,6 +104,7 @@ class Worker:
         self.dispatch_ends: dict[int, int] = {}
         self.inbox: Inbox | None = None
         self.wedge_on = os.environ.get(WEDGE_ENV, "")
+        self.replace_on, self.replace_asked = os.environ.get(REPLACE_ENV, ""), False
 
     # ------------------------------------------------------------ life cycle
 
@@ -309,6 +313,8 @@ class Worker:
         to the same brokers), from where it stopped: the tasks running go on."""
         assert self.outbox is not None
         why = self.consumer_monitor.stuck_beside(self.outbox.monitor)
+        if self.replace_asked:
+            self.replace_asked, why = False, f"was taken for stuck ({REPLACE_ENV})"
         if why:
             log.error("the Kafka consumer %s: a new one reads on from where it stopped", why,
                       extra={"worker_id": self.worker_id, "event": "consumer_replaced"})
@@ -329,6 +335,7 @@ class Worker:
             log.critical("test fault %s=%s: wedging the main loop", WEDGE_ENV, self.wedge_on)
             while True:
                 time.sleep(3600)
+        self.replace_asked |= bool(self.replace_on) and run.task == self.replace_on
         hold_in_order(self.pending, run)
 
     def _on_cancel(self, cancel: m.Cancel) -> None:
