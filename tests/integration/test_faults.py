@@ -274,7 +274,9 @@ def test_a_worker_reads_on_with_a_new_consumer_and_its_tasks_go_on(cluster: Clus
     worker = cluster.start_worker("w1", env={"YADTQ_TEST_REPLACE_CONSUMER_ON_TASK": "echo"})
     epochs = cluster.epochs("w1")
     book = tmp_path / "ledger"
-    running = cluster.client.submit("ledger", str(book), 3.0, "running")
+    # 10 s: the 21 tasks ahead of the echo are granted one at a time beside it (a task run long
+    # stops the prefetch), which a loaded machine can stretch past a few seconds
+    running = cluster.client.submit("ledger", str(book), 10.0, "running")
     _holder(cluster, running)
     before = {cluster.client.submit("ledger", str(book), 0.01, f"b{i}"): f"b{i}" for i in range(20)}
     trigger = cluster.client.submit("echo", "replace")

@@ -255,7 +255,7 @@ class Server:
                 submitter.recording = False
             signal.set_wakeup_fd(-1)
             self.inbox = None
-            inbox.stop()
+            ended = inbox.stop()
             inbox.close()
             if not fenced:  # what is left, if Kafka takes it: fewer rebuilds after a step-down
                 try:
@@ -268,7 +268,8 @@ class Server:
             out.discard()
             dispatcher.flush(2)
             dispatcher.discard()
-            consumer.close()
+            if ended:  # else the inbox's thread may still be using it
+                consumer.close()
             store.stop_capture()
         if not self.stopping:
             log.warning("stepped down to standby", extra={"event": "step_down"})

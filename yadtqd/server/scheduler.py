@@ -2,7 +2,8 @@
 
 A queued task, oldest first, goes to a live epoch that advertises the task's name and may take
 one more grant; of those, to the one with the most free slots (its slots minus the grants it
-holds: below zero while some wait in it), then the fewest grants of the task's name held, then
+holds: below zero while some wait in it), then one whose pipeline is short (no more expected
+work than the horizon, no task run long), then the fewest grants of the task's name held, then
 the least expected work held, ties going to the epoch granted least recently. Every grant is the store's conditional update; the scheduler only
 chooses. It is the server's in-memory view, rebuilt from the store at start.
 
@@ -200,16 +201,16 @@ class Member:
 
 def _rank(mb: Member, name: str) -> tuple[int, bool, int, float, int]:
     """An epoch's place in the order of choice for a task of ``name``, lowest first: the most
-    free slots, then one holding no more work than the horizon, then the fewest grants of that
-    name held, then the least expected work held, then granted least recently. The name comes
-    before the work: in a queue mixing names at random, work alone sends a run of tiny tasks to
-    one epoch and a run of long ones to the others, and the epochs then reach the horizon at
-    different times, the last one open taking the tiny tasks meanwhile (three epochs, 300 tasks,
-    one plan: 30 to 64 ``add`` each; by name, 40 to 50). But not before work past the horizon,
-    which only a fixed prefetch can hold: a task must not wait behind a long one there while
-    another epoch's pipeline is short."""
-    return (-mb.free, mb.work > PREFETCH_HORIZON * mb.slots, mb.names.get(name, 0), mb.work,
-            mb.last_granted)
+    free slots, then one whose pipeline is short (no more expected work than the horizon, no
+    task run long), then the fewest grants of that name held, then the least expected work
+    held, then granted least recently. The name comes before the work: in a queue mixing names
+    at random, work alone sends a run of tiny tasks to one epoch and a run of long ones to the
+    others, and the epochs then reach the horizon at different times, the last one open taking
+    the tiny tasks meanwhile (three epochs, 300 tasks, one plan: 30 to 64 ``add`` each; by name,
+    40 to 50). But not before a long pipeline (a fixed prefetch past the horizon, or a task run
+    long): a task must not wait behind a long one there while another epoch's is short."""
+    long = mb.long_running or mb.work > PREFETCH_HORIZON * mb.slots
+    return (-mb.free, long, mb.names.get(name, 0), mb.work, mb.last_granted)
 
 
 def _floors(mb: Member, mono: float) -> bool:

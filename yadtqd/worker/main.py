@@ -295,7 +295,8 @@ class Worker:
         if start is None:  # not one it took the end of: what is sent there for it may be missed
             log.error("the server placed epoch %s on %s[%d], whose end this worker did not take:"
                       " a new epoch, on [%d]", self.epoch, topic, placed.partition,
-                      self.dispatch_partition, extra={"worker_id": self.worker_id})
+                      self.dispatch_partition,
+                      extra={"worker_id": self.worker_id, "event": "worker_misplaced"})
             self._register("placed where it could miss messages")
             return
         assert self.inbox is not None
