@@ -31,7 +31,7 @@ from collections.abc import Iterable
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, TopicPartition
 
-from yadtqd.transport import assign, read_batch
+from yadtqd.transport import assign, close_later, read_batch
 
 log = logging.getLogger("yadtqd.kafka")
 
@@ -192,8 +192,8 @@ class Inbox:
                 consumer.close()
             return
         if consumer is not None:
-            old, self.consumer = self.consumer, consumer
-            threading.Thread(target=old.close, name="yadtq-inbox-close", daemon=True).start()
+            close_later([self.consumer], "yadtq-inbox-close")
+            self.consumer = consumer
         self.positions = dict(self.positions if positions is None else positions)
         assign(self.consumer, self.positions)
 

@@ -9,6 +9,7 @@ offsets are the application's (DESIGN sections 2 and 4.6).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -123,6 +124,23 @@ class ConnectionMonitor:
         else:
             log.warning("kafka %s: broker connection lost: %s", self.client, detail,
                         extra={"event": "broker_lost"})
+
+
+def close_later(clients: list[Consumer | Producer], name: str) -> None:
+    """Close clients replaced by new ones, in a thread of their own: a stuck client's close may
+    wait long (a consumer's, for a coordinator it can no longer reach). A producer drops what it
+    still holds: whatever replaced it sends again what must be sent."""
+    threading.Thread(target=_close, args=(clients,), name=name, daemon=True).start()
+
+
+def _close(clients: list[Consumer | Producer]) -> None:
+    for client in clients:
+        with contextlib.suppress(KafkaException, RuntimeError):
+            if isinstance(client, Consumer):
+                client.close()
+            else:
+                client.purge()
+                client.flush(0)
 
 
 def _base(config: Config, client: str, monitor: ConnectionMonitor) -> dict[str, object]:

@@ -87,10 +87,10 @@ class Elector:
                                 on_lost=self._lost)
 
     def _replace_stuck(self) -> None:
-        """Replace a client that will not connect again (:meth:`~yadtqd.transport.ConnectionMonitor.stuck_beside`): a new group consumer
-        joins the group, and this server is not the active until it is assigned the partition
-        again. The old clients are closed in a thread of their own: a consumer's close may wait
-        for a coordinator it can no longer reach."""
+        """Replace a client that will not connect again (see
+        :meth:`~yadtqd.transport.ConnectionMonitor.stuck_beside`): a new group consumer joins
+        the group, and this server is not the active until it is assigned the partition again.
+        The old clients are closed in a thread of their own (the reports they held are stale)."""
         old: list[Consumer | Producer] = []
         why = self.monitor.stuck_beside(self.reporter_monitor)
         if why:
@@ -104,7 +104,7 @@ class Elector:
             old.append(self.reporter)
             self.reporter, self.reporter_monitor = self._report_producer()
         if old:
-            threading.Thread(target=_close, args=(old,), name="yadtq-election-close", daemon=True).start()
+            transport.close_later(old, "yadtq-election-close")
 
     def report(self, report: m.StandbyReport) -> None:
         """Tell the active how far this standby is behind (once a second)."""
@@ -199,15 +199,3 @@ class Elector:
                     extra={"event": "elected" if leading else "deposed"})
         self.changed.set()
         self.on_change()
-
-
-def _close(clients: list[Consumer | Producer]) -> None:
-    """Close clients replaced for knowing no broker (a consumer leaves what it can of its group;
-    a producer drops the reports it still holds: they are stale)."""
-    for client in clients:
-        with contextlib.suppress(KafkaException, RuntimeError):
-            if isinstance(client, Consumer):
-                client.close()
-            else:
-                client.purge()
-                client.flush(0)
