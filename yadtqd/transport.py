@@ -38,6 +38,8 @@ _REAL_SOURCES = {"configured", "learned"}
 #: Seconds a client may stay unconnected while a client of the same brokers is connected, before
 #: it is taken for stuck and replaced (a client merely reconnecting takes about one).
 STUCK_AFTER = 15.0
+#: Seconds :func:`assign` waits for the metadata of the topics it assigns.
+METADATA_WAIT = 1.0
 
 
 class ConnectionMonitor:
@@ -276,9 +278,24 @@ def end_offset(consumer: Consumer, topic: str, partition: int, timeout: float = 
     return _watermarks(consumer, topic, partition, timeout, "end")[1]
 
 
-def assign(consumer: Consumer, positions: Mapping[tuple[str, int], int]) -> None:
-    """Assign exactly these partitions, each to start at the given offset."""
+def assign(consumer: Consumer, positions: Mapping[tuple[str, int], int],
+           timeout: float = METADATA_WAIT) -> None:
+    """Assign exactly these partitions, each to start at the given offset, and ask the
+    broker for their topics' metadata at once (``timeout`` seconds at most; if the broker
+    is away, the consumer asks again itself).
+
+    A consumer that connected before it was assigned a topic it knows nothing of fetches
+    nothing of it until librdkafka's next scan of its topics, up to a second later: for 4 of 6
+    fresh consumers assigned here 0.3 s after they connected, the first message came after
+    704 ms, against 2 to 10 ms with the metadata asked for. A worker placed on a partition
+    (a new consumer, assigned by the inbox's thread) so lost up to a second of a burst.
+    """
     consumer.assign([TopicPartition(t, p, off) for (t, p), off in positions.items()])
+    for topic in sorted({t for t, _ in positions}):
+        try:
+            consumer.list_topics(topic, timeout=timeout)
+        except KafkaException:
+            pass  # the broker is away: the consumer's own scan asks again
 
 
 OnDelivery = Callable[[KafkaError | None, Message], None]

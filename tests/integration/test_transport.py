@@ -3,10 +3,12 @@ assignment from a given offset, and the broker connection's loss and return."""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from confluent_kafka import Consumer, TopicPartition
@@ -142,3 +144,38 @@ def _closed(consumer: Consumer) -> bool:
     except RuntimeError:  # confluent-kafka: "Consumer closed"
         return True
     return False
+
+
+def test_a_consumer_assigned_after_it_connected_knows_the_partitions_leader_at_once(
+        bootstrap: str) -> None:
+    """librdkafka learns the metadata of a topic assigned to a consumer that already connected
+    only at its next scan of topics, up to a second later, and fetches nothing of it meanwhile
+    (a placed worker lost up to a second of a burst): ``transport.assign`` asks for it at once.
+    Seen in the first statistics librdkafka takes after ``assign`` returned: the partition's
+    leader is known."""
+    config = _config(bootstrap)
+    topics.ensure_topics(transport.make_admin(config), topics.topic_specs(config))
+    topic = config.topic("dispatch")
+    stats: list[dict[str, Any]] = []
+    settings = transport.consumer_settings(config, "test", transport.ConnectionMonitor("test"))
+    settings.update({"stats_cb": lambda raw: stats.append(json.loads(raw)),
+                     "statistics.interval.ms": 100})
+    consumer = Consumer(settings)
+    try:
+        consumer.list_topics(config.topic("tasks"), timeout=30)  # connected; dispatch unknown
+        transport.assign(consumer, {(topic, 1): 0})
+        assigned = time.monotonic()
+        stats.clear()
+        # librdkafka's ``ts`` is its CLOCK_MONOTONIC in microseconds, as time.monotonic()
+        _until(lambda: any(s["ts"] / 1e6 > assigned for s in consumer_stats(consumer, stats)),
+               "statistics taken after the assignment")
+        first = next(s for s in stats if s["ts"] / 1e6 > assigned)
+        assert first["topics"][topic]["partitions"]["1"]["leader"] >= 0
+    finally:
+        consumer.close()
+
+
+def consumer_stats(consumer: Consumer, stats: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The statistics received so far (a poll serves librdkafka's callbacks)."""
+    consumer.poll(0.05)
+    return stats
