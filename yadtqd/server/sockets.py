@@ -8,11 +8,12 @@ between connections.
 No client can exhaust the server: at most ``max_connections`` are served at once, and a
 connection that sends no request for ``idle_timeout`` seconds is closed (a ``result`` wait or a
 ``watch`` is not idle: the server is the one writing). Clients keep a connection open between
-calls (:class:`yadtqd.client.Client`), so at the cap the one idle longest (waiting for a
-request after answering one) is closed to make room; only when none is idle is the newcomer
-told ``busy`` and closed. A connection closed so is closed while its thread waits to read: a
-request that arrives as it closes is never served (the client sends it again on a fresh
-connection, and it runs once). Stopping closes the idle connections too, and waits a moment for
+calls (:class:`yadtqd.client.Client`), so at the cap the one idle longest (it answered a
+request and has not read another since) is closed to make room; only when none is idle is the
+newcomer told ``busy`` and closed. A connection is idle from the moment its answer is handed to
+the kernel, before its client can have read it: one closed while the answer is still being
+written is closed by its thread once it is written. A request that arrives as it closes is
+never served (the client sends it again on a fresh connection, and it runs once). Stopping closes the idle connections too, and waits a moment for
 their threads, so their store connections close before the process ends.
 """
 
@@ -48,12 +49,15 @@ STOP_WAIT = 2.0
 
 @dataclass(eq=False)
 class _Served:
-    """A connection being served: whether its thread waits to read a request, when it last
-    answered one (only a connection waiting after an answer may be closed to make room),
-    whether the server closed it to make room, and the thread serving it."""
+    """A connection being served: whether its thread waits to read a request, whether it is
+    handling one (read and not yet answered: only a connection that answered one and is not
+    handling another may be closed to make room), whether it is writing an answer, when it last
+    answered, whether the server closed it to make room, and the thread serving it."""
 
     sock: socket.socket
     reading: bool = False
+    handling: bool = False
+    writing: bool = False
     answered_at: float = 0.0
     reclaimed: bool = False
     requests: int = 0
@@ -168,16 +172,19 @@ class SocketServer:
                              daemon=True).start()
 
     def _reclaim(self) -> bool:
-        """At the cap: close the connection idle longest (waiting for a request after
-        answering one); its slot passes to the newcomer. False when none is idle."""
+        """At the cap: close the connection idle longest (it answered a request and handles
+        none); its slot passes to the newcomer. False when none is idle. One still writing its
+        answer is closed by its own thread once the answer is written."""
         with self._served_lock:
-            idle = [s for s in self._served if s.reading and s.requests and not s.reclaimed]
+            idle = [s for s in self._served if s.requests and not s.handling and not s.reclaimed]
             if not idle:
                 return False
             victim = min(idle, key=lambda s: s.answered_at)
             victim.reclaimed = True
-        with contextlib.suppress(OSError):
-            victim.sock.shutdown(socket.SHUT_RDWR)  # wakes its thread, which serves nothing more
+            writing = victim.writing
+        if not writing:
+            with contextlib.suppress(OSError):
+                victim.sock.shutdown(socket.SHUT_RDWR)  # wakes its thread, which serves nothing more
         log.debug("socket: closed a connection idle for %.1f s to make room",
                   time.monotonic() - victim.answered_at)
         return True
@@ -219,7 +226,22 @@ class SocketServer:
             if served.reclaimed or self._stopping.is_set() or not line:
                 return None
             served.requests += 1
+            served.handling = True
         return line
+
+    def _answer(self, served: _Served, reply: dict[str, Any]) -> bool:
+        """Write an answer; the connection is idle from now on (it may be closed to make room,
+        and then is, once the answer is written: False)."""
+        with self._served_lock:
+            served.answered_at = time.monotonic()
+            served.handling, served.writing = False, True
+        try:
+            served.sock.sendall(protocol.encode(reply))
+        finally:
+            with self._served_lock:
+                served.writing = False
+                reclaimed = served.reclaimed
+        return not reclaimed
 
     def _take_store(self) -> Store:
         with self._idle_lock:
@@ -252,8 +274,8 @@ class SocketServer:
                         self.queries.watch(store, reply["request"],
                                            lambda snap: conn.sendall(protocol.encode(snap)))
                         return
-                    served.answered_at = time.monotonic()
-                    conn.sendall(protocol.encode(reply))
+                    if not self._answer(served, reply):
+                        return
                     if not reply["ok"] and reply["error"]["code"] in CLOSING_CODES:
                         self._close_gently(conn)
                         return
