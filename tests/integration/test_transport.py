@@ -163,7 +163,7 @@ def test_a_consumer_assigned_after_it_connected_knows_the_partitions_leader_at_o
     consumer = Consumer(settings)
     try:
         consumer.list_topics(config.topic("tasks"), timeout=30)  # connected; dispatch unknown
-        transport.assign(consumer, {(topic, 1): 0})
+        transport.assign(consumer, {(topic, 1): 0}, timeout=30)  # a loaded machine's answer
         assigned = time.monotonic()
         stats.clear()
         # librdkafka's ``ts`` is its CLOCK_MONOTONIC in microseconds, as time.monotonic()

@@ -103,3 +103,55 @@ def test_a_client_pickles_without_its_connections() -> None:
     client = Client("/run/somewhere.sock", timeout=7)
     copy = pickle.loads(pickle.dumps(client))
     assert (copy.socket_path, copy.timeout, copy._kept) == ("/run/somewhere.sock", 7, [])
+
+
+def test_a_connection_still_writing_its_answer_makes_room_last_and_one_at_a_time() -> None:
+    """Idle means answered and handling nothing, from the moment the answer is handed to the
+    kernel (a client that has its answer may find its connection counted idle). One still
+    writing is taken only when no other is idle, is not shut down (its answer would be cut:
+    its own thread closes it once written), and only while no other taken so still writes."""
+    server = _server()
+    pairs = [_pair() for _ in range(4)]
+    try:
+        (a, pa), (b, pb), (c, pc), (d, pd) = pairs
+        old_writer = _Served(a, requests=1, answered_at=1.0, writing=True)
+        waiting = _Served(b, requests=1, answered_at=5.0)
+        handling = _Served(c, requests=2, answered_at=0.5, handling=True)  # a result wait, say
+        new_writer = _Served(d, requests=1, answered_at=2.0, writing=True)
+        server._served.update([old_writer, waiting, handling, new_writer])
+        assert server._reclaim() and waiting.reclaimed  # the one not writing first, though newer
+        assert pb.recv(1) == b""
+        assert server._reclaim() and old_writer.reclaimed and not new_writer.reclaimed
+        pa.setblocking(False)
+        try:
+            pa.recv(1)
+            raise AssertionError("a connection still writing its answer was shut down")
+        except BlockingIOError:
+            pass
+        assert not server._reclaim()  # the taken writer still writes: no second one
+        old_writer.writing = False  # its answer written (its thread then closes it)
+        assert server._reclaim() and new_writer.reclaimed
+        assert not handling.reclaimed and not server._reclaim()
+    finally:
+        for one, other in pairs:
+            one.close()
+            other.close()
+
+
+def test_an_answer_written_after_its_connection_made_room_is_whole_then_the_thread_ends() -> None:
+    server = _server()
+    mine, peer = _pair()
+    with mine, peer:
+
+        class TakenWhileWriting:
+            """The accept thread takes the connection for room while its answer is written."""
+
+            def sendall(self, data: bytes) -> None:
+                assert server._reclaim()
+                mine.sendall(data)
+
+        served = _Served(TakenWhileWriting(), requests=1, handling=True)  # type: ignore[arg-type]
+        server._served.add(served)
+        assert server._answer(served, {"ok": True, "n": 1}) is False  # its thread ends
+        assert served.reclaimed and not served.writing and not served.handling
+        assert peer.recv(1024) == b'{"ok":true,"n":1}\n'  # whole: it was not shut down

@@ -5,15 +5,17 @@ which it exists with looser permissions (no chmod after bind). Each connection i
 thread of its own with a read-only store connection of its own, taken from a few kept open
 between connections.
 
-No client can exhaust the server: at most ``max_connections`` are served at once, and a
-connection that sends no request for ``idle_timeout`` seconds is closed (a ``result`` wait or a
-``watch`` is not idle: the server is the one writing). Clients keep a connection open between
-calls (:class:`yadtqd.client.Client`), so at the cap the one idle longest (it answered a
-request and has not read another since) is closed to make room; only when none is idle is the
-newcomer told ``busy`` and closed. A connection is idle from the moment its answer is handed to
-the kernel, before its client can have read it: one closed while the answer is still being
-written is closed by its thread once it is written. A request that arrives as it closes is
-never served (the client sends it again on a fresh connection, and it runs once). Stopping closes the idle connections too, and waits a moment for
+No client can exhaust the server: at most ``max_connections`` are served at once (and one
+more, closed for room, while it writes its last answer), and a connection that sends no
+request for ``idle_timeout`` seconds is closed (a ``result`` wait or a ``watch`` is not idle:
+the server is the one writing). Clients keep a connection open between calls
+(:class:`yadtqd.client.Client`), so at the cap the one idle longest (it answered a request and
+handles no other) is closed to make room; only when none is idle is the newcomer told ``busy``
+and closed. A connection is idle from the moment its answer is handed to the kernel, before
+its client can have read it; one still writing its answer is taken only when no other is idle,
+one at a time, and its thread closes it once the answer is written. A request that arrives as
+a connection closes for room is never served (the client sends it again on a fresh
+connection, and it runs once). Stopping closes the idle connections too, and waits a moment for
 their threads, so their store connections close before the process ends.
 """
 
@@ -173,18 +175,27 @@ class SocketServer:
 
     def _reclaim(self) -> bool:
         """At the cap: close the connection idle longest (it answered a request and handles
-        none); its slot passes to the newcomer. False when none is idle. One still writing its
-        answer is closed by its own thread once the answer is written."""
+        none); its slot passes to the newcomer. False when none is idle. One whose answer is
+        still being written is taken only when no other is idle, and is closed by its own
+        thread once the answer is written; and only while no other taken so is still writing
+        (a client that never reads its answers would otherwise keep a thread and a store
+        connection past the cap for each newcomer, until ``idle_timeout``: at most one here)."""
         with self._served_lock:
             idle = [s for s in self._served if s.requests and not s.handling and not s.reclaimed]
+            waiting = [s for s in idle if not s.writing]
+            if not waiting and any(s.reclaimed and s.writing for s in self._served):
+                return False
             if not idle:
                 return False
-            victim = min(idle, key=lambda s: s.answered_at)
+            victim = min(waiting or idle, key=lambda s: s.answered_at)
             victim.reclaimed = True
             writing = victim.writing
-        if not writing:
-            with contextlib.suppress(OSError):
-                victim.sock.shutdown(socket.SHUT_RDWR)  # wakes its thread, which serves nothing more
+        if writing:
+            log.debug("socket: a connection writing its answer closes when it is written, to make"
+                      " room")
+            return True
+        with contextlib.suppress(OSError):
+            victim.sock.shutdown(socket.SHUT_RDWR)  # wakes its thread, which serves nothing more
         log.debug("socket: closed a connection idle for %.1f s to make room",
                   time.monotonic() - victim.answered_at)
         return True
