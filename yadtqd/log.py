@@ -16,9 +16,12 @@ import datetime as dt
 import logging
 import logging.handlers
 import os
+import re
 import socket
 import struct
 import sys
+import time
+from collections.abc import Callable
 
 from yadtqd.errors import ConfigError
 
@@ -27,6 +30,10 @@ PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR
 FIELDS = {"task_id": "TASK_ID", "worker_id": "WORKER_ID", "event": "EVENT"}
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 MAX_FIELD = 64 * 1024
+#: The logger librdkafka's own lines go to (set on every client by :mod:`yadtqd.transport`).
+LIBRDKAFKA = "yadtqd.kafka.librdkafka"
+#: Seconds a repeated librdkafka warning or error is held back after it was let through.
+REPEAT_WINDOW = 60.0
 
 
 class _Defaults(logging.Filter):
@@ -41,6 +48,41 @@ class _Defaults(logging.Filter):
         record.role = self.role
         if self.worker_id and not getattr(record, "worker_id", None):
             record.worker_id = self.worker_id
+        return True
+
+
+class Repeats(logging.Filter):
+    """librdkafka logs a failure again at every reconnect attempt: a one-minute broker outage
+    wrote 2,500 lines at ERROR to the server's log, 1,242 of them from one client (the
+    :class:`~yadtqd.transport.ConnectionMonitor` already says once that the connection was lost,
+    and that it is back). Of the lines at warning and above that are alike (the same client,
+    facility and text but for its numbers), one is let through a :data:`REPEAT_WINDOW`; the
+    next one let through says how many were held back meanwhile. Debug lines all pass."""
+
+    MOST_KEPT = 1000
+
+    def __init__(self, window: float = REPEAT_WINDOW,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.window = window
+        self.clock = clock
+        #: alike key -> (when one was last let through, how many held back since)
+        self._seen: dict[tuple[str, ...], tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        key = (record.levelname, *(re.sub(r"\d+", "#", str(a)) for a in (record.args or ())))
+        now = self.clock()
+        passed, held = self._seen.get(key, (float("-inf"), 0))
+        if now - passed < self.window:
+            self._seen[key] = (passed, held + 1)
+            return False
+        if len(self._seen) >= self.MOST_KEPT:
+            self._seen.clear()
+        self._seen[key] = (now, 0)
+        if held:
+            record.msg = f"{record.msg} ({held} like it held back in {self.window:g} s)"
         return True
 
 
@@ -149,6 +191,9 @@ def setup(level: str, file: str, role: str, worker_id: str = "") -> None:
         handler.setFormatter(_LineFormatter(priority_prefix=False))
     handler.addFilter(defaults)
     root.addHandler(handler)
+    librdkafka = logging.getLogger(LIBRDKAFKA)
+    librdkafka.filters.clear()
+    librdkafka.addFilter(Repeats())
     if file:
         try:
             plain = logging.handlers.WatchedFileHandler(file)

@@ -24,6 +24,7 @@ from confluent_kafka.admin import AdminClient
 
 from yadtqd.config import Config
 from yadtqd.errors import ConfigError, UnreachableError
+from yadtqd.log import LIBRDKAFKA
 
 log = logging.getLogger("yadtqd.kafka")
 
@@ -150,7 +151,7 @@ def _base(config: Config, client: str, monitor: ConnectionMonitor) -> dict[str, 
     settings.setdefault("client.id", f"yadtq-{client}")
     settings["error_cb"] = monitor.on_error
     settings["stats_cb"] = monitor.on_stats
-    settings["logger"] = logging.getLogger("yadtqd.kafka.librdkafka")
+    settings["logger"] = logging.getLogger(LIBRDKAFKA)
     settings.setdefault("statistics.interval.ms", STATS_INTERVAL_MS)
     return settings
 
@@ -234,7 +235,7 @@ def make_admin(config: Config) -> AdminClient:
     outage would add a line a second without priority or fields)."""
     settings: dict[str, Any] = dict(config.kafka)
     settings.setdefault("client.id", "yadtq-admin")
-    settings["logger"] = logging.getLogger("yadtqd.kafka.librdkafka")
+    settings["logger"] = logging.getLogger(LIBRDKAFKA)
     return AdminClient(settings)
 
 
