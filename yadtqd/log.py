@@ -34,6 +34,8 @@ MAX_FIELD = 64 * 1024
 LIBRDKAFKA = "yadtqd.kafka.librdkafka"
 #: Seconds a repeated librdkafka warning or error is held back after it was let through.
 REPEAT_WINDOW = 60.0
+#: What differs between lines alike: their numbers (ports, milliseconds, counts).
+_NUMBERS = re.compile(r"\d+")
 
 
 class _Defaults(logging.Filter):
@@ -72,7 +74,7 @@ class Repeats(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.WARNING:
             return True
-        key = (record.levelname, *(re.sub(r"\d+", "#", str(a)) for a in (record.args or ())))
+        key = (record.levelname, *(_NUMBERS.sub("#", str(a)) for a in (record.args or ())))
         now = self.clock()
         passed, held = self._seen.get(key, (float("-inf"), 0))
         if now - passed < self.window:

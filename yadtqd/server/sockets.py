@@ -183,9 +183,7 @@ class SocketServer:
         with self._served_lock:
             idle = [s for s in self._served if s.requests and not s.handling and not s.reclaimed]
             waiting = [s for s in idle if not s.writing]
-            if not waiting and any(s.reclaimed and s.writing for s in self._served):
-                return False
-            if not idle:
+            if not idle or not waiting and any(s.reclaimed and s.writing for s in self._served):
                 return False
             victim = min(waiting or idle, key=lambda s: s.answered_at)
             victim.reclaimed = True
