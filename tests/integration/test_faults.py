@@ -232,8 +232,8 @@ def test_frozen_worker_starts_none_of_its_prefetched_grants_after_its_death(
     ledger.check_contract(cluster, book, expected)  # each re-run answers w1's death
     # A task runs again if w1 started it before the freeze and the server never applied its
     # outcome: it was running (at most its 2 slots), or it had ended with its outcome still in
-    # w1's producer (batched 5 ms: one a slot, a task lasting 50 ms; two a slot allowed for a
-    # slow machine's scheduling). No prefetched grant may be among them.
+    # w1's producer (batched up to 20 ms: one a slot, a task lasting 50 ms; two a slot allowed
+    # for a slow machine's scheduling). No prefetched grant may be among them.
     entries = ledger.read(book)
     dead = {f["epoch"] for f in cluster.client.failures()}
     again = {t for t, n in Counter(e.task_id for e in entries if e.phase == "start").items() if n > 1}

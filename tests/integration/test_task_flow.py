@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from confluent_kafka import Producer
@@ -70,6 +71,27 @@ def test_a_short_task_says_its_start_in_its_finished_a_long_one_is_seen_processi
     assert all(k in (["finished"], ["started", "finished"]) for k in kinds.values())
     alone = [events[t][0] for t in short if kinds[t] == ["finished"]]
     assert alone and all(isinstance(e["started"], float) for e in alone)
+
+
+def test_a_slot_left_idle_has_its_outcome_pushed_out_not_lingering(cluster: Cluster,
+                                                                   tmp_path: Path) -> None:
+    """Issue 15: a busy worker's events wait in its producer (``linger.ms``) to share requests,
+    but once a turn leaves nothing granted waiting to start, its outcomes go out at once, so
+    the server hears of the idle slot and fills it. The linger here is a minute, longer than
+    the test waits: a short task's result, run beside a long one, is readable at once."""
+    cluster.write_config(server={"heartbeat_timeout": 300.0})  # heartbeats linger a minute too
+    cluster.start_server()
+    cluster.start_worker("w1", slots=2, env={"YADTQ_KAFKA_LINGER_MS": "60000",
+                                             "YADTQ_WORKER_PREFETCH": "0"})
+    book, gate = tmp_path / "ledger", tmp_path / "gate"
+    long = cluster.client.submit("ledger", str(book), 0, None, str(gate))
+    cluster.wait_for(book.exists, "the long task to start")
+    short = cluster.client.submit("add", 2, 2)
+    view = cluster.client.result(short, wait=30)
+    assert (view["status"], view["result"], view["worker"]) == ("success", 4, "w1")
+    assert cluster.status([long])[long]["status"] != "success"
+    gate.touch()
+    assert cluster.client.result(long, wait=30)["status"] == "success"
 
 
 def test_a_mixed_burst_ends_in_even_shares(cluster: Cluster) -> None:

@@ -233,9 +233,12 @@ class Worker:
                 self._begin_stop()
             for msg in inbox.take():
                 self._on_dispatch(msg)
-            for outcome in self.pool.collect(ready) + self.pool.expire():
+            outcomes = self.pool.collect(ready) + self.pool.expire()
+            for outcome in outcomes:
                 self._on_outcome(outcome)
             self._start_pending()
+            if outcomes and not self.pending:
+                self._push()
             self._announce(every=self.stopping)
             self._reload()
             self.pool.ping()
@@ -415,8 +418,7 @@ class Worker:
                               status=status,  # type: ignore[arg-type]
                               result=msgspec.Raw(outcome.result.encode()), error=error,
                               runtime=outcome.runtime,
-                              started=unannounced[0].ts if unannounced else None),
-                   urgent=self._quiet())
+                              started=unannounced[0].ts if unannounced else None))
         # a success at debug: the server logs it at info, naming the worker (one line per
         # transition that matters: received, started, ended); a failure says why, here too
         level = logging.DEBUG if outcome.status == "success" else logging.WARNING
@@ -490,9 +492,13 @@ class Worker:
                         extra={"worker_id": self.worker_id, "event": "worker_unconfirmed"})
         log.info("stopped", extra={"worker_id": self.worker_id, "event": "worker_left"})
 
-    def _quiet(self) -> bool:
-        """No task running or waiting: the worker has time to push an event out at once."""
-        return not self.pending and self.pool.busy == 0
+    def _push(self) -> None:
+        """Tasks ended and nothing granted waits to start: push their outcomes out now, not
+        after the producer's linger. A slot now idle, or one just given the last task held,
+        waits for the server to hear of it and grant more (a worker whose prefetch still holds
+        tasks lets its outcomes share a request: it has work meanwhile)."""
+        assert self.outbox is not None
+        self.outbox.push()
 
     def _send(self, message: m.WorkerEvent, urgent: bool = False) -> None:
         assert self.outbox is not None

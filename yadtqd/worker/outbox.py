@@ -2,11 +2,12 @@
 
 Events go through one producer, which batches (``linger.ms``, :data:`LINGER_MS` unless the
 ``[kafka]`` section says otherwise), so a busy worker sends few, full requests. An *urgent*
-event (the worker is close to idle, or it says ``hello`` or ``bye``) is pushed out at once:
-librdkafka ignores the linger while it flushes. Waiting for that acknowledgement (well under a
-millisecond on a LAN, at most :data:`URGENT_WAIT`) costs a worker that has nothing else to do
-nothing, and saves a lone task's result the batching delay. One producer keeps the events in
-the order they happened.
+event (``hello``, ``bye``), and the outcomes of a turn after which nothing granted waits to
+start (:meth:`Outbox.push`), go out at once: librdkafka ignores the linger while it flushes.
+Waiting for that acknowledgement (well under a millisecond on a LAN, at most
+:data:`URGENT_WAIT`) costs a worker that has nothing else to do nothing, and saves a lone task's
+result, and the grant that fills a slot left idle, the batching delay. One producer keeps the
+events in the order they happened.
 
 Every delivery report is read. A ``hello``, ``started``, ``finished`` or ``bye`` that failed (a
 broker outage longer than ``message.timeout.ms``) is logged at error, counted, and sent again
@@ -35,13 +36,16 @@ log = logging.getLogger("yadtqd.worker")
 
 #: The longest an urgent event holds the worker's loop waiting for Kafka's acknowledgement.
 URGENT_WAIT = 0.01
-#: How long a busy worker's events wait to share a request (issue 15: with 1 ms, two busy
-#: workers sent about one request per event; 5 ms halved the CPU of their librdkafka threads,
-#: 105 -> 50 µs a task each, and cut the broker's request threads by about 25 %). A worker with
-#: nothing else to do pushes its event out at once (urgent), so a lone task pays none of it. A
-#: worker frozen or killed may so hold a few ms of outcomes not yet sent: their tasks run again
-#: after its death, as tasks it was running do (the frozen-worker test counts them apart).
-LINGER_MS = 5
+#: How long a busy worker's events wait to share a request (issue 15). Two busy workers' librdkafka
+#: threads took 105 µs of CPU a task each with 1 ms, about 60 with 5 ms and about 12 with 20 ms,
+#: and the broker's request threads about a quarter less again (``bench/cpu.py --threads``; one
+#: sitting, docs/bench.md). Only a worker whose prefetch still holds tasks waits so: its slots
+#: have work meanwhile, and the adaptive prefetch holds far more than 20 ms of it (the server's
+#: horizon is 100 ms a slot). Once nothing granted waits to start, the turn's outcomes are pushed
+#: out at once (:meth:`Outbox.push`), so a lone task, and a slot left idle, pay none of it. A
+#: worker frozen or killed may so hold up to 20 ms of outcomes not yet sent: their tasks run
+#: again after its death, as tasks it was running do (the frozen-worker test counts them apart).
+LINGER_MS = 20
 #: Seconds between two rounds of sending again what failed.
 RESEND_EVERY = 1.0
 _TOO_LARGE = {KafkaError.MSG_SIZE_TOO_LARGE}
@@ -66,6 +70,8 @@ class Outbox:
         self.undelivered = 0
         self.fatal = ""
         self._last_resend = 0.0
+        #: An urgent push left events queued: push again at the next poll.
+        self._pushing = False
 
     def send(self, message: m.WorkerEvent, urgent: bool = False) -> None:
         """Queue an event; ``urgent`` pushes it (and all before it) out now."""
@@ -80,7 +86,14 @@ class Outbox:
             self.undelivered += 1
             (self.refused if transport.TOO_LARGE in problem else self.failed).append((message, problem))
         elif urgent:
-            self.producer.flush(URGENT_WAIT)
+            self.push()
+
+    def push(self) -> None:
+        """Send what is queued now, ignoring the linger; wait at most :data:`URGENT_WAIT` for
+        Kafka's acknowledgement. What is still queued then (the producer not connected yet,
+        as at a worker's start, or the broker away) is pushed again at every :meth:`poll`
+        until none is: librdkafka ignores the linger only while a flush waits."""
+        self._pushing = self.producer.flush(URGENT_WAIT) > 0
 
     def poll(self) -> None:
         """Serve delivery reports; send again what failed (at most once a second), and a small
@@ -91,6 +104,8 @@ class Outbox:
         again): the daemon exits and systemd starts it again.
         """
         self.producer.poll(0)
+        if self._pushing:
+            self.push()
         if self.fatal:
             raise UnreachableError(f"the Kafka producer failed for good: {self.fatal}")
         if self.monitor.orphaned:
