@@ -70,12 +70,15 @@ class Outbox:
         self.undelivered = 0
         self.fatal = ""
         self._last_resend = 0.0
-        #: An urgent push left events queued: push again at the next poll.
-        self._pushing = False
+        #: A ``hello`` not yet acknowledged: pushed again at every poll until it is (the
+        #: producer of a worker just started may not be connected when it is first pushed).
+        self._hello_unacked = False
 
     def send(self, message: m.WorkerEvent, urgent: bool = False) -> None:
         """Queue an event; ``urgent`` pushes it (and all before it) out now."""
         seq = 0
+        if isinstance(message, m.Hello):
+            self._hello_unacked = True
         if isinstance(message, m.Heartbeat):
             seq = self.lease.sent(time.monotonic())
             if self.lease.broken:
@@ -89,11 +92,9 @@ class Outbox:
             self.push()
 
     def push(self) -> None:
-        """Send what is queued now, ignoring the linger; wait at most :data:`URGENT_WAIT` for
-        Kafka's acknowledgement. What is still queued then (the producer not connected yet,
-        as at a worker's start, or the broker away) is pushed again at every :meth:`poll`
-        until none is: librdkafka ignores the linger only while a flush waits."""
-        self._pushing = self.producer.flush(URGENT_WAIT) > 0
+        """Send what is queued now, ignoring the linger (librdkafka does only while a flush
+        waits); wait at most :data:`URGENT_WAIT` for Kafka's acknowledgement."""
+        self.producer.flush(URGENT_WAIT)
 
     def poll(self) -> None:
         """Serve delivery reports; send again what failed (at most once a second), and a small
@@ -104,7 +105,7 @@ class Outbox:
         again): the daemon exits and systemd starts it again.
         """
         self.producer.poll(0)
-        if self._pushing:
+        if self._hello_unacked:  # its push ended before the producer had connected
             self.push()
         if self.fatal:
             raise UnreachableError(f"the Kafka producer failed for good: {self.fatal}")
@@ -137,6 +138,7 @@ class Outbox:
                 self.lease.acked(seq, err is None, time.monotonic())
             elif err is None:
                 if isinstance(message, m.Hello):
+                    self._hello_unacked = False
                     self.on_hello_delivered(message.epoch)
                 return
             if err is None:
