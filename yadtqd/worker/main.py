@@ -80,6 +80,8 @@ class Worker:
         self.unannounced: dict[tuple[str, int], tuple[m.Started, float]] = {}
         self.done = 0
         self.failed = 0
+        #: Outcomes were sent since the last push: pushed once nothing granted waits to start.
+        self.unpushed = False
         self.stopping = False
         self.reload_requested = False
         self.reloading = False
@@ -233,11 +235,10 @@ class Worker:
                 self._begin_stop()
             for msg in inbox.take():
                 self._on_dispatch(msg)
-            outcomes = self.pool.collect(ready) + self.pool.expire()
-            for outcome in outcomes:
+            for outcome in self.pool.collect(ready) + self.pool.expire():
                 self._on_outcome(outcome)
             self._start_pending()
-            if outcomes and not self.pending:
+            if self.unpushed and not self.pending:
                 self._push()
             self._announce(every=self.stopping)
             self._reload()
@@ -413,6 +414,7 @@ class Worker:
         else:
             self.failed += 1
         status = outcome.status if outcome.status in ("success", "cancelled") else "failed"
+        self.unpushed = True
         self._send(m.Finished(worker=self.worker_id, epoch=outcome.epoch, ts=time.time(),
                               task_id=outcome.task_id, attempt=outcome.attempt,
                               status=status,  # type: ignore[arg-type]
@@ -496,8 +498,10 @@ class Worker:
         """Tasks ended and nothing granted waits to start: push their outcomes out now, not
         after the producer's linger. A slot now idle, or one just given the last task held,
         waits for the server to hear of it and grant more (a worker whose prefetch still holds
-        tasks lets its outcomes share a request: it has work meanwhile)."""
+        tasks lets its outcomes share a request: it has work meanwhile; they are pushed when
+        it runs out, whether a task ended then or not)."""
         assert self.outbox is not None
+        self.unpushed = False
         self.outbox.push()
 
     def _send(self, message: m.WorkerEvent, urgent: bool = False) -> None:

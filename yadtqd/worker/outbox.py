@@ -2,12 +2,12 @@
 
 Events go through one producer, which batches (``linger.ms``, :data:`LINGER_MS` unless the
 ``[kafka]`` section says otherwise), so a busy worker sends few, full requests. An *urgent*
-event (``hello``, ``bye``), and the outcomes of a turn after which nothing granted waits to
-start (:meth:`Outbox.push`), go out at once: librdkafka ignores the linger while it flushes.
-Waiting for that acknowledgement (well under a millisecond on a LAN, at most
-:data:`URGENT_WAIT`) costs a worker that has nothing else to do nothing, and saves a lone task's
-result, and the grant that fills a slot left idle, the batching delay. One producer keeps the
-events in the order they happened.
+event (``hello``, ``bye``), and the outcomes sent before a turn that ends with nothing granted
+waiting to start (:meth:`Outbox.push`), go out at once: librdkafka ignores the linger while it
+flushes. That flush waits for Kafka's acknowledgement (about a millisecond here, at most
+:data:`URGENT_WAIT`): the loop then holds no task to start, only outcomes of its other slots to
+collect; it saves a lone task's result, and the grant that fills a slot left idle, the batching
+delay. One producer keeps the events in the order they happened.
 
 Every delivery report is read. A ``hello``, ``started``, ``finished`` or ``bye`` that failed (a
 broker outage longer than ``message.timeout.ms``) is logged at error, counted, and sent again
@@ -70,15 +70,16 @@ class Outbox:
         self.undelivered = 0
         self.fatal = ""
         self._last_resend = 0.0
-        #: A ``hello`` not yet acknowledged: pushed again at every poll until it is (the
-        #: producer of a worker just started may not be connected when it is first pushed).
-        self._hello_unacked = False
+        #: The epoch of the newest ``hello``, until it is acknowledged: pushed again at every
+        #: poll until then (the producer of a worker just started may not be connected when it
+        #: is first pushed).
+        self._hello_unacked = ""
 
     def send(self, message: m.WorkerEvent, urgent: bool = False) -> None:
         """Queue an event; ``urgent`` pushes it (and all before it) out now."""
         seq = 0
         if isinstance(message, m.Hello):
-            self._hello_unacked = True
+            self._hello_unacked = message.epoch
         if isinstance(message, m.Heartbeat):
             seq = self.lease.sent(time.monotonic())
             if self.lease.broken:
@@ -138,7 +139,8 @@ class Outbox:
                 self.lease.acked(seq, err is None, time.monotonic())
             elif err is None:
                 if isinstance(message, m.Hello):
-                    self._hello_unacked = False
+                    if message.epoch == self._hello_unacked:
+                        self._hello_unacked = ""
                     self.on_hello_delivered(message.epoch)
                 return
             if err is None:
@@ -157,6 +159,8 @@ class Outbox:
         says why; anything else is logged and left out."""
         log.error("%s event cannot be sent to Kafka: %s", type(message).__name__.lower(), problem,
                   extra={"task_id": getattr(message, "task_id", None), "event": "undelivered"})
+        if isinstance(message, m.Hello) and message.epoch == self._hello_unacked:
+            self._hello_unacked = ""  # never pushed out: no push again at every poll
         if isinstance(message, m.Finished) and (message.error is None or message.error.type != "EventTooLarge"):
             error = m.ErrorInfo(type="EventTooLarge", message=(
                 f"the task's outcome could not be sent to Kafka ({problem}); lower"
