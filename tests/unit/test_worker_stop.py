@@ -26,7 +26,7 @@ class Recorder:
 
 def _stopping_worker() -> tuple[Worker, Recorder]:
     worker = Worker(Config(kafka={}, worker=WorkerConfig(id="w", slots=1)), Notifier())
-    worker.epoch, worker.dispatch_partition = "e1", 3
+    worker.epoch, worker.placement.dispatch_partition = "e1", 3
     worker.outbox = outbox = Recorder()  # type: ignore[assignment]
     worker.stopping = True
     worker._begin_stop()

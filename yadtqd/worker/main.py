@@ -30,7 +30,7 @@ import uuid
 from collections import deque
 
 import msgspec
-from confluent_kafka import Consumer, Message
+from confluent_kafka import Message
 
 import yadtqd
 from yadtqd import messages as m
@@ -44,6 +44,7 @@ from yadtqd.worker.host import boot_id, scrub_environment
 from yadtqd.worker.lease import Lease
 from yadtqd.worker.outbox import Outbox
 from yadtqd.worker.pending import hold_in_order
+from yadtqd.worker.placement import Placement
 from yadtqd.worker import pool
 from yadtqd.worker.pool import Pool
 from yadtqd.worker.seen import Seen
@@ -99,11 +100,7 @@ class Worker:
         self.pool.load_grace = max(pool.LOAD_GRACE, config.worker.stall_timeout)
         self.outbox: Outbox | None = None
         self.consumer_monitor = transport.ConnectionMonitor("worker consumer")
-        self.events_partition = 0
-        self.dispatch_partition = 0
-        #: The end of each ``dispatch`` partition before the first ``hello`` (empty after it:
-        #: a later epoch is not placed).
-        self.dispatch_ends: dict[int, int] = {}
+        self.placement = Placement(config, self.worker_id)
         self.inbox: Inbox | None = None
         self.wedge_on = os.environ.get(WEDGE_ENV, "")
         self.replace_on, self.replace_asked = os.environ.get(REPLACE_ENV, ""), False
@@ -118,8 +115,9 @@ class Worker:
         consumer, self.consumer_monitor = transport.make_consumer(self.config, "worker")
         inbox = self.inbox = Inbox(consumer)
         self._install_signals(inbox)
-        self._assign_dispatch(consumer, inbox)
-        self.outbox = outbox = Outbox(self.config, self.worker_id, self.events_partition, self.lease,
+        self.placement.assign(consumer, inbox)
+        self.outbox = outbox = Outbox(self.config, self.worker_id, self.placement.events_partition,
+                                      self.lease,
                                       current_epoch=lambda: self.epoch,
                                       on_hello_delivered=self._on_hello_delivered)
         inbox.start()
@@ -150,29 +148,9 @@ class Worker:
     def _on_sighup(self, signum: int, frame: object) -> None:
         self.reload_requested = True  # the main loop acts on it
 
-    def _assign_dispatch(self, consumer: Consumer, inbox: Inbox) -> None:
-        events = self.config.topic("events")
-        count = transport.partition_count(consumer, events)
-        self.events_partition = transport.partition_for(self.worker_id, count)
-        topic = self.config.topic("dispatch")
-        count = transport.partition_count(consumer, topic)
-        partition = self.dispatch_partition = transport.partition_for(self.worker_id, count)
-        start = transport.end_offset(consumer, topic, partition)
-        inbox.move({(topic, partition): start})
-        log.info("reading %s[%d] from offset %d", topic, partition, start)
-        # every other partition's end too, before the first hello: the server may place the
-        # epoch on any (``placed``), and reading it from there misses nothing sent to the epoch
-        try:
-            self.dispatch_ends = {p: start if p == partition else
-                                  transport.end_offset(consumer, topic, p, timeout=5.0)
-                                  for p in range(count)}
-        except UnreachableError as exc:  # a partition without a leader, say: stay on this one
-            log.warning("this worker stays on %s[%d], which others may read too: %s", topic,
-                        partition, exc, extra={"worker_id": self.worker_id, "event": "not_placeable"})
-
     def _register(self, why: str) -> None:
-        if self.epoch:  # a later epoch stays where the worker reads now: those ends are old
-            self.dispatch_ends = {}
+        if self.epoch:
+            self.placement.new_epoch()
         self.epoch = uuid.uuid4().hex
         self.seen = Seen()  # runs of an older epoch are ignored anyway
         self.lease.restart(time.monotonic())
@@ -193,8 +171,8 @@ class Worker:
                            host=socket.gethostname(), pid=os.getpid(),
                            slots=self.pool.size, prefetch=self.config.worker.prefetch,
                            tasks=tasks, version=yadtqd.__version__, boot=boot_id(),
-                           dispatch_partition=self.dispatch_partition,
-                           placeable=len(self.dispatch_ends)), urgent=True)
+                           dispatch_partition=self.placement.dispatch_partition,
+                           placeable=self.placement.placeable), urgent=True)
         log.info("epoch %s (%s) advertises %d tasks: %s", self.epoch, why, len(tasks),
                  ", ".join(sorted(tasks)) or "none",
                  extra={"worker_id": self.worker_id, "event": "worker_registered"})
@@ -292,25 +270,17 @@ class Worker:
     def _on_placed(self, placed: m.Placed) -> None:
         """The server placed this (first) epoch on another ``dispatch`` partition, where fewer
         workers read: read that one from its end before the ``hello``."""
-        start = self.dispatch_ends.get(placed.partition)
-        topic = self.config.topic("dispatch")
-        if placed.partition == self.dispatch_partition:
+        if placed.partition == self.placement.dispatch_partition:
             return
-        if start is None:  # not one it took the end of: what is sent there for it may be missed
+        if not self.placement.can_move(placed.partition):
             log.error("the server placed epoch %s on %s[%d], whose end this worker did not take:"
-                      " a new epoch, on [%d]", self.epoch, topic, placed.partition,
-                      self.dispatch_partition,
+                      " a new epoch, on [%d]", self.epoch, self.placement.topic, placed.partition,
+                      self.placement.dispatch_partition,
                       extra={"worker_id": self.worker_id, "event": "worker_misplaced"})
             self._register("placed where it could miss messages")
             return
         assert self.inbox is not None
-        # a new consumer: the one re-assigned never connected again after a frozen broker
-        consumer, self.consumer_monitor = transport.make_consumer(self.config, "worker")
-        self.inbox.move({(topic, placed.partition): start}, consumer)
-        log.info("reading %s[%d] from offset %d instead of [%d]: the server placed epoch %s there",
-                 topic, placed.partition, start, self.dispatch_partition, self.epoch,
-                 extra={"worker_id": self.worker_id, "event": "worker_placed"})
-        self.dispatch_partition = placed.partition
+        self.consumer_monitor = self.placement.move(placed.partition, self.inbox, self.epoch)
 
     def _replace_stuck(self, inbox: Inbox) -> None:
         """Read on with a new consumer when this one will not connect again (see
@@ -473,7 +443,8 @@ class Worker:
     def _send_bye(self, runs: list[m.Run], confirm: bool = False) -> None:
         refs = [m.TaskRef(task_id=r.task_id, attempt=r.attempt) for r in runs]
         self._send(m.Bye(worker=self.worker_id, epoch=self.epoch, ts=time.time(), handed_back=refs,
-                         confirm=confirm, dispatch_partition=self.dispatch_partition), urgent=True)
+                         confirm=confirm,
+                         dispatch_partition=self.placement.dispatch_partition), urgent=True)
 
     def _stopped(self, mono: float) -> bool:
         """The drain is over: nothing runs and the server confirmed the ``bye`` (every run it
