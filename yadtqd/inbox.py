@@ -3,7 +3,11 @@ pair, so that loop waits on Kafka and everything else in one call.
 
 The thread also follows the partition counts of the topics it reads (``follow``): when a
 topic grows, it starts reading the new partitions from their beginning, and notes the new
-count in :attr:`Inbox.counts` for the owner.
+count in :attr:`Inbox.counts` for the owner. The counts are asked of the broker by a second
+thread, through a client of their own (``metadata``): a request on the consumer's connection
+waits in the broker behind the fetch parked there, up to ``fetch.wait.max.ms``, and the reading
+thread that waited with it read nothing meanwhile (issue 15: every 5 s, 116 ms in which a task's
+``finished`` sat in librdkafka, the slowest task after an idle spell).
 
 The same wake-up socket receives signals (``signal.set_wakeup_fd``), so SIGTERM and SIGHUP end
 the main loop's wait at once, and :meth:`Inbox.wake` lets another thread end it too (the server's
@@ -30,6 +34,7 @@ from collections import deque
 from collections.abc import Iterable
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, TopicPartition
+from confluent_kafka.admin import AdminClient
 
 from yadtqd.transport import assign, close_later, read_batch
 
@@ -44,15 +49,19 @@ class Inbox:
 
     def __init__(self, consumer: Consumer, limit: int = 500,
                  watch: Iterable[tuple[str, int]] = (), follow: dict[str, int] | None = None,
-                 watch_topic: str = "") -> None:
+                 watch_topic: str = "", metadata: AdminClient | None = None) -> None:
+        if follow and metadata is None:
+            raise ValueError("an inbox that follows partition counts needs a metadata client")
         self.consumer = consumer
+        self.metadata = metadata
         self.limit = limit
         self.watch = [TopicPartition(topic, partition) for topic, partition in watch]
         #: topic → partition count, for the topics read whose growth the thread follows.
         self.counts: dict[str, int] = dict(follow or {})
         #: New partitions of this topic are also added to ``watch``.
         self.watch_topic = watch_topic
-        self._last_follow = time.monotonic()
+        #: topic → a larger partition count the follower saw, for the reading thread to take up.
+        self._grown: dict[str, int] = {}
         self._started = False
         #: (topic, partition) → high watermark, noted after every read (-1 while unknown).
         self.highs: dict[tuple[str, int], int] = {}
@@ -69,6 +78,7 @@ class Inbox:
         self._room = threading.Condition()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="yadtq-inbox", daemon=True)
+        self._follower = threading.Thread(target=self._follow, name="yadtq-inbox-follow", daemon=True)
 
     @property
     def wakeup_fd(self) -> int:
@@ -79,6 +89,8 @@ class Inbox:
         """Start reading."""
         self._started = True
         self._thread.start()
+        if self.counts:
+            self._follower.start()
 
     def wake(self) -> None:
         """End the main loop's wait (from any thread)."""
@@ -161,8 +173,11 @@ class Inbox:
                 room = self._room.wait_for(
                     lambda: len(self._messages) < self.limit or self._stop.is_set(), 0.2)
                 moves, self._moves = self._moves, []
+                grown, self._grown = self._grown, {}
             for positions, consumer in moves:
                 self._make(positions, consumer)
+            for name, count in grown.items():
+                self._grow(name, count)
             if room and not self._stop.is_set():
                 try:
                     good = read_batch(self.consumer, 0.2, self.limit)
@@ -180,9 +195,6 @@ class Inbox:
             for tp in self.watch:
                 _, high = self.consumer.get_watermark_offsets(tp, cached=True)
                 self.highs[(tp.topic, tp.partition)] = high
-            if self.counts and time.monotonic() - self._last_follow >= FOLLOW_EVERY:
-                self._last_follow = time.monotonic()
-                self._follow()
 
     def _make(self, positions: dict[tuple[str, int], int] | None, consumer: Consumer | None) -> None:
         """One change of :meth:`move` or :meth:`replace`, in the thread."""
@@ -198,19 +210,32 @@ class Inbox:
         assign(self.consumer, self.positions)
 
     def _follow(self) -> None:
-        """Start reading the partitions added to a followed topic since the last look."""
-        for topic, known in list(self.counts.items()):
-            try:
-                meta = self.consumer.list_topics(topic, timeout=1.0).topics.get(topic)
-            except KafkaException:
-                continue  # the broker is away; look again later
-            if meta is None or meta.error is not None or len(meta.partitions) <= known:
-                continue
-            added = [TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(known, len(meta.partitions))]
-            self.consumer.incremental_assign(added)
-            self.positions.update({(topic, tp.partition): OFFSET_BEGINNING for tp in added})
-            if topic == self.watch_topic:
-                self.watch += [TopicPartition(topic, tp.partition) for tp in added]
-            self.counts[topic] = len(meta.partitions)
-            log.warning("topic %s grew from %d to %d partitions: reading the new ones", topic,
-                        known, len(meta.partitions), extra={"event": "partitions_added"})
+        """The follower's thread: every :data:`FOLLOW_EVERY` seconds, the partition counts of
+        the followed topics, asked through :attr:`metadata`; a larger one is handed to the
+        reading thread, which starts reading the new partitions."""
+        assert self.metadata is not None
+        while not self._stop.wait(FOLLOW_EVERY):
+            for topic, known in list(self.counts.items()):
+                try:
+                    meta = self.metadata.list_topics(topic, timeout=1.0).topics.get(topic)
+                except KafkaException:
+                    continue  # the broker is away; look again later
+                if meta is None or meta.error is not None or len(meta.partitions) <= known:
+                    continue
+                with self._room:
+                    self._grown[topic] = max(len(meta.partitions), self._grown.get(topic, 0))
+                    self._room.notify()
+
+    def _grow(self, topic: str, count: int) -> None:
+        """Start reading the partitions of ``topic`` past those read so far, up to ``count``."""
+        known = self.counts[topic]
+        if count <= known:
+            return  # (seen twice before the reading thread took it up)
+        added = [TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(known, count)]
+        self.consumer.incremental_assign(added)
+        self.positions.update({(topic, tp.partition): OFFSET_BEGINNING for tp in added})
+        if topic == self.watch_topic:
+            self.watch += [TopicPartition(topic, tp.partition) for tp in added]
+        self.counts[topic] = count
+        log.warning("topic %s grew from %d to %d partitions: reading the new ones", topic,
+                    known, count, extra={"event": "partitions_added"})

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import select
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -12,8 +14,10 @@ from typing import Any
 
 import pytest
 from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka.admin import NewPartitions
 
 from yadtqd import config as configuration
+from yadtqd import inbox as inbox_module
 from yadtqd import topics, transport
 from yadtqd.inbox import Inbox
 from yadtqd.testing.broker import Broker
@@ -179,3 +183,62 @@ def consumer_stats(consumer: Consumer, stats: list[dict[str, Any]]) -> list[dict
     """The statistics received so far (a poll serves librdkafka's callbacks)."""
     consumer.poll(0.05)
     return stats
+
+
+def test_an_inbox_reads_on_while_it_asks_for_partition_counts(
+        bootstrap: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The counts of a followed topic are asked through a client of their own, in a thread of
+    their own: asked on the consumer in the reading thread, the question waited in the broker
+    behind the fetch parked there (one request at a time per connection), and nothing was read
+    meanwhile (issue 15: 116 ms every 5 s). Here the question's answer is held back: a message
+    produced meanwhile is read all the same, and once the answer comes, the partition the topic
+    gained meanwhile is read too."""
+    config = _config(bootstrap)
+    admin = transport.make_admin(config)
+    topics.ensure_topics(admin, topics.topic_specs(config))
+    topic = config.topic("tasks")
+    asked, answer = threading.Event(), threading.Event()
+
+    class HeldBack:
+        """The inbox's metadata client: every answer waits until the test lets it through."""
+
+        def list_topics(self, *args: Any, **kwargs: Any) -> Any:
+            asked.set()
+            answer.wait(60)
+            return admin.list_topics(*args, **kwargs)
+
+    monkeypatch.setattr(inbox_module, "FOLLOW_EVERY", 0.01)
+    consumer, _ = transport.make_consumer(config, "test")
+    inbox = Inbox(consumer, follow={topic: 2}, metadata=HeldBack())  # type: ignore[arg-type]
+    inbox.move({(topic, 0): 0, (topic, 1): 0})
+    inbox.start()
+    try:
+        assert asked.wait(30), "the inbox never asked for the partition counts"
+        producer, _ = transport.make_producer(config, "test")
+        producer.produce(topic, b"m0", partition=1)
+        assert transport.flush(producer, 30) == 0
+        assert _take(inbox, 1) == [b"m0"]  # read while the question waits
+        for future in admin.create_partitions([NewPartitions(topic, 3)]).values():
+            future.result(30)
+        grown, _ = transport.make_producer(config, "test")  # knows the third partition
+        grown.produce(topic, b"m1", partition=2)
+        assert transport.flush(grown, 30) == 0
+        answer.set()
+        assert _take(inbox, 1) == [b"m1"]
+        assert inbox.counts[topic] == 3 and inbox.positions[(topic, 2)] == 1
+    finally:
+        answer.set()
+        inbox.stop()
+        inbox.close()
+        consumer.close()
+
+
+def _take(inbox: Inbox, count: int) -> list[bytes]:
+    """The values of the next ``count`` messages the inbox hands over (30 s at most)."""
+    got: list[bytes] = []
+    deadline = time.monotonic() + 30
+    while len(got) < count:
+        assert time.monotonic() < deadline, f"read {got}"
+        select.select([inbox.reader], [], [], 0.5)
+        got += [msg.value() or b"" for msg in inbox.take()]
+    return got

@@ -22,6 +22,7 @@ import time
 import uuid
 
 from confluent_kafka import Consumer, Producer
+from confluent_kafka.admin import AdminClient
 
 from yadtqd import messages as m
 from yadtqd import topics, transport
@@ -89,13 +90,15 @@ class Server:
         self.term = 0
         self.stop_signal = ""
         self.elector: Elector | None = None
+        #: Metadata beside the consumer's fetches (the inbox asks it for partition counts).
+        self.admin: AdminClient | None = None
 
     def run(self) -> int:
         """Serve until SIGTERM, as the active server or a standby (DESIGN 13), changing role
         as the servers' group decides; returns the exit status."""
         lock = hold_database(self.config.server.database)
         store = Store(self.config.server.database, create=True)
-        admin = transport.make_admin(self.config)
+        admin = self.admin = transport.make_admin(self.config)
         specs = topics.topic_specs(self.config)
         topics.ensure_topics(admin, specs)
         topics.check_message_sizes(admin, self.config)
@@ -217,7 +220,8 @@ class Server:
         self.evidence.watch(range(self.counts[self.events_topic]))
         dispatcher = Dispatcher(self.config, self.counts[self.config.topic("dispatch")], self.evidence, out)
         inbox = Inbox(consumer, self.config.server.batch_size,
-                      follow={t: n for t, n in self.counts.items() if t != self.config.topic("dispatch")})
+                      follow={t: n for t, n in self.counts.items() if t != self.config.topic("dispatch")},
+                      metadata=self.admin)
         ingest = Ingest(store, self.scheduler, self.config, self.evidence, dispatcher.partitions)
         self._restore(store, dispatcher)
         took = round(time.monotonic() - started, 3)
