@@ -3,18 +3,23 @@ before the changelog existed, is rebuilt from the changelog row for row."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import signal
 import sqlite3
+import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests import ledger
 from tests.cluster import Cluster
-from yadtqd import transport
+from yadtqd import topics, transport
 from yadtqd.client import KafkaSubmitter
 from yadtqd.config import load
+from yadtqd.server.standby import Follower
+from yadtqd.store import Store
 
 pytestmark = pytest.mark.kafka
 #: The replicated rows compared. (Offsets too are replicated, but a server started again reads
@@ -113,3 +118,39 @@ def test_a_database_older_than_the_changelog_is_published_whole(cluster: Cluster
     cluster.stop("server")
     assert rows(cluster.database) == before
     assert os.path.exists(cluster.database)
+
+
+def test_a_standby_never_waits_for_the_broker_to_say_where_the_changelog_ends(
+        bootstrap: str, tmp_path: Path) -> None:
+    """A standby's lag is the changelog's end less what it applied. The end is asked through
+    the admin client and taken once the answer came: asked on the standby's consumer, the
+    question waited in the broker behind the fetch parked there (up to 100 ms, every tenth of a
+    second), and the standby's loop with it. Here the answer is held back: the lag is not known
+    yet, and each call returns at once; once the answer comes, the lag is counted."""
+    config = load(None, env={"YADTQ_KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+                             "YADTQ_TOPIC_PREFIX": f"lag{uuid.uuid4().hex[:10]}"})
+    admin = transport.make_admin(config)
+    topics.ensure_topics(admin, topics.topic_specs(config))
+    asked: list[dict[Any, concurrent.futures.Future[Any]]] = []
+    held: dict[Any, concurrent.futures.Future[Any]] = {}
+
+    class HeldBack:
+        """The standby's admin client: its answers wait until the test hands them over."""
+
+        def list_offsets(self, *args: Any, **kwargs: Any) -> dict[Any, concurrent.futures.Future[Any]]:
+            asked.append(admin.list_offsets(*args, **kwargs))
+            held.clear()
+            held.update({tp: concurrent.futures.Future() for tp in asked[-1]})
+            return dict(held)
+
+    store = Store(str(tmp_path / "standby.db"), create=True)
+    follower = Follower(config, store, HeldBack())  # type: ignore[arg-type]
+    try:
+        assert follower.lag() == -1 and len(asked) == 1  # asked; not known until the answer
+        assert follower.lag() == -1 and len(asked) == 1  # the answer is awaited, not asked again
+        for tp, future in asked[-1].items():
+            held[tp].set_result(future.result(30))
+        assert follower.lag() == 0  # an empty changelog, all of it applied
+    finally:
+        follower.close()
+        store.close()

@@ -90,8 +90,8 @@ class Server:
         self.term = 0
         self.stop_signal = ""
         self.elector: Elector | None = None
-        #: Metadata beside the consumer's fetches (the inbox asks it for partition counts).
-        self.admin: AdminClient | None = None
+        #: Metadata and offsets beside the consumers' parked fetches (set by :meth:`run`).
+        self.admin: AdminClient
 
     def run(self) -> int:
         """Serve until SIGTERM, as the active server or a standby (DESIGN 13), changing role
@@ -175,7 +175,7 @@ class Server:
 
     def _follower(self, store: Store) -> Follower | None:
         try:
-            follower = Follower(self.config, store, timeout=5.0)
+            follower = Follower(self.config, store, self.admin, timeout=5.0)
         except UnreachableError as exc:
             self._unreachable(f"cannot follow {self.config.topic('changelog')} yet: {exc}")
             return None

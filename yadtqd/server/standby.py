@@ -5,19 +5,23 @@ never-granted tasks only a file knows of submitted again before that file is wip
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import time
+from typing import Any
 
 import msgspec
 from confluent_kafka import (
     OFFSET_BEGINNING,
     TIMESTAMP_NOT_AVAILABLE,
     Consumer,
+    IsolationLevel,
     KafkaError,
     KafkaException,
     Message,
     TopicPartition,
 )
+from confluent_kafka.admin import AdminClient, OffsetSpec  # type: ignore[attr-defined]
 
 from yadtqd import changelog, transport
 from yadtqd import messages as m
@@ -28,6 +32,8 @@ from yadtqd.store import Store
 log = logging.getLogger("yadtqd.server")
 _payload = msgspec.json.Decoder(tuple[str, list, dict, m.Options])  # type: ignore[type-arg]
 
+#: Where the changelog's end is asked of the broker: its last offset (for ``list_offsets``).
+_LATEST = OffsetSpec.latest()  # type: ignore[no-untyped-call]
 #: Changelog records applied per SQLite transaction while restoring or following.
 RESTORE_BATCH = 2000
 #: Seconds between two questions to the broker for the changelog's end (a standby's lag).
@@ -71,9 +77,10 @@ class Follower:
     """A standby's replica: the changelog applied as it comes, so every read can be served
     here and a takeover has only the last records left to apply."""
 
-    def __init__(self, config: Config, store: Store, timeout: float = 30.0) -> None:
+    def __init__(self, config: Config, store: Store, admin: AdminClient, timeout: float = 30.0) -> None:
         self.topic = config.topic("changelog")
         self.store = store
+        self.admin = admin
         self.monitor = monitor = transport.ConnectionMonitor("server standby consumer")
         settings = transport.consumer_settings(config, "server-standby", monitor)
         settings.setdefault("fetch.min.bytes", FOLLOW_MIN_BYTES)
@@ -101,9 +108,11 @@ class Follower:
         self.consumer.assign(self.partitions)
         #: When the active wrote the newest record applied (its Kafka timestamp), if known.
         self.written: float | None = None
-        #: The changelog's last stable offset per partition, and when it was last asked.
+        #: The changelog's last stable offset per partition, when it was last asked, and the
+        #: answers awaited.
         self._ends: dict[int, int] = {}
         self._asked = float("-inf")
+        self._asking: dict[TopicPartition, concurrent.futures.Future[Any]] = {}
 
     def step(self, timeout: float) -> int:
         """Apply what arrived within ``timeout``; returns the changes applied."""
@@ -126,20 +135,26 @@ class Follower:
 
     def lag(self) -> int:
         """Records not yet applied (-1: not known yet). The end is the last stable offset,
-        asked of the broker at most every :data:`LAG_EVERY` seconds: the high watermark a
-        fetch brings counts the open transaction's placeholders the active keeps ahead of need
+        asked of the broker at most every :data:`LAG_EVERY` seconds through the admin client,
+        whose answer is taken once it came (this never waits for it): asked on the consumer,
+        the question waited in the broker behind the fetch parked there (one request at a time
+        per connection; a standby's fetch waits for 1 MB or 100 ms), and the standby's loop
+        with it. The high watermark a fetch brings would count the open transaction's
+        placeholders the active keeps ahead of need
         (:meth:`yadtqd.server.replication.Changelog.prime`), which no reader sees until their
         commit."""
+        if self._asking and all(f.done() for f in self._asking.values()):
+            try:
+                self._ends = {tp.partition: f.result().offset for tp, f in self._asking.items()}
+            except KafkaException:
+                self._ends = {}
+            self._asking = {}
         now = time.monotonic()
-        if now - self._asked >= LAG_EVERY:
+        if not self._asking and now - self._asked >= LAG_EVERY:
             self._asked = now
-            for tp in self.partitions:
-                try:
-                    _, end = self.consumer.get_watermark_offsets(tp, timeout=1.0, cached=False)
-                except KafkaException:
-                    self._ends = {}
-                    return -1
-                self._ends[tp.partition] = end
+            self._asking = self.admin.list_offsets(
+                {TopicPartition(self.topic, tp.partition): _LATEST for tp in self.partitions},
+                isolation_level=IsolationLevel.READ_COMMITTED, request_timeout=10.0)
         if len(self._ends) < len(self.partitions) or min(self._ends.values()) < 0:
             return -1
         positions = self.store.changelog_positions()
