@@ -29,7 +29,6 @@ from __future__ import annotations
 import logging
 import socket
 import threading
-import time
 from collections import deque
 from collections.abc import Iterable
 
