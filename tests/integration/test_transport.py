@@ -105,28 +105,19 @@ def test_an_inbox_reads_on_with_a_new_consumer_from_where_the_old_one_stopped(bo
             producer.produce(topic, f"m{i}".encode(), partition=1)
         assert transport.flush(producer, 30) == 0
 
-    def take(inbox: Inbox, count: int) -> list[bytes]:
-        got: list[bytes] = []
-        deadline = time.monotonic() + 30
-        while len(got) < count:
-            assert time.monotonic() < deadline, f"read {got}"
-            got += [msg.value() or b"" for msg in inbox.take()]
-            time.sleep(0.05)
-        return got
-
     produce(0, 10)
     old, _ = transport.make_consumer(config, "test")
     inbox = Inbox(old)
     inbox.move({(topic, 1): 3})
     inbox.start()
     try:
-        assert take(inbox, 7) == [f"m{i}".encode() for i in range(3, 10)]
+        assert _take(inbox, 7) == [f"m{i}".encode() for i in range(3, 10)]
         new, _ = transport.make_consumer(config, "test")
         produce(10, 5)
         inbox.replace(new)
         _until(lambda: inbox.consumer is new, "the inbox to take the new consumer")
         produce(15, 5)
-        assert take(inbox, 10) == [f"m{i}".encode() for i in range(10, 20)]
+        assert _take(inbox, 10) == [f"m{i}".encode() for i in range(10, 20)]
         assert inbox.positions == {(topic, 1): 20}
         _until(lambda: _closed(old), "the old consumer to be closed")
     finally:
