@@ -24,13 +24,7 @@ transactional producer is fenced (a newer server took the ``transactional.id``) 
 good stops being the active: :class:`Fenced`; only the servers' group makes it active again.
 
 At start, :meth:`Changelog.start` fences any older server and aborts its open transaction, and
-:meth:`Changelog.restore` brings the store to the changelog's end: the tail after this file's
-positions; or the whole changelog when the file is new, or when it holds changes the changelog
-may lack (noted at start: the last turn before a crash). Those are dropped, and what caused them
-is read again from ``tasks`` and ``events``, whose offsets come from the changelog too; tasks
-never granted that only the file knew of (a socket submit during an outage) are submitted again
-to ``tasks`` first. A file with rows the changelog lacks entirely (a database from before it)
-is published, in chunks, resumed after a restart.
+:meth:`Changelog.restore` brings the store to the changelog's end (:mod:`yadtqd.server.restore`).
 """
 
 from __future__ import annotations
@@ -43,20 +37,13 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from confluent_kafka import (
-    OFFSET_BEGINNING,
-    Consumer,
-    KafkaError,
-    KafkaException,
-    Message,
-    Producer,
-)
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from yadtqd import changelog, transport
 from yadtqd import messages as m
 from yadtqd.config import Config
 from yadtqd.errors import UnreachableError
-from yadtqd.server.standby import RESTORE_BATCH, apply_batch, resubmit
+from yadtqd.server.restore import restore
 from yadtqd.store import Store
 
 log = logging.getLogger("yadtqd.server")
@@ -165,73 +152,8 @@ class Changelog:
                                            f" {err.str()}") from None
 
     def restore(self, store: Store, timeout: float = 3600.0, tick: Callable[[], None] = lambda: None) -> int:
-        """Bring the store to the changelog's end; returns the records applied. ``tick`` is
-        called after every batch (the watchdog is fed while a long changelog is read)."""
-        monitor = transport.ConnectionMonitor("server-restore consumer")
-        settings = transport.consumer_settings(self.config, "server-restore", monitor)
-        settings["enable.partition.eof"] = True  # the end is where the last commit marker lies
-        consumer = Consumer(settings)
-        try:
-            return self._restore(store, consumer, timeout, tick)
-        finally:
-            consumer.close()
-
-    def _restore(self, store: Store, consumer: Consumer, timeout: float, tick: Callable[[], None]) -> int:
-        partitions = transport.partition_count(consumer, self.topic, 10.0)
-        ends = {p: transport.end_offset(consumer, self.topic, p, 10.0) for p in range(partitions)}
-        positions = store.changelog_positions()
-        if store.publishing():
-            log.info("%s: publishing to %s goes on", store.path, self.topic)
-            return 0
-        if store.has_pending():
-            log.warning("%s: its last changes may not have reached %s (the server stopped"
-                        " between the two): rebuilding it from the changelog", store.path, self.topic,
-                        extra={"event": "store_rebuild"})
-            self._rebuild(store)
-        elif not store.is_empty() and (not any(ends.values())
-                                       or any(positions.get(p, 0) > ends[p] for p in ends)):
-            log.warning("%s: publishing the whole database to %s, which lacks it (new, made"
-                        " again, or shorter than this file has read)", store.path, self.topic,
-                        extra={"event": "store_publish"})
-            with store.transaction():
-                store.note_all()
-                store.set_publishing(True)
-            return 0
-        elif not store.is_empty() and not positions:
-            log.warning("%s: holds rows but no changelog positions, and %s is not empty:"
-                        " rebuilding it from the changelog", store.path, self.topic,
-                        extra={"event": "store_rebuild"})
-            self._rebuild(store)
-        positions = store.changelog_positions()
-        todo = {p for p in range(partitions) if positions.get(p, 0) < ends[p]}
-        if not todo:
-            return 0
-        transport.assign(consumer, {(self.topic, p): positions.get(p, OFFSET_BEGINNING)
-                                    for p in range(partitions)})
-        applied, started = 0, time.monotonic()
-        deadline = started + timeout
-        while todo:
-            batch = consumer.consume(RESTORE_BATCH, 0.05)  # a full batch, or what came: no idle wait
-            applied += apply_batch(store, self.topic, batch)
-            tick()
-            for msg in batch:
-                err, partition, offset = msg.error(), msg.partition() or 0, msg.offset() or 0
-                if (err is not None and err.code() == KafkaError._PARTITION_EOF
-                        or err is None and offset + 1 >= ends[partition]):
-                    todo.discard(partition)
-            if time.monotonic() > deadline:
-                raise UnreachableError(f"cannot read {self.topic} to its end within {timeout:g} s"
-                                       f" ({applied} records applied)")
-        log.info("restored %d changelog records from %s in %.1f s", applied, self.topic,
-                 time.monotonic() - started, extra={"event": "store_restored"})
-        return applied
-
-    def _rebuild(self, store: Store) -> None:
-        """Wipe the file for a rebuild, submitting again the never-granted tasks that only it
-        may know of (a socket submit during an outage, say)."""
-        resubmit(self.config, store)
-        with store.transaction():
-            store.wipe()
+        """Bring the store to the changelog's end (:func:`~yadtqd.server.restore.restore`)."""
+        return restore(self.config, store, timeout, tick)
 
     # ------------------------------------------------------------ each turn
 
