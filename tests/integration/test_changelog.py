@@ -15,9 +15,11 @@ import pytest
 
 from tests import ledger
 from tests.cluster import Cluster
+from tests.unit.test_store import sub
 from yadtqd import topics, transport
 from yadtqd.client import KafkaSubmitter
 from yadtqd.config import load
+from yadtqd.server.replication import Changelog, Fenced
 from yadtqd.server.standby import Follower
 from yadtqd.store import Store
 
@@ -154,3 +156,37 @@ def test_a_standby_never_waits_for_the_broker_to_say_where_the_changelog_ends(
     finally:
         follower.close()
         store.close()
+
+
+def test_a_newer_active_fences_both_producers_that_take_turns(bootstrap: str, tmp_path: Path) -> None:
+    """The active's transactions take turns on two ``transactional.id``: both commit, in order,
+    and are read. A newer active takes both ids before it reads the changelog's end, so an old
+    active left running can commit nothing more on either (it stops: :class:`Fenced`)."""
+    config = load(None, env={"YADTQ_KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+                             "YADTQ_TOPIC_PREFIX": f"turns{uuid.uuid4().hex[:10]}"})
+    topics.ensure_topics(transport.make_admin(config), topics.topic_specs(config))
+    store = Store(str(tmp_path / "old.db"), create=True)
+    store.capture()
+    old, new = Changelog(config), Changelog(config)
+    try:
+        old.start(timeout=30)
+        for task_id in ("a", "b", "c"):
+            with store.transaction():
+                store.intake(sub(task_id), 1.0)
+            assert old.commit(store, timeout=30, linger=False)  # on the two ids in turn
+        new.start(timeout=30)
+        replica = Store(str(tmp_path / "new.db"), create=True)
+        new.restore(replica, timeout=30)
+        assert set(replica.task_rows(["a", "b", "c"])) == {"a", "b", "c"}
+        for turn in (0, 1):  # whichever producer's turn it is
+            old.turn = turn
+            with store.transaction():
+                store.intake(sub(f"late{turn}"), 1.0)
+            with pytest.raises(Fenced):
+                old.commit(store, timeout=30, linger=False)
+                old.commit(store, timeout=30, linger=False)  # (if the first only began it)
+            old.state = "idle"
+    finally:
+        old.discard()
+        new.discard()
+    assert "late0" not in Store(str(tmp_path / "new.db")).task_rows(["late0", "late1"])

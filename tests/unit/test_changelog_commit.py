@@ -101,7 +101,8 @@ def store(tmp_path: Path) -> Store:
 @pytest.fixture
 def out() -> Iterator[Changelog]:
     changelog = Changelog(Config(kafka={"bootstrap.servers": "127.0.0.1:9"}))
-    changelog.producer = FakeProducer()  # type: ignore[assignment]
+    fake = FakeProducer()  # both turns on one stand-in: the sequencing alone is tested here
+    changelog.producers = [fake, fake]  # type: ignore[list-item]
     yield changelog
     changelog.discard()
 
@@ -136,6 +137,30 @@ def test_the_loop_goes_on_while_a_commit_is_under_way(store: Store, out: Changel
     assert keys(fake.committed[1], "yadtq.dispatch") == [b"w"]
     assert not store.has_pending()
     assert store.changelog_positions() == {0: 2}
+
+
+def test_transactions_take_turns_on_the_two_producers(store: Store, out: Changelog,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The next transaction goes on the other ``transactional.id``, so that it never waits for
+    the coordinator to write the last one's markers (told "not yet", librdkafka asks again 20 ms
+    later); the one opened ahead of need after a commit, and one sent again after an abort, too."""
+    monkeypatch.setattr(replication, "SETTLE", 0.0)
+    first, second = FakeProducer(), FakeProducer()
+    out.producers = [first, second]  # type: ignore[list-item]
+    for task_id in ("a", "b", "c"):
+        submit(store, task_id)
+        assert out.commit(store, timeout=5.0, linger=False) is True
+    assert [keys(t) for t in first.committed] == [[b"tasks/a"], [b"tasks/c"]]
+    assert [keys(t) for t in second.committed] == [[b"tasks/b"]]
+    out.prime([("yadtq.dispatch", 0)])
+    assert out.state == "primed" and first.open is None and second.open is not None
+    second.fail = KafkaError(KafkaError._INCONSISTENT, "refused", txn_requires_abort=True)
+    submit(store, "d")
+    assert out.commit(store, timeout=5.0, linger=False) is False
+    assert len(second.aborted) == 1 and b"tasks/d" in keys(second.aborted[0])
+    assert out.commit(store, timeout=5.0, linger=False) is True
+    assert keys(first.committed[-1]) == [b"tasks/d"] and len(second.committed) == 1
+    assert not store.has_pending()
 
 
 def test_a_failed_commit_is_aborted_and_all_of_it_sent_again(store: Store, out: Changelog) -> None:

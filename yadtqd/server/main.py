@@ -242,7 +242,7 @@ class Server:
         fenced = False
         try:
             # a client that knows no broker never connects again: the next term makes new ones
-            clients = (monitor, out.monitor, dispatcher.monitor)
+            clients = (monitor, *out.monitors, dispatcher.monitor)
             while not self.stopping and elector.leading.is_set() and not any(c.orphaned for c in clients):
                 self._turn(store, ingest, inbox, dispatcher, out)
             why = elector.why if not elector.leading.is_set() else next(

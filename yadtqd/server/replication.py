@@ -1,8 +1,9 @@
 """The server's changelog (DESIGN 13): one Kafka transaction per turn, and a store restored
 from it.
 
-Every turn of the server's loop ends in one Kafka transaction under the cluster's one
-``transactional.id`` (``<prefix>.server``): the changelog records of every row the turn changed
+Every turn of the server's loop ends in one Kafka transaction, under the cluster's two
+``transactional.id`` in turns (``<prefix>.server`` and ``<prefix>.server.2``, see
+:data:`TURNS`; one transaction open at a time): the changelog records of every row the turn changed
 (:mod:`yadtqd.changelog`) and the dispatch messages it caused (``run``, ``cancel``, ``fenced``,
 ``alive``, ``left``, ``refused``). Workers read ``dispatch`` with ``read_committed``, so a grant
 reaches a worker only once its record is in the changelog. The offsets consumed from ``tasks``
@@ -19,12 +20,18 @@ that times out (the broker away) is tried again at the next turn, while the loop
 after 30 s aborted if librdkafka lets it (not while a commit call is open: then librdkafka ends
 the commit itself within the transaction's timeout). A transaction carries at most
 5,000 rows: a backlog of notes goes in several, oldest first, and the dispatch messages wait
-for the last (a ``run`` never reaches a worker before its grant's record). A server whose
-transactional producer is fenced (a newer server took the ``transactional.id``) or failed for
-good stops being the active: :class:`Fenced`; only the servers' group makes it active again.
+for the last (a ``run`` never reaches a worker before its grant's record). A server either of
+whose transactional producers is fenced (a newer server took the ``transactional.id``) or failed
+for good stops being the active: :class:`Fenced`; only the servers' group makes it active again.
 
-At start, :meth:`Changelog.start` fences any older server and aborts its open transaction, and
-:meth:`Changelog.restore` brings the store to the changelog's end (:mod:`yadtqd.server.restore`).
+The next transaction begins only once the last one's commit returned, so its records follow the
+last one's in every partition, and a ``read_committed`` reader sees them after the last one's
+even if the coordinator writes the markers of the two out of order.
+
+At start, :meth:`Changelog.start` fences any older server (both ids: it takes them one after the
+other, and a transaction the older one committed meanwhile is before the end read next) and
+aborts its open transactions, and :meth:`Changelog.restore` brings the store to the changelog's
+end (:mod:`yadtqd.server.restore`).
 """
 
 from __future__ import annotations
@@ -66,9 +73,16 @@ PRIME_LIMIT = 5.0
 #: Seconds rows that no dispatch message waits on (results, offsets) may wait for the next
 #: transaction: on a task's path its finish then rides with the next grant, one commit for two.
 LINGER = 0.02
-#: Seconds after a commit before the next transaction is opened ahead of need: until the
-#: coordinator has written the commit's markers it answers "not yet", and librdkafka then waits
-#: 20 ms before asking again (measured here: 1 ms later, 9 in 10 are registered at once).
+#: The suffixes of the two ``transactional.id`` (``<prefix>.server``, ``<prefix>.server.2``),
+#: whose producers carry the transactions in turns. Until the coordinator has written a
+#: commit's markers it answers "not yet" (CONCURRENT_TRANSACTIONS) to the same id's next
+#: transaction, and librdkafka then waits a fixed 20 ms before asking again: with one producer,
+#: a task granted in that window waited for it (issue 15: 1 % of sequential tasks beside a
+#: standby, whose broker writes markers slower). The other id's coordinator state is its own.
+TURNS = ("", ".2")
+#: Seconds after a commit before the next transaction is opened ahead of need, on the other
+#: producer: work that comes sooner begins it anyway (under load, a turn's work always does, and
+#: a transaction opened ahead of need would only add placeholders).
 SETTLE = 0.002
 #: The broker's bound on an open transaction (librdkafka's default, said explicitly).
 TRANSACTION_TIMEOUT_MS = 60_000
@@ -102,15 +116,14 @@ class Changelog:
         #: Called (from the committing thread) when a commit is done: it ends the loop's wait.
         self.wake: Callable[[], None] = lambda: None
         self.topic = config.topic("changelog")
-        self.transactional_id = config.topic("server")
-        self.monitor = transport.ConnectionMonitor("server transactional producer")
-        settings = transport.producer_settings(config, "server", self.monitor)
-        settings["transactional.id"] = self.transactional_id
-        settings["message.max.bytes"] = max(int(str(settings.get("message.max.bytes", 0))),
-                                            changelog.record_bytes(config))
-        settings["linger.ms"] = 0  # a commit sends the batch anyway: never wait for more
-        settings.setdefault("transaction.timeout.ms", TRANSACTION_TIMEOUT_MS)
-        self.producer = Producer(settings)
+        #: The two ``transactional.id`` taken in turns (see :data:`TURNS`).
+        self.transactional_ids = [config.topic("server") + suffix for suffix in TURNS]
+        names = [f"server transactional producer {i + 1}".removesuffix(" 1") for i in range(len(TURNS))]
+        self.monitors = [transport.ConnectionMonitor(name) for name in names]
+        self.producers = [self._make(config, tid, monitor)
+                          for tid, monitor in zip(self.transactional_ids, self.monitors)]
+        #: Which of :attr:`producers` carries the next transaction.
+        self.turn = 0
         self._opened = 0.0
         #: Messages for the next transaction; those of the transaction being committed.
         self.queued: list[Outgoing] = []
@@ -135,21 +148,42 @@ class Changelog:
         self.commits = 0
         self.problem = ""
 
+    @staticmethod
+    def _make(config: Config, transactional_id: str, monitor: transport.ConnectionMonitor) -> Producer:
+        settings = transport.producer_settings(config, "server", monitor)
+        settings["transactional.id"] = transactional_id
+        settings["message.max.bytes"] = max(int(str(settings.get("message.max.bytes", 0))),
+                                            changelog.record_bytes(config))
+        settings["linger.ms"] = 0  # a commit sends the batch anyway: never wait for more
+        settings.setdefault("transaction.timeout.ms", TRANSACTION_TIMEOUT_MS)
+        return Producer(settings)
+
+    @property
+    def producer(self) -> Producer:
+        """The producer whose turn it is: it carries the open transaction, or the next one."""
+        return self.producers[self.turn]
+
+    def _next_turn(self) -> None:
+        """A transaction ended (committed or aborted): the other producer carries the next one,
+        while the coordinator writes this one's markers."""
+        self.turn = (self.turn + 1) % len(self.producers)
+
     # ------------------------------------------------------------ start
 
     def start(self, timeout: float = 60.0) -> None:
-        """Take the ``transactional.id``: any older server's producer is fenced, and its open
-        transaction aborted, before this one reads the changelog's end."""
+        """Take both ``transactional.id``: any older server's producers are fenced, and their
+        open transactions aborted, before this one reads the changelog's end."""
         deadline = time.monotonic() + timeout
-        while True:
-            try:
-                self.producer.init_transactions(max(1.0, deadline - time.monotonic()))
-                return
-            except KafkaException as exc:
-                err = exc.args[0]
-                if not err.retriable() or time.monotonic() >= deadline:
-                    raise UnreachableError(f"cannot take transactional.id {self.transactional_id}:"
-                                           f" {err.str()}") from None
+        for producer, transactional_id in zip(self.producers, self.transactional_ids):
+            while True:
+                try:
+                    producer.init_transactions(max(1.0, deadline - time.monotonic()))
+                    break
+                except KafkaException as exc:
+                    err = exc.args[0]
+                    if not err.retriable() or time.monotonic() >= deadline:
+                        raise UnreachableError(f"cannot take transactional.id {transactional_id}:"
+                                               f" {err.str()}") from None
 
     def restore(self, store: Store, timeout: float = 3600.0, tick: Callable[[], None] = lambda: None) -> int:
         """Bring the store to the changelog's end (:func:`~yadtqd.server.restore.restore`)."""
@@ -267,9 +301,10 @@ class Changelog:
         nothing keeps it alive (a fenced producer may refuse even that); the committing thread
         ends once its call does."""
         self._committer.shutdown(wait=False)
-        with contextlib.suppress(KafkaException):
-            self.producer.purge()
-            self.producer.flush(0)
+        for producer in self.producers:
+            with contextlib.suppress(KafkaException):
+                producer.purge()
+                producer.flush(0)
 
     def take_undelivered(self) -> int:
         """Messages of aborted transactions since the last call (for the counters)."""
@@ -337,7 +372,7 @@ class Changelog:
                 self.state = "aborting"
                 self._abort(max(timeout, COMMIT_WAIT))
                 return False
-            self._call = self._committer.submit(self._committed)
+            self._call = self._committer.submit(self._committed, self.producer)
             self._call.add_done_callback(lambda _: self.wake())
         try:
             error = self._call.result(timeout)
@@ -350,6 +385,7 @@ class Changelog:
         if error is not None:
             return self._failed(error, max(timeout, COMMIT_WAIT))
         self.state, self._ended = "idle", time.monotonic()
+        self._next_turn()
         store.confirm(self._notes, self._positions)
         self.sending, self._notes = [], []
         self.commits += 1
@@ -362,10 +398,11 @@ class Changelog:
             self.problem = ""
         return True
 
-    def _committed(self) -> KafkaError | None:
+    @staticmethod
+    def _committed(producer: Producer) -> KafkaError | None:
         """The commit itself, in the committing thread: None once done, else why not."""
         try:
-            self.producer.commit_transaction(COMMIT_WAIT)
+            producer.commit_transaction(COMMIT_WAIT)
         except KafkaException as exc:
             return exc.args[0]  # type: ignore[no-any-return]
         return None
@@ -373,7 +410,7 @@ class Changelog:
     def _failed(self, err: KafkaError, timeout: float) -> bool:
         if err.fatal() and err.code() in FENCED:
             raise Fenced(f"this server's transactional producer was fenced ({err.str()}): another"
-                         f" server took transactional.id {self.transactional_id}, or the broker"
+                         f" server took transactional.id {self.transactional_ids[self.turn]}, or the broker"
                          " ended a transaction left open past its timeout; this one stops granting")
         if err.fatal():  # a new producer must not fence a newer active: the group decides
             raise Fenced(f"the changelog producer failed for good ({err.str()})")
@@ -407,4 +444,5 @@ class Changelog:
         self.undelivered += sum(1 for out in self.sending if not out.retried)
         self.queued = [dataclasses.replace(out, retried=True) for out in self.sending] + self.queued
         self.sending, self.state, self._ended = [], "idle", time.monotonic()
+        self._next_turn()
         return True
