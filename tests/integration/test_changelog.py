@@ -159,34 +159,42 @@ def test_a_standby_never_waits_for_the_broker_to_say_where_the_changelog_ends(
 
 
 def test_a_newer_active_fences_both_producers_that_take_turns(bootstrap: str, tmp_path: Path) -> None:
-    """The active's transactions take turns on two ``transactional.id``: both commit, in order,
-    and are read. A newer active takes both ids before it reads the changelog's end, so an old
-    active left running can commit nothing more on either (it stops: :class:`Fenced`)."""
+    """The active's transactions take turns on two ``transactional.id``: all commit and are read.
+    A newer active takes both ids before it reads the changelog's end: what an older one
+    committed on the second id before it was taken is in that end (here a server that took only
+    the first, frozen say, lets the old one go on there), and afterwards the old one can commit
+    nothing on either (it stops: :class:`Fenced`)."""
     config = load(None, env={"YADTQ_KAFKA_BOOTSTRAP_SERVERS": bootstrap,
                              "YADTQ_TOPIC_PREFIX": f"turns{uuid.uuid4().hex[:10]}"})
     topics.ensure_topics(transport.make_admin(config), topics.topic_specs(config))
     store = Store(str(tmp_path / "old.db"), create=True)
     store.capture()
-    old, new = Changelog(config), Changelog(config)
+
+    def commit(task_id: str) -> bool:
+        with store.transaction():
+            store.intake(sub(task_id), 1.0)
+        return old.commit(store, timeout=30, linger=False)
+
+    def restored(name: str) -> set[str]:
+        replica = Store(str(tmp_path / name), create=True)
+        new.restore(replica, timeout=30)
+        return set(replica.task_rows(["a", "b", "c", "m", "late0", "late1"]))
+
+    old, half, new = Changelog(config), Changelog(config), Changelog(config)
     try:
         old.start(timeout=30)
-        for task_id in ("a", "b", "c"):
-            with store.transaction():
-                store.intake(sub(task_id), 1.0)
-            assert old.commit(store, timeout=30, linger=False)  # on the two ids in turn
+        assert all(commit(task_id) for task_id in ("a", "b", "c"))
+        assert old.turn == 1  # the first id, the second, the first: the second's turn
+        half.producers[0].init_transactions(30)  # the first id taken, not yet the second
+        assert commit("m")  # on the second, still the old one's
         new.start(timeout=30)
-        replica = Store(str(tmp_path / "new.db"), create=True)
-        new.restore(replica, timeout=30)
-        assert set(replica.task_rows(["a", "b", "c"])) == {"a", "b", "c"}
+        assert restored("new.db") == {"a", "b", "c", "m"}
         for turn in (0, 1):  # whichever producer's turn it is
-            old.turn = turn
-            with store.transaction():
-                store.intake(sub(f"late{turn}"), 1.0)
+            old.turn, old.state = turn, "idle"
             with pytest.raises(Fenced):
-                old.commit(store, timeout=30, linger=False)
-                old.commit(store, timeout=30, linger=False)  # (if the first only began it)
-            old.state = "idle"
+                commit(f"late{turn}")
+                old.commit(store, timeout=30, linger=False)  # (if the first call only began it)
     finally:
-        old.discard()
-        new.discard()
-    assert "late0" not in Store(str(tmp_path / "new.db")).task_rows(["late0", "late1"])
+        for changelog in (old, half, new):
+            changelog.discard()
+    assert restored("after.db") == {"a", "b", "c", "m"}

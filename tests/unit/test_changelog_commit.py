@@ -163,6 +163,21 @@ def test_transactions_take_turns_on_the_two_producers(store: Store, out: Changel
     assert not store.has_pending()
 
 
+def test_a_commit_that_timed_out_is_called_again_on_the_producer_that_holds_it(
+        store: Store, out: Changelog, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(replication, "COMMIT_WAIT", 0.05)  # the first call times out at once
+    first, second = FakeProducer(), FakeProducer()
+    out.producers = [first, second]  # type: ignore[list-item]
+    first.release.clear()
+    submit(store, "a")
+    assert out.commit(store, timeout=5.0, linger=False) is False  # timed out: tried again later
+    assert out.producer is first and second.open is None
+    first.release.set()
+    assert out.commit(store, timeout=5.0, linger=False) is True
+    assert [keys(t) for t in first.committed] == [[b"tasks/a"]] and second.committed == []
+    assert out.producer is second  # the next one's turn
+
+
 def test_a_failed_commit_is_aborted_and_all_of_it_sent_again(store: Store, out: Changelog) -> None:
     fake: FakeProducer = out.producer  # type: ignore[assignment]
     fake.fail = KafkaError(KafkaError._INCONSISTENT, "refused", txn_requires_abort=True)

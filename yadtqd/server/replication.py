@@ -24,7 +24,7 @@ for the last (a ``run`` never reaches a worker before its grant's record). A ser
 whose transactional producers is fenced (a newer server took the ``transactional.id``) or failed
 for good stops being the active: :class:`Fenced`; only the servers' group makes it active again.
 
-The next transaction begins only once the last one's commit returned, so its records follow the
+The next transaction begins only once the last one's commit (or abort) returned, so its records follow the
 last one's in every partition, and a ``read_committed`` reader sees them after the last one's
 even if the coordinator writes the markers of the two out of order.
 
@@ -91,8 +91,8 @@ FENCED = {KafkaError._FENCED, KafkaError.PRODUCER_FENCED}
 
 
 class Fenced(Exception):
-    """This server's transactional producer can go on no more (a newer server took the
-    cluster's ``transactional.id``, or the producer failed for good): it must stop granting,
+    """One of this server's transactional producers can go on no more (a newer server took the
+    cluster's ``transactional.id`` it carries, or it failed for good): the server must stop granting,
     and may be active again only when the servers' group elects it anew."""
 
 
@@ -109,7 +109,8 @@ class Outgoing:
 
 
 class Changelog:
-    """The server's transactional producer: changelog records and dispatch messages."""
+    """The server's two transactional producers, in turns: changelog records and dispatch
+    messages."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -118,12 +119,17 @@ class Changelog:
         self.topic = config.topic("changelog")
         #: The two ``transactional.id`` taken in turns (see :data:`TURNS`).
         self.transactional_ids = [config.topic("server") + suffix for suffix in TURNS]
-        names = [f"server transactional producer {i + 1}".removesuffix(" 1") for i in range(len(TURNS))]
-        self.monitors = [transport.ConnectionMonitor(name) for name in names]
-        self.producers = [self._make(config, tid, monitor)
-                          for tid, monitor in zip(self.transactional_ids, self.monitors)]
-        #: Which of :attr:`producers` carries the next transaction.
+        clients = ["server" + suffix.replace(".", "-") for suffix in TURNS]  # server, server-2
+        self.monitors = [transport.ConnectionMonitor(f"{client} transactional producer") for client in clients]
+        self.producers = [self._make(config, client, tid, monitor)
+                          for client, tid, monitor in zip(clients, self.transactional_ids, self.monitors)]
+        #: Which of :attr:`producers` carries the next transaction. A term (a new Changelog)
+        #: begins on the id :meth:`start` took first: a server that took only the second one
+        #: (two servers taking over at once, the first frozen between its two) is fenced at its
+        #: first commit, before it can commit anything the other's read of the end lacks.
         self.turn = 0
+        #: When the producer not in turn was last polled (:meth:`_serve_other`); monotonic.
+        self._served = 0.0
         self._opened = 0.0
         #: Messages for the next transaction; those of the transaction being committed.
         self.queued: list[Outgoing] = []
@@ -149,8 +155,9 @@ class Changelog:
         self.problem = ""
 
     @staticmethod
-    def _make(config: Config, transactional_id: str, monitor: transport.ConnectionMonitor) -> Producer:
-        settings = transport.producer_settings(config, "server", monitor)
+    def _make(config: Config, client: str, transactional_id: str,
+              monitor: transport.ConnectionMonitor) -> Producer:
+        settings = transport.producer_settings(config, client, monitor)
         settings["transactional.id"] = transactional_id
         settings["message.max.bytes"] = max(int(str(settings.get("message.max.bytes", 0))),
                                             changelog.record_bytes(config))
@@ -162,6 +169,15 @@ class Changelog:
     def producer(self) -> Producer:
         """The producer whose turn it is: it carries the open transaction, or the next one."""
         return self.producers[self.turn]
+
+    def _serve_other(self) -> None:
+        """Once a second, poll the producer not in turn: while commits stay on the other one (the
+        broker away), nothing else serves it, and librdkafka keeps a statistics event a second
+        on it until it is (issue 14). It has nothing in flight: its last transaction ended."""
+        now = time.monotonic()
+        if now - self._served >= 1.0:
+            self._served = now
+            self.producers[(self.turn + 1) % len(self.producers)].poll(0)
 
     def _next_turn(self) -> None:
         """A transaction ended (committed or aborted): the other producer carries the next one,
@@ -202,6 +218,7 @@ class Changelog:
         committed (or when there was nothing to send, or only rows that may still wait:
         :data:`LINGER`, unless not ``linger``), False while a commit is under way or must be
         tried again (the next call sees to both). Raises :class:`Fenced`."""
+        self._serve_other()
         if self.state == "aborting" and not self._abort(timeout):
             return False
         if self.state == "committing" and not self._commit(store, timeout):
@@ -268,7 +285,8 @@ class Changelog:
         work, and the turn that has some only produces and commits. (Registering is a round
         trip to the transaction coordinator, which also answers "not yet" for a while after a
         commit; librdkafka then waits 20 ms.) Placeholders are skipped by every reader; an
-        open transaction hides nothing, since this producer alone writes these partitions."""
+        open transaction hides nothing, since this server's two producers alone write these
+        partitions, one transaction at a time."""
         if (self.state != "idle" or self.queued or time.monotonic() - self._ended < SETTLE
                 or not self._begin()):
             return
