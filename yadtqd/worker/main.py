@@ -43,11 +43,12 @@ from yadtqd.worker.child import Job, Outcome
 from yadtqd.worker.host import boot_id, scrub_environment
 from yadtqd.worker.lease import Lease
 from yadtqd.worker.outbox import Outbox
-from yadtqd.worker.pending import hold_in_order
+from yadtqd.worker.pending import hold_in_order, next_batch
 from yadtqd.worker.placement import Placement
 from yadtqd.worker import pool
 from yadtqd.worker.pool import Pool
 from yadtqd.worker.seen import Seen
+from yadtqd.worker.stop import GracefulStop
 from yadtqd.worker.waiter import Waiter
 
 log = logging.getLogger("yadtqd.worker")
@@ -64,7 +65,7 @@ WEDGE_ENV = "YADTQ_TEST_WEDGE_ON_TASK"
 REPLACE_ENV = "YADTQ_TEST_REPLACE_CONSUMER_ON_TASK"
 
 
-class Worker:
+class Worker(GracefulStop):
     """One worker process."""
 
     def __init__(self, config: Config, notifier: Notifier) -> None:
@@ -77,6 +78,8 @@ class Worker:
         self.lease = Lease(timeout=config.server.heartbeat_timeout)
         self.hello_delivered = ""
         self.pending: deque[m.Run] = deque()
+        #: Runs handed to the pool, until their outcome (or return: :meth:`_take_back`).
+        self.handed: dict[tuple[str, int], m.Run] = {}
         #: The ``started`` of running tasks not sent yet, oldest first, with when they are due.
         self.unannounced: dict[tuple[str, int], tuple[m.Started, float]] = {}
         self.done = 0
@@ -215,8 +218,9 @@ class Worker:
                 self._on_dispatch(msg)
             for outcome in self.pool.collect(ready) + self.pool.expire():
                 self._on_outcome(outcome)
+            self._take_back()
             self._start_pending()
-            if self.unpushed and not self.pending:
+            if self.unpushed and not self.pending and not self.pool.queued:
                 self._push()
             self._announce(every=self.stopping)
             self._reload()
@@ -337,6 +341,7 @@ class Worker:
         dropped = len(self.pending)
         self.pending.clear()
         self.unannounced.clear()  # the epoch's tasks are killed: nothing of it is to be said
+        self.handed.clear()
         log.warning("epoch %s fenced by the server (%s): killed %d running, dropped %d granted",
                     fence.epoch, fence.reason, len(killed), dropped,
                     extra={"worker_id": self.worker_id, "event": "worker_fenced"})
@@ -353,15 +358,30 @@ class Worker:
         if self.pending and not self.lease.may_start(time.monotonic()):
             return  # this epoch cannot prove it is live: the server may have re-queued these
         while self.pending and self.pool.free and not self.stopping:
-            run = self.pending.popleft()
-            job = Job(task_id=run.task_id, attempt=run.attempt, task=run.task, args=run.args,
-                      kwargs=run.kwargs, worker=self.worker_id, epoch=run.epoch)
-            self.pool.submit(job, run.options.timeout)
-            self.unannounced[(run.task_id, run.attempt)] = (
-                m.Started(worker=self.worker_id, epoch=run.epoch, ts=time.time(), task_id=run.task_id,
-                          attempt=run.attempt), time.monotonic() + ANNOUNCE_AFTER)
-            log.info("task %s attempt %d started", run.task_id, run.attempt,
-                      extra={"task_id": run.task_id, "event": "task_started"})
+            runs = next_batch(self.pending, self.pool.free, self.pool.short)
+            jobs = [Job(task_id=r.task_id, attempt=r.attempt, task=r.task, args=r.args,
+                        kwargs=r.kwargs, worker=self.worker_id, epoch=r.epoch) for r in runs]
+            self.pool.submit(jobs if len(jobs) > 1 else jobs[0], runs[0].options.timeout)
+            for run in runs:
+                self.handed[(run.task_id, run.attempt)] = run
+                self.unannounced[(run.task_id, run.attempt)] = (
+                    m.Started(worker=self.worker_id, epoch=run.epoch, ts=time.time(),
+                              task_id=run.task_id, attempt=run.attempt),
+                    time.monotonic() + ANNOUNCE_AFTER)
+                log.info("task %s attempt %d started", run.task_id, run.attempt,
+                         extra={"task_id": run.task_id, "event": "task_started"})
+
+    def _take_back(self) -> None:
+        """Runs of a batch that never started (a task before them ended their process) start
+        again as never run: first in the queue (handed back when stopping)."""
+        keys = [(job.task_id, job.attempt) for job in self.pool.take_returned()]
+        back = [r for key in keys if (r := self.handed.pop(key, None)) and r.epoch == self.epoch]
+        for key in keys:
+            self.unannounced.pop(key, None)
+        if back and self.stopping:
+            self._send_bye(back)  # as a run that comes while stopping
+        else:
+            self.pending.extendleft(reversed(back))
 
     def _announce(self, every: bool = False) -> None:
         """Send the ``started`` of the tasks running for :data:`ANNOUNCE_AFTER` (or of all)."""
@@ -376,6 +396,7 @@ class Worker:
 
     def _on_outcome(self, outcome: Outcome) -> None:
         unannounced = self.unannounced.pop((outcome.task_id, outcome.attempt), None)
+        self.handed.pop((outcome.task_id, outcome.attempt), None)
         if outcome.epoch != self.epoch:
             return  # ran for an epoch that was fenced since; the server re-planned it
         error = m.ErrorInfo(**outcome.error).capped() if outcome.error else None
@@ -423,47 +444,6 @@ class Worker:
     def _status(self) -> str:
         return (f"worker {self.worker_id}: busy {self.pool.busy}/{self.pool.size},"
                 f" done {self.done}, failed {self.failed}")
-
-    # ------------------------------------------------------------ graceful stop
-
-    def _begin_stop(self) -> None:
-        self.notifier.stopping()
-        mono = time.monotonic()
-        self.stop_deadline = mono + self.config.worker.stop_timeout
-        # long enough for a standby to take over and answer (a stop during a failover)
-        self.confirm_by = mono + self.config.server.session_timeout + (
-            self.lease.timeout or self.config.server.heartbeat_timeout)
-        handed = list(self.pending)
-        self.pending.clear()
-        self._send_bye(handed, confirm=True)
-        log.info("stopping: handed back %d unstarted tasks, draining %d running",
-                 len(handed), self.pool.busy, extra={"worker_id": self.worker_id,
-                                                      "event": "worker_stopping"})
-
-    def _send_bye(self, runs: list[m.Run], confirm: bool = False) -> None:
-        refs = [m.TaskRef(task_id=r.task_id, attempt=r.attempt) for r in runs]
-        self._send(m.Bye(worker=self.worker_id, epoch=self.epoch, ts=time.time(), handed_back=refs,
-                         confirm=confirm,
-                         dispatch_partition=self.placement.dispatch_partition), urgent=True)
-
-    def _stopped(self, mono: float) -> bool:
-        """The drain is over: nothing runs and the server confirmed the ``bye`` (every run it
-        granted meanwhile was handed back), or it did not within a takeover's time (the session
-        and heartbeat timeouts), or the stop timeout passed."""
-        if mono >= self.stop_deadline:
-            return True
-        return self.pool.busy == 0 and (self.leave_confirmed or mono >= self.confirm_by)
-
-    def _end_stop(self) -> None:
-        left = self.pool.busy
-        if left:
-            log.warning("stop timeout: %d tasks still running are abandoned to the server", left)
-        elif not self.leave_confirmed:
-            log.warning("no server confirmed this worker's leave (none active, or one older than"
-                        " this worker): a task granted meanwhile is re-queued once the server"
-                        " declares epoch %s dead", self.epoch,
-                        extra={"worker_id": self.worker_id, "event": "worker_unconfirmed"})
-        log.info("stopped", extra={"worker_id": self.worker_id, "event": "worker_left"})
 
     def _push(self) -> None:
         """Tasks ended and nothing granted waits to start: push their outcomes out now, not

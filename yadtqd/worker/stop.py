@@ -1,0 +1,76 @@
+"""The worker's graceful stop (SIGTERM): hand back what has not started, say ``bye``, drain
+what runs, and end once the server confirmed the leave (or could not within a takeover's time,
+or the stop timeout passed)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+
+from yadtqd import messages as m
+from yadtqd.config import Config
+from yadtqd.systemd import Notifier
+from yadtqd.worker.lease import Lease
+from yadtqd.worker.placement import Placement
+from yadtqd.worker.pool import Pool
+
+log = logging.getLogger("yadtqd.worker")
+
+
+class GracefulStop:
+    """The stop's steps, mixed into :class:`yadtqd.worker.main.Worker` (whose state they use)."""
+
+    config: Config
+    notifier: Notifier
+    lease: Lease
+    pool: Pool
+    placement: Placement
+    pending: deque[m.Run]
+    worker_id: str
+    epoch: str
+    stop_deadline: float
+    confirm_by: float
+    leave_confirmed: bool
+
+    def _send(self, message: m.WorkerEvent, urgent: bool = False) -> None:
+        raise NotImplementedError  # the worker's
+
+    def _begin_stop(self) -> None:
+        self.notifier.stopping()
+        mono = time.monotonic()
+        self.stop_deadline = mono + self.config.worker.stop_timeout
+        # long enough for a standby to take over and answer (a stop during a failover)
+        self.confirm_by = mono + self.config.server.session_timeout + (
+            self.lease.timeout or self.config.server.heartbeat_timeout)
+        handed = list(self.pending)
+        self.pending.clear()
+        self._send_bye(handed, confirm=True)
+        log.info("stopping: handed back %d unstarted tasks, draining %d running",
+                 len(handed), len(self.pool.running()), extra={"worker_id": self.worker_id,
+                                                      "event": "worker_stopping"})
+
+    def _send_bye(self, runs: list[m.Run], confirm: bool = False) -> None:
+        refs = [m.TaskRef(task_id=r.task_id, attempt=r.attempt) for r in runs]
+        self._send(m.Bye(worker=self.worker_id, epoch=self.epoch, ts=time.time(), handed_back=refs,
+                         confirm=confirm,
+                         dispatch_partition=self.placement.dispatch_partition), urgent=True)
+
+    def _stopped(self, mono: float) -> bool:
+        """The drain is over: nothing runs and the server confirmed the ``bye`` (every run it
+        granted meanwhile was handed back), or it did not within a takeover's time (the session
+        and heartbeat timeouts), or the stop timeout passed."""
+        if mono >= self.stop_deadline:
+            return True
+        return self.pool.busy == 0 and (self.leave_confirmed or mono >= self.confirm_by)
+
+    def _end_stop(self) -> None:
+        left = len(self.pool.running())
+        if left:
+            log.warning("stop timeout: %d tasks still running are abandoned to the server", left)
+        elif not self.leave_confirmed:
+            log.warning("no server confirmed this worker's leave (none active, or one older than"
+                        " this worker): a task granted meanwhile is re-queued once the server"
+                        " declares epoch %s dead", self.epoch,
+                        extra={"worker_id": self.worker_id, "event": "worker_unconfirmed"})
+        log.info("stopped", extra={"worker_id": self.worker_id, "event": "worker_left"})
