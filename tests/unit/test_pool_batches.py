@@ -20,12 +20,13 @@ from yadtqd.worker.child import Job, Outcome
 from yadtqd.worker.lease import Lease
 from yadtqd.worker.main import Worker
 from yadtqd.worker.pending import next_batch
-from yadtqd.worker.pool import BATCH_MOST, SHORT_TASK, Pool
+from yadtqd.worker.pool import BATCH_MOST, LATER, SHORT_TASK, STOPPING, Pool
 
 
 @pytest.fixture
 def pool() -> Iterator[Pool]:
     p = Pool(1, 1 << 20)
+    p.batch_window = 60.0  # a loaded machine must not cut these batches short (one test does)
     p.start()
     p.wait_ready()
     yield p
@@ -80,13 +81,55 @@ def test_a_job_that_ends_its_process_fails_alone_and_the_rest_come_back_never_ru
     assert (again.task_id, again.result) == ("t5", "6")
 
 
-def test_a_job_waiting_in_a_batch_is_not_signalled_by_a_cancel(pool: Pool, tmp_path: Path) -> None:
+def test_a_cancel_waits_for_the_batch_s_window_then_stops_the_job_that_runs(pool: Pool, tmp_path: Path) -> None:
     gate, ledger = tmp_path / "gate", tmp_path / "ledger"
-    pool.submit([_job(0, "ledger", [str(ledger), 0.0, None, str(gate)]), _job(1)], None)
-    assert not pool.cancel("t0", 1, grace=1.0)  # the signal would reach whichever job runs
-    assert not pool.cancel("t1", 1, grace=1.0)
+    pool.batch_window = 0.5  # room for t0 to start on a loaded machine
+    pool.submit([_job(0, "ledger", [str(ledger), 0.0, None, str(gate)]), _job(1), _job(2)], None)
+    assert pool.cancel("t0", 1, grace=5.0) == LATER  # the batch may still start jobs
+    while time.monotonic() <= pool.slots[0].start_by:  # the window's end: a time, not an event
+        time.sleep(0.005)
+    assert pool.cancel("t1", 1, grace=5.0) == LATER  # waiting: it will not start, it comes back
+    assert pool.cancel("t0", 1, grace=5.0) == STOPPING  # the one running, for sure now
+    (outcome,) = _collect(pool, 1)
+    assert (outcome.task_id, outcome.status) == ("t0", "cancelled")
+    assert [t for t, phase in _ledger(ledger)] == ["t0"]  # it started, and never ended
+    deadline = time.monotonic() + 30
+    returned: list[Job] = []
+    while len(returned) < 2:
+        assert time.monotonic() < deadline
+        assert pool.collect(wait(pool.waitables(), 0.5)) == []
+        returned += pool.take_returned()
+    assert sorted(j.task_id for j in returned) == ["t1", "t2"]  # never run: back to the worker
+
+
+def test_the_jobs_of_a_batch_start_only_within_its_window(pool: Pool, tmp_path: Path) -> None:
+    ledger, gate = str(tmp_path / "ledger"), tmp_path / "gate"
+    pool.batch_window = 0.5  # room for t0 to start on a loaded machine
+    pool.submit([_job(0, "ledger", [ledger, 0.0, None, str(gate)]), _job(1, "ledger", [ledger]), _job(2)], None)
+    deadline = time.monotonic() + 30
+    returned: list[Job] = []
+    while len(returned) < 2:  # back once the window passed, while t0 still runs
+        assert time.monotonic() < deadline
+        assert pool.collect(wait(pool.waitables(), min(0.5, pool.next_deadline() or 0.5))) == []
+        returned += pool.take_returned()
+    assert [j.task_id for j in returned] == ["t1", "t2"] and pool.free == 0
     gate.touch()
-    assert [(o.task_id, o.status) for o in _collect(pool, 2)] == [("t0", "success"), ("t1", "success")]
+    (outcome,) = _collect(pool, 1)
+    assert outcome.task_id == "t0"
+    while pool.free == 0:  # the process says t1 and t2 did not start: the slot is free again
+        assert time.monotonic() < deadline
+        assert pool.collect(wait(pool.waitables(), 0.5)) == []
+    assert pool.take_returned() == []
+    assert [t for t, phase in _ledger(tmp_path / "ledger") if phase == "start"] == ["t0"]
+
+
+def test_a_batch_starts_nothing_past_the_lease_it_was_given(pool: Pool) -> None:
+    pool.submit([_job(0), _job(1)], None, start_by=time.monotonic() - 1)  # the lease ran out
+    deadline = time.monotonic() + 30
+    while pool.free == 0:
+        assert time.monotonic() < deadline
+        assert pool.collect(wait(pool.waitables(), 0.5)) == []
+    assert [j.task_id for j in pool.take_returned()] == ["t0", "t1"]
 
 
 def test_a_fence_kills_the_batch_and_returns_none_of_it(pool: Pool, tmp_path: Path) -> None:
@@ -127,6 +170,7 @@ def test_the_runs_after_a_job_that_ended_its_process_start_again_and_run_once_ea
     worker = Worker(Config(kafka={}, worker=WorkerConfig(id="w", slots=1)), Notifier())
     worker.epoch, worker.lease = "e1", Lease(timeout=None)
     worker.outbox = outbox = Recorder()  # type: ignore[assignment]
+    worker.pool.batch_window = 60.0
     worker.pool.start()
     try:
         worker.pool.wait_ready()
@@ -137,6 +181,10 @@ def test_the_runs_after_a_job_that_ended_its_process_start_again_and_run_once_ea
                               + [_run(i, "ledger", args=[ledger], epoch="e1") for i in range(4, 8)])
         worker._start_pending()
         assert worker.pool.queued == 7 and not worker.pending  # one batch of 8 for the one slot
+        worker._announce(every=True)  # as when stopping: only the job at the front has started
+        assert [e.task_id for e in outbox.sent if isinstance(e, m.Started)] == ["t0"]
+        worker._on_cancel(m.Cancel(worker="w", epoch="e1", task_id="t5", attempt=1))
+        assert list(worker.deferred) == [("t5", 1)]  # waiting in the batch: asked again later
         deadline = time.monotonic() + 30
         while len([e for e in outbox.sent if isinstance(e, m.Finished)]) < 8:
             assert time.monotonic() < deadline, outbox.sent
@@ -145,10 +193,10 @@ def test_the_runs_after_a_job_that_ended_its_process_start_again_and_run_once_ea
             worker._take_back()
             worker._start_pending()
         ended = {e.task_id: e.status for e in outbox.sent if isinstance(e, m.Finished)}
-        assert ended == {f"t{i}": "failed" if i == 3 else "success" for i in range(8)}
+        assert ended == {f"t{i}": {3: "failed", 5: "cancelled"}.get(i, "success") for i in range(8)}
         assert sorted(t for t, phase in _ledger(tmp_path / "ledger") if phase == "start") == [
-            f"t{i}" for i in (0, 1, 2, 4, 5, 6, 7)]  # each once: t4..t7 went back, then ran
-        assert not worker.handed and not worker.pending and not worker.unannounced
+            f"t{i}" for i in (0, 1, 2, 4, 6, 7)]  # each once: t4..t7 came back; t5 never ran
+        assert not worker.handed and not worker.pending and not worker.deferred
     finally:
         worker.pool.close()
 

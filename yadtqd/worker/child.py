@@ -37,7 +37,7 @@ from yadtqd import context, plugins
 from yadtqd import messages as m
 
 
-class Job(msgspec.Struct, kw_only=True):
+class Job(msgspec.Struct, kw_only=True, omit_defaults=True):
     """One execution, as the pool sends it."""
 
     task_id: str
@@ -47,6 +47,9 @@ class Job(msgspec.Struct, kw_only=True):
     kwargs: dict[str, Any]
     worker: str
     epoch: str
+    #: A job of a batch starts only before this (``time.monotonic``, the same clock in every
+    #: process here): the batch's window, and the worker's lease. None for a job alone.
+    start_by: float | None = None
 
 
 class Ready(msgspec.Struct, kw_only=True):
@@ -70,6 +73,8 @@ class Outcome(msgspec.Struct, kw_only=True, omit_defaults=True):
 
 
 _jobs = msgspec.json.Decoder(Job | list[Job])
+#: The status of a job of a batch not started (its ``start_by`` passed): not an outcome.
+UNSTARTED = "unstarted"
 
 #: Set while a task function runs (in the main thread, where signal handlers run too).
 _in_task = False
@@ -108,7 +113,13 @@ def main(conn: Connection, jobs: Connection, max_result_bytes: int, only: tuple[
     try:
         answers.send(msgspec.json.encode(Ready(tasks=tasks, problems=registry.problems)))
         while (batch := _next_jobs(jobs)) is not None:
-            for job in batch:  # in order, each outcome sent as it ends (the pool counts on both)
+            for index, job in enumerate(batch):  # in order, each outcome sent as it ends
+                if job.start_by is not None and time.monotonic() > job.start_by:
+                    for late in batch[index:]:  # the pool gives them back to the worker
+                        answers.send(msgspec.json.encode(Outcome(
+                            task_id=late.task_id, attempt=late.attempt, epoch=late.epoch,
+                            status=UNSTARTED)))
+                    break
                 if not answers.begin():
                     return
                 outcome = run(registry, job, max_result_bytes, max_memory)

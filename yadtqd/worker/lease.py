@@ -92,6 +92,11 @@ class Lease:
             del self.beats[older]
         self._link()
 
+    def horizon(self) -> float:
+        """The monotonic time until which a granted task may start, as far as known now (a batch
+        handed over now starts none of its jobs after it)."""
+        return float("inf") if self.timeout is None else self.anchor + self.timeout / 2
+
     def may_start(self, mono: float) -> bool:
         """Whether a granted task may start now."""
         if self.timeout is None:

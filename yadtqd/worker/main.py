@@ -80,6 +80,8 @@ class Worker(GracefulStop):
         self.pending: deque[m.Run] = deque()
         #: Runs handed to the pool, until their outcome (or return: :meth:`_take_back`).
         self.handed: dict[tuple[str, int], m.Run] = {}
+        #: Cancels of runs in batches, asked of the pool again each turn (:meth:`Pool.cancel`).
+        self.deferred: dict[tuple[str, int], m.Cancel] = {}
         #: The ``started`` of running tasks not sent yet, oldest first, with when they are due.
         self.unannounced: dict[tuple[str, int], tuple[m.Started, float]] = {}
         self.done = 0
@@ -220,7 +222,7 @@ class Worker(GracefulStop):
                 self._on_outcome(outcome)
             self._take_back()
             self._start_pending()
-            if self.unpushed and not self.pending and not self.pool.queued:
+            if self.unpushed and not self.pending and (self.pool.free or not self.pool.queued):
                 self._push()
             self._announce(every=self.stopping)
             self._reload()
@@ -235,8 +237,11 @@ class Worker(GracefulStop):
     def _timeout(self) -> float:
         timeout = self.config.worker.heartbeat_interval / 2
         deadline = self.pool.next_deadline()
-        if self.unannounced:
-            _, due = next(iter(self.unannounced.values()))
+        waiting = self.pool.waiting() if self.unannounced else set()  # announced once at the front
+        due = next((d for key, (_, d) in self.unannounced.items() if key not in waiting), None)
+        if self.deferred:  # a cancel asked again once the batch's window passed
+            due = min(due or float("inf"), time.monotonic() + pool.BATCH_WINDOW)
+        if due is not None:
             deadline = due if deadline is None else min(deadline, due)
         if deadline is not None:
             timeout = min(timeout, max(0.0, deadline - time.monotonic()))
@@ -322,7 +327,11 @@ class Worker(GracefulStop):
         never arrived: its run, should it come, is then a repeat), stop it if it runs; a task
         that ended first keeps its outcome, already on its way."""
         extra = {"task_id": cancel.task_id, "event": "task_cancelled"}
-        if self.pool.cancel(cancel.task_id, cancel.attempt, self.config.worker.cancel_grace):
+        answer = self.pool.cancel(cancel.task_id, cancel.attempt, self.config.worker.cancel_grace)
+        if answer == pool.LATER:  # in a batch: asked again each turn (_take_back, or it ends)
+            self.deferred[(cancel.task_id, cancel.attempt)] = cancel
+            return
+        if answer == pool.STOPPING:
             log.info("task %s attempt %d cancelled: stopping it", cancel.task_id, cancel.attempt, extra=extra)
             return
         unstarted = [r for r in self.pending if (r.task_id, r.attempt) == (cancel.task_id, cancel.attempt)]
@@ -342,6 +351,7 @@ class Worker(GracefulStop):
         self.pending.clear()
         self.unannounced.clear()  # the epoch's tasks are killed: nothing of it is to be said
         self.handed.clear()
+        self.deferred.clear()
         log.warning("epoch %s fenced by the server (%s): killed %d running, dropped %d granted",
                     fence.epoch, fence.reason, len(killed), dropped,
                     extra={"worker_id": self.worker_id, "event": "worker_fenced"})
@@ -361,7 +371,8 @@ class Worker(GracefulStop):
             runs = next_batch(self.pending, self.pool.free, self.pool.short)
             jobs = [Job(task_id=r.task_id, attempt=r.attempt, task=r.task, args=r.args,
                         kwargs=r.kwargs, worker=self.worker_id, epoch=r.epoch) for r in runs]
-            self.pool.submit(jobs if len(jobs) > 1 else jobs[0], runs[0].options.timeout)
+            self.pool.submit(jobs if len(jobs) > 1 else jobs[0], runs[0].options.timeout,
+                             self.lease.horizon())
             for run in runs:
                 self.handed[(run.task_id, run.attempt)] = run
                 self.unannounced[(run.task_id, run.attempt)] = (
@@ -376,23 +387,29 @@ class Worker(GracefulStop):
         again as never run: first in the queue (handed back when stopping)."""
         keys = [(job.task_id, job.attempt) for job in self.pool.take_returned()]
         back = [r for key in keys if (r := self.handed.pop(key, None)) and r.epoch == self.epoch]
+        back.sort(key=lambda r: (-r.priority, r.grant or 0))  # as they were granted
         for key in keys:
             self.unannounced.pop(key, None)
+        self.pending.extendleft(reversed(back))
+        for cancel in [self.deferred.pop(key) for key in list(self.deferred)]:
+            self._on_cancel(cancel)  # one that came back is in pending now: never started
+        back = [r for r in back if r in self.pending]
         if back and self.stopping:
             self._send_bye(back)  # as a run that comes while stopping
-        else:
-            self.pending.extendleft(reversed(back))
+            for run in back:
+                self.pending.remove(run)
 
     def _announce(self, every: bool = False) -> None:
         """Send the ``started`` of the tasks running for :data:`ANNOUNCE_AFTER` (or of all)."""
         mono = time.monotonic()
-        while self.unannounced:
-            key, (started, due) = next(iter(self.unannounced.items()))
+        waiting = self.pool.waiting() if self.unannounced else set()  # in batches: not yet
+        for key, (started, due) in list(self.unannounced.items()):
             if not every and due > mono:
                 return
-            del self.unannounced[key]
-            if started.epoch == self.epoch:
-                self._send(started)
+            if key not in waiting:
+                del self.unannounced[key]
+                if started.epoch == self.epoch:
+                    self._send(started)
 
     def _on_outcome(self, outcome: Outcome) -> None:
         unannounced = self.unannounced.pop((outcome.task_id, outcome.attempt), None)

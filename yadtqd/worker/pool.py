@@ -13,8 +13,13 @@ outcome as it ends (issue 15: a job handed over and answered alone cost 64 µs o
 two processes for an ``add``, 21 a job in batches of 8, mostly the wake-ups of both). Each
 outcome still names its job, and the jobs run in order, so when the process dies, the job
 without an outcome that came first is the one that ran, and those after it never started: they
-come back to the worker (:meth:`Pool.take_returned`) to run elsewhere. A job waiting in a batch
-is not stopped by a cancel (it is short: it runs, and its outcome says how it ended).
+come back to the worker (:meth:`Pool.take_returned`) to run elsewhere. A batch is short-lived:
+its jobs start only within :data:`BATCH_WINDOW` of the hand-over (and within the worker's lease);
+once it has passed and every outcome sent before it was read, the job the slot runs is the
+last of the batch to start, and the others come back at once (the process reports them as not
+started when that one ends; the slot takes nothing new before). A cancel of a job of a batch
+waits for the same moment: only then does the pool know which job runs, and that no other can
+start behind it (:meth:`Pool.cancel`).
 
 A reload (:meth:`Pool.recycle`) first starts one *probe* process with the plugins as installed
 now. Only once it has loaded them are the slots replaced (idle ones at once, busy ones when
@@ -45,6 +50,10 @@ log = logging.getLogger("yadtqd.worker")
 
 #: The most jobs one pipe write hands to a slot (:meth:`Pool.submit`).
 BATCH_MOST = 8
+#: Seconds after the hand-over within which the jobs of a batch may start.
+BATCH_WINDOW = 0.02
+#: :meth:`Pool.cancel`'s answers: the job is being stopped; ask again later (it is in a batch).
+STOPPING, LATER = "stopping", "later"
 #: Seconds a task name's runs take at most (their moving average, :meth:`Pool.short`) for its
 #: jobs to go in batches.
 SHORT_TASK = 0.001
@@ -73,6 +82,11 @@ class Slot:
     job: Job | None = None
     #: The jobs of its batch after :attr:`job`, not yet started (they run in this order).
     queue: list[Job] = field(default_factory=list)
+    #: When the jobs of its batch may start no more (monotonic), if it was given one.
+    start_by: float = 0.0
+    #: Jobs of its batch taken back past :attr:`start_by` whose "not started" has not come yet:
+    #: the slot takes no new job before (their answers are matched by the job that runs).
+    unreported: int = 0
     deadline: float | None = None
     last_answer: float = 0.0
     #: When the running job was given to it (monotonic).
@@ -97,6 +111,8 @@ class Pool:
         self.problems: dict[str, str] = {}
         self.ping_interval = 1.0
         self.load_grace = LOAD_GRACE
+        #: Seconds after the hand-over within which the jobs of a batch may start.
+        self.batch_window = BATCH_WINDOW
         #: Task name → the moving average of its runs' seconds (:meth:`short`).
         self.runtimes: dict[str, float] = {}
         #: Jobs of batches that never started, their process gone (:meth:`take_returned`).
@@ -124,7 +140,7 @@ class Pool:
     @property
     def free(self) -> int:
         """Slots ready to take a job now."""
-        return sum(1 for s in self.slots if s.ready and s.job is None)
+        return sum(1 for s in self.slots if s.ready and s.job is None and not s.unreported)
 
     @property
     def busy(self) -> int:
@@ -146,20 +162,29 @@ class Pool:
         seconds = self.runtimes.get(name)
         return seconds is not None and seconds <= SHORT_TASK
 
-    def submit(self, jobs: Job | list[Job], timeout: float | None) -> None:
+    def submit(self, jobs: Job | list[Job], timeout: float | None, start_by: float = float("inf")) -> None:
         """Give a job, or a batch of jobs run one after the other, to a free slot; the caller
         checked :attr:`free`. ``timeout`` bounds a single job; a batch has none (the caller
-        batches only jobs without one, of names that are :meth:`short`)."""
+        batches only jobs without one, of names that are :meth:`short`), and its jobs start
+        only until :data:`BATCH_WINDOW` from now or ``start_by`` (the lease), if sooner."""
         batch = jobs if isinstance(jobs, list) else [jobs]
         assert batch and (len(batch) == 1 or not timeout), "a batch of jobs has no timeout"
-        slot = next(s for s in self.slots if s.ready and s.job is None)
+        slot = next(s for s in self.slots if s.ready and s.job is None and not s.unreported)
         slot.job, slot.queue = batch[0], batch[1:]
+        if isinstance(jobs, list):
+            slot.start_by = min(time.monotonic() + self.batch_window, start_by)
+            for job in batch:
+                job.start_by = slot.start_by
         slot.began = time.monotonic()
         slot.deadline = time.monotonic() + timeout if timeout else None
         try:
             slot.jobs.send_bytes(msgspec.json.encode(jobs))
         except OSError:
             pass  # the process died: collect() sees its exit and fails this job with how it ended
+
+    def waiting(self) -> set[tuple[str, int]]:
+        """(task id, attempt) of the jobs waiting in batches behind the one their slot runs."""
+        return {(job.task_id, job.attempt) for s in self.slots for job in s.queue}
 
     def take_returned(self) -> list[Job]:
         """The jobs of batches that never started because their process ended first (a job
@@ -172,7 +197,8 @@ class Pool:
         return [s.conn for s in self.slots] + ([self.probe.conn] if self.probe else [])
 
     def collect(self, ready: Sequence[object]) -> list[Outcome]:
-        """Read what the ready pipes say; replace slots whose process died."""
+        """Read what the ready pipes say; replace slots whose process died; take back the jobs
+        of batches past their window."""
         outcomes = self._collect_exits(ready)
         answered = [s for s in self.slots if s.conn in ready]
         if self.probe is not None and self.probe.conn in ready:
@@ -181,7 +207,19 @@ class Pool:
             if slot not in self.slots:
                 continue  # retired by the reload just now (an idle slot: nothing to read)
             outcomes += self._read(slot)
+        self._reclaim()
         return outcomes
+
+    def _reclaim(self) -> None:
+        """Past a batch's window, with every outcome sent before it read, the job its slot runs
+        is the last of the batch to start: the others come back now, to run elsewhere, rather
+        than when that one ends."""
+        mono = time.monotonic()
+        for slot in self.slots:
+            if slot.queue and mono > slot.start_by and not slot.conn.poll(0):
+                self.returned += slot.queue
+                slot.unreported += len(slot.queue)
+                slot.queue = []
 
     def _read(self, slot: Slot) -> list[Outcome]:
         """What one slot's pipe holds now: every outcome of its batch that ended, in order."""
@@ -201,15 +239,26 @@ class Pool:
                 if slot.generation == self.generation:
                     self.tasks, self.problems = hello.tasks, hello.problems
             else:
-                outcomes.append(self._ended(slot, _outcome.decode(raw)))
-                if slot.job is None and (slot.generation != self.generation or slot.cancelled):
+                ended = self._ended(slot, _outcome.decode(raw))
+                if ended is not None:
+                    outcomes.append(ended)
+                if (slot.job is None and not slot.unreported
+                        and (slot.generation != self.generation or slot.cancelled)):
                     self._replace(slot, "", "")  # a cancelled task's subprocesses end with its group
                     return outcomes
             if not slot.conn.poll(0):
                 return outcomes
 
-    def _ended(self, slot: Slot, outcome: Outcome) -> Outcome:
-        """The slot's running job ended: note its time; the next of its batch starts."""
+    def _ended(self, slot: Slot, outcome: Outcome) -> Outcome | None:
+        """The slot's running job ended (note its time), or it was a job of a batch that did
+        not start (None; it goes back); the next of its batch is the one to start."""
+        if outcome.status == child.UNSTARTED:
+            if slot.job is not None and (slot.job.task_id, slot.job.attempt) == (outcome.task_id, outcome.attempt):
+                self.returned.append(slot.job)
+                slot.job = slot.queue.pop(0) if slot.queue else None
+            else:  # taken back before (:meth:`_reclaim`)
+                slot.unreported = max(0, slot.unreported - 1)
+            return None
         if slot.cancelled and outcome.status != "success":
             outcome.status = "cancelled"  # stopped by the cancel (a success came first)
         if slot.job is not None and outcome.runtime is not None:
@@ -225,7 +274,7 @@ class Pool:
         group is ended, the slot replaced. Its exit is asked of the kernel (``waitpid``): a
         child it forked may hold its pipe open, and its sentinel, for good."""
         outcomes = []
-        for slot in [s for s in self.slots if s.job is not None and s.conn not in ready]:
+        for slot in [s for s in self.slots if (s.job is not None or s.unreported) and s.conn not in ready]:
             if slot.process.exitcode is None or slot.conn.poll(0):
                 continue  # running, or it said something first (an outcome, or the pipe's end)
             outcomes += self._replace(slot, "ExecutionProcessDied", "the execution process "
@@ -247,6 +296,7 @@ class Pool:
         undisturbed). A reload during a reload starts over."""
         if self.probe is not None:
             self._end_probe()
+        self.runtimes.clear()  # the new plugins' tasks are timed anew before they go in batches
         self.probe = self._spawn()
         self.probe.generation = self.generation + 1
 
@@ -306,24 +356,34 @@ class Pool:
     def next_deadline(self) -> float | None:
         """The monotonic time of the earliest job timeout."""
         deadlines = [s.deadline for s in self.slots if s.deadline is not None]
+        deadlines += [s.start_by for s in self.slots if s.queue]  # then :meth:`_reclaim`
         return min(deadlines) if deadlines else None
 
-    def cancel(self, task_id: str, attempt: int, grace: float) -> bool:
+    def cancel(self, task_id: str, attempt: int, grace: float) -> str:
         """Stop a running job for an operator's cancel: SIGTERM to its execution process (the
         task sees :class:`~yadtqd.worker.child.TaskCancelled`), SIGKILL of its group after
-        ``grace`` seconds; its outcome then says ``cancelled``. False when it is not running."""
+        ``grace`` seconds; its outcome then says ``cancelled`` (:data:`STOPPING`). A job of a
+        batch: :data:`LATER` while the batch may still start jobs, or outcomes sent before wait
+        in the pipe (the signal could reach another job), and while the job waits (it will not
+        start: it comes back). "" when no process holds it."""
+        key = (task_id, attempt)
+        if key in {(job.task_id, job.attempt) for job in self.returned}:
+            return LATER  # back from a batch, not started: the worker has it next
         for slot in self.slots:
-            if slot.job is not None and (slot.job.task_id, slot.job.attempt) == (task_id, attempt):
-                if slot.queue:
-                    return False  # in a batch: it is short, and a signal could stop the next one
-                if not slot.cancelled and slot.process.pid is not None:
-                    slot.cancelled = True
-                    deadline = time.monotonic() + grace
-                    slot.deadline = min(slot.deadline or deadline, deadline)
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(slot.process.pid, signal.SIGTERM)
-                return True
-        return False
+            if slot.job is None or key not in [(j.task_id, j.attempt) for j in (slot.job, *slot.queue)]:
+                continue
+            if slot.queue and (time.monotonic() <= slot.start_by or slot.conn.poll(0)):
+                return LATER
+            if (slot.job.task_id, slot.job.attempt) != key:
+                return LATER  # waiting past the window: it comes back, never started
+            if not slot.cancelled and slot.process.pid is not None:
+                slot.cancelled = True
+                deadline = time.monotonic() + grace
+                slot.deadline = min(slot.deadline or deadline, deadline)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(slot.process.pid, signal.SIGTERM)
+            return STOPPING
+        return ""
 
     def kill_running(self) -> list[Job]:
         """Kill every running job (the epoch was fenced), and drop those waiting in batches;
