@@ -51,6 +51,11 @@ class Job(msgspec.Struct, kw_only=True, omit_defaults=True):
     #: process here): the batch's window, and the worker's lease. None for a job alone.
     start_by: float | None = None
 
+    @property
+    def key(self) -> tuple[str, int]:
+        """(task id, attempt): the job, as the worker and its outcome name it."""
+        return self.task_id, self.attempt
+
 
 class Ready(msgspec.Struct, kw_only=True):
     """The first message of an execution process: what its plugins provide."""
@@ -70,6 +75,11 @@ class Outcome(msgspec.Struct, kw_only=True, omit_defaults=True):
     error: dict[str, str] | None = None
     #: Seconds the task function ran (None when it never ran).
     runtime: float | None = None
+
+    @property
+    def key(self) -> tuple[str, int]:
+        """(task id, attempt): the job this outcome is of."""
+        return self.task_id, self.attempt
 
 
 _jobs = msgspec.json.Decoder(Job | list[Job])

@@ -385,7 +385,7 @@ class Worker(GracefulStop):
     def _take_back(self) -> None:
         """Runs of a batch that never started (a task before them ended their process) start
         again as never run: first in the queue (handed back when stopping)."""
-        keys = [(job.task_id, job.attempt) for job in self.pool.take_returned()]
+        keys = [job.key for job in self.pool.take_returned()]
         back = [r for key in keys if (r := self.handed.pop(key, None)) and r.epoch == self.epoch]
         back.sort(key=lambda r: (-r.priority, r.grant or 0))  # as they were granted
         for key in keys:
@@ -412,8 +412,8 @@ class Worker(GracefulStop):
                     self._send(started)
 
     def _on_outcome(self, outcome: Outcome) -> None:
-        unannounced = self.unannounced.pop((outcome.task_id, outcome.attempt), None)
-        self.handed.pop((outcome.task_id, outcome.attempt), None)
+        unannounced = self.unannounced.pop(outcome.key, None)
+        self.handed.pop(outcome.key, None)
         if outcome.epoch != self.epoch:
             return  # ran for an epoch that was fenced since; the server re-planned it
         error = m.ErrorInfo(**outcome.error).capped() if outcome.error else None

@@ -184,7 +184,7 @@ class Pool:
 
     def waiting(self) -> set[tuple[str, int]]:
         """(task id, attempt) of the jobs waiting in batches behind the one their slot runs."""
-        return {(job.task_id, job.attempt) for s in self.slots for job in s.queue}
+        return {job.key for s in self.slots for job in s.queue}
 
     def take_returned(self) -> list[Job]:
         """The jobs of batches that never started because their process ended first (a job
@@ -253,7 +253,7 @@ class Pool:
         """The slot's running job ended (note its time), or it was a job of a batch that did
         not start (None; it goes back); the next of its batch is the one to start."""
         if outcome.status == child.UNSTARTED:
-            if slot.job is not None and (slot.job.task_id, slot.job.attempt) == (outcome.task_id, outcome.attempt):
+            if slot.job is not None and slot.job.key == outcome.key:
                 self.returned.append(slot.job)
                 slot.job = slot.queue.pop(0) if slot.queue else None
             else:  # taken back before (:meth:`_reclaim`)
@@ -367,14 +367,14 @@ class Pool:
         in the pipe (the signal could reach another job), and while the job waits (it will not
         start: it comes back). "" when no process holds it."""
         key = (task_id, attempt)
-        if key in {(job.task_id, job.attempt) for job in self.returned}:
+        if key in {job.key for job in self.returned}:
             return LATER  # back from a batch, not started: the worker has it next
         for slot in self.slots:
-            if slot.job is None or key not in [(j.task_id, j.attempt) for j in (slot.job, *slot.queue)]:
+            if slot.job is None or key not in [job.key for job in (slot.job, *slot.queue)]:
                 continue
             if slot.queue and (time.monotonic() <= slot.start_by or slot.conn.poll(0)):
                 return LATER
-            if (slot.job.task_id, slot.job.attempt) != key:
+            if slot.job.key != key:
                 return LATER  # waiting past the window: it comes back, never started
             if not slot.cancelled and slot.process.pid is not None:
                 slot.cancelled = True
