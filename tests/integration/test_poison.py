@@ -4,12 +4,17 @@ A size limit Kafka cannot carry is a configuration error at start (issue 11, def
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import uuid
+from collections import Counter
 
 import pytest
+from confluent_kafka import Producer
 
 from tests.cluster import Cluster
+from tests.ledger import check_contract, read
 
 pytestmark = pytest.mark.kafka
 
@@ -40,6 +45,45 @@ def test_misbehaving_tasks_fail_alone_and_the_worker_keeps_its_epoch(cluster: Cl
     assert cluster.epochs("w1", live=True) == {epoch}  # no restart, no new epoch
     assert cluster.client.failures() == []
     assert cluster.processes["w1"].poll() is None
+
+
+def test_a_crash_inside_a_batch_fails_that_task_alone_and_the_rest_run_once(cluster: Cluster) -> None:
+    """Short tasks go to an execution process in batches (issue 15). When one of them ends its
+    process, it alone fails; the tasks behind it in its batch never started, and each runs
+    once elsewhere (invariant 5): the real broker, server and worker, checked in the ledger.
+    The worker's log must name tasks that came back that way, so the test cannot pass without
+    a crash inside a batch."""
+    ledger = cluster.dir / "ledger"
+    cluster.write_config(worker={"slots": 2})
+    cluster.start_server()
+    cluster.start_worker("w1")
+    (epoch,) = cluster.epochs("w1", live=True)
+    # the worker times a name first: only names known to be short go in batches
+    cluster.wait_terminal([cluster.client.submit("ledger", str(ledger)) for _ in range(20)])
+    producer = Producer({"bootstrap.servers": cluster.bootstrap, "linger.ms": 20})
+    ids, crashers = [], set()
+    for i in range(400):
+        task_id = str(uuid.uuid4())
+        kwargs = {"path": str(ledger), "value": i}
+        if i % 100 == 50:  # four of them, each most likely amid a batch of 8
+            kwargs["exit_status"] = 3
+            crashers.add(task_id)
+        producer.produce(f"{cluster.prefix}.tasks", json.dumps(
+            {"task-id": task_id, "task": "ledger", "kwargs": kwargs}).encode(), key=task_id.encode())
+        ids.append(task_id)
+    assert producer.flush(30) == 0
+    views = cluster.wait_terminal(ids, timeout=300)
+    for task_id in crashers:
+        assert (views[task_id]["status"], views[task_id]["error"]["type"]) == ("failed", "ExecutionProcessDied")
+    check_contract(cluster, ledger, {t: i for i, t in enumerate(ids) if t not in crashers})
+    starts = Counter(e.task_id for e in read(ledger) if e.phase == "start" and e.task_id in ids)
+    assert {starts[t] for t in ids} == {1}  # the crashers too: a failed task is not run again
+    came_back = {line.split("task ", 1)[1].split(" ", 1)[0] for line in cluster.log("w1").splitlines()
+                 if "did not start: execution process" in line}
+    assert came_back and came_back <= set(ids) - crashers, came_back
+    assert all(views[t]["attempt"] == 1 for t in came_back)
+    assert cluster.epochs("w1", live=True) == {epoch}  # no restart, no new epoch
+    assert cluster.client.failures() == []
 
 
 def test_a_result_limit_kafka_cannot_carry_is_a_config_error(cluster: Cluster) -> None:

@@ -431,6 +431,11 @@ class Pool:
 
     def _replace(self, slot: Slot, kind: str, message: str) -> list[Outcome]:
         job = slot.job
+        for waiting in slot.queue if kind else ():  # (their "started" was logged at the hand-over)
+            log.info("task %s attempt %d did not start: execution process %s ended before it,"
+                     " running %s of the same batch; it runs again", waiting.task_id,
+                     waiting.attempt, slot.process.pid, job.task_id if job else "nothing",
+                     extra={"task_id": waiting.task_id, "event": "task_not_started"})
         self.returned += slot.queue  # never started: the job before them was running
         slot.queue = []
         _stop(slot)
