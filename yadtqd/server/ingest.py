@@ -344,8 +344,8 @@ class Ingest:
         # a cancelled run's length says nothing of the task's
         self.scheduler.finished(ev.epoch, ev.task_id, ev.runtime, measured=outcome != "cancelled")
         extra = {"task_id": ev.task_id, "worker_id": ev.worker, "event": f"task_{outcome}"}
-        if outcome == "success":
-            log.info("task %s succeeded on %s", ev.task_id, ev.worker, extra=extra)
+        if outcome == "success":  # the worker's line says it at info, with the task's time
+            log.debug("task %s succeeded on %s", ev.task_id, ev.worker, extra=extra)
         elif outcome == "cancelled":
             log.info("task %s cancelled on %s", ev.task_id, ev.worker, extra=extra)
         elif outcome == "retry":
