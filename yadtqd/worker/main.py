@@ -430,8 +430,8 @@ class Worker(GracefulStop):
                               runtime=outcome.runtime,
                               started=unannounced[0].ts if unannounced else None))
         # a success is the worker's line, not the server's: the server's loop does every
-        # task's bookkeeping one at a time, and this line there cost it some 26 µs a task
-        # (issue 15, docs/bench.md); a failure says why here, and the server whether it is retried
+        # task's bookkeeping one at a time and bounds throughput (issue 15, docs/bench.md); a
+        # failure says why here, and the server whether it is retried
         extra = {"task_id": outcome.task_id, "event": f"task_{outcome.status}"}
         if outcome.status == "success":
             log.info("task %s attempt %d succeeded in %.1f ms", outcome.task_id, outcome.attempt,

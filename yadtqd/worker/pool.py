@@ -431,11 +431,12 @@ class Pool:
 
     def _replace(self, slot: Slot, kind: str, message: str) -> list[Outcome]:
         job = slot.job
-        for waiting in slot.queue if kind else ():  # (their "started" was logged at the hand-over)
-            log.info("task %s attempt %d did not start: execution process %s ended before it,"
-                     " running %s of the same batch; it runs again", waiting.task_id,
-                     waiting.attempt, slot.process.pid, job.task_id if job else "nothing",
-                     extra={"task_id": waiting.task_id, "event": "task_not_started"})
+        if job is not None and kind not in ("", "Fenced"):  # a fenced epoch's do not run again
+            for waiting in slot.queue:  # (their "started" was logged at the hand-over)
+                log.info("task %s attempt %d did not start: its batch's execution process %s"
+                         " ended (%s) while running task %s; it runs again", waiting.task_id,
+                         waiting.attempt, slot.process.pid, kind, job.task_id,
+                         extra={"task_id": waiting.task_id, "event": "task_not_started"})
         self.returned += slot.queue  # never started: the job before them was running
         slot.queue = []
         _stop(slot)
