@@ -82,6 +82,9 @@ def test_a_crash_inside_a_batch_fails_that_task_alone_and_the_rest_run_once(clus
                  if "did not start: its batch's execution process" in line}
     assert came_back and came_back <= set(ids) - crashers, came_back
     assert all(views[t]["attempt"] == 1 for t in came_back)
+    said = Counter(line.split("task ", 1)[1].split(" ", 1)[0] for line in cluster.log("w1").splitlines()
+                   if line.endswith("event=task_started]") and "attempt 1 started" in line)
+    assert {said[t] for t in ids} == {1}  # one "started" line a run, those that came back too
     assert cluster.epochs("w1", live=True) == {epoch}  # no restart, no new epoch
     assert cluster.client.failures() == []
 

@@ -39,24 +39,20 @@ from yadtqd.config import Config
 from yadtqd.errors import BadMessage, ConfigError, UnreachableError
 from yadtqd.inbox import Inbox
 from yadtqd.systemd import Notifier
-from yadtqd.worker.child import Job, Outcome
+from yadtqd.worker.child import Outcome
 from yadtqd.worker.host import boot_id, scrub_environment
 from yadtqd.worker.lease import Lease
 from yadtqd.worker.outbox import Outbox
-from yadtqd.worker.pending import hold_in_order, next_batch
+from yadtqd.worker.pending import hold_in_order
 from yadtqd.worker.placement import Placement
 from yadtqd.worker import pool
 from yadtqd.worker.pool import Pool
 from yadtqd.worker.seen import Seen
+from yadtqd.worker.handover import Handover, started_line
 from yadtqd.worker.stop import GracefulStop
 from yadtqd.worker.waiter import Waiter
 
 log = logging.getLogger("yadtqd.worker")
-#: Seconds a task runs before its ``started`` is sent: a task that ends sooner says both in its
-#: ``finished`` (issue 15: one event, one changelog record and one SQL update fewer per short
-#: task). The server sees it ``processing`` that much later; nothing else depends on it
-#: (DESIGN 4: a new attempt follows a death, not a missing ``started``).
-ANNOUNCE_AFTER = 0.02
 #: Test-only fault switch: when set to a task name, a ``run`` of that task wedges the main loop
 #: for good, so tests can watch the heartbeat and the watchdog stop. Never set it in production.
 WEDGE_ENV = "YADTQ_TEST_WEDGE_ON_TASK"
@@ -65,7 +61,7 @@ WEDGE_ENV = "YADTQ_TEST_WEDGE_ON_TASK"
 REPLACE_ENV = "YADTQ_TEST_REPLACE_CONSUMER_ON_TASK"
 
 
-class Worker(GracefulStop):
+class Worker(GracefulStop, Handover):
     """One worker process."""
 
     def __init__(self, config: Config, notifier: Notifier) -> None:
@@ -84,6 +80,10 @@ class Worker(GracefulStop):
         self.deferred: dict[tuple[str, int], m.Cancel] = {}
         #: The ``started`` of running tasks not sent yet, oldest first, with when they are due.
         self.unannounced: dict[tuple[str, int], tuple[m.Started, float]] = {}
+        #: Runs waiting in batches behind the one their slot runs: "started" is logged once
+        #: they are at the front (:meth:`_log_started`), so a run that comes back is not said
+        #: to have started twice.
+        self.unlogged: set[tuple[str, int]] = set()
         self.done = 0
         self.failed = 0
         #: Outcomes were sent since the last push: pushed once nothing granted waits to start.
@@ -221,6 +221,7 @@ class Worker(GracefulStop):
             for outcome in self.pool.collect(ready) + self.pool.expire():
                 self._on_outcome(outcome)
             self._take_back()
+            self._log_started()
             self._start_pending()
             if self.unpushed and not self.pending and (self.pool.free or not self.pool.queued):
                 self._push()
@@ -350,6 +351,7 @@ class Worker(GracefulStop):
         dropped = len(self.pending)
         self.pending.clear()
         self.unannounced.clear()  # the epoch's tasks are killed: nothing of it is to be said
+        self.unlogged.clear()
         self.handed.clear()
         self.deferred.clear()
         log.warning("epoch %s fenced by the server (%s): killed %d running, dropped %d granted",
@@ -364,54 +366,10 @@ class Worker(GracefulStop):
             return  # a stopping worker does not start a new epoch; its drain ends it
         self._register("fenced")
 
-    def _start_pending(self) -> None:
-        if self.pending and not self.lease.may_start(time.monotonic()):
-            return  # this epoch cannot prove it is live: the server may have re-queued these
-        while self.pending and self.pool.free and not self.stopping:
-            runs = next_batch(self.pending, self.pool.free, self.pool.short)
-            jobs = [Job(task_id=r.task_id, attempt=r.attempt, task=r.task, args=r.args,
-                        kwargs=r.kwargs, worker=self.worker_id, epoch=r.epoch) for r in runs]
-            self.pool.submit(jobs if len(jobs) > 1 else jobs[0], runs[0].options.timeout,
-                             self.lease.horizon())
-            for run in runs:
-                self.handed[(run.task_id, run.attempt)] = run
-                self.unannounced[(run.task_id, run.attempt)] = (
-                    m.Started(worker=self.worker_id, epoch=run.epoch, ts=time.time(),
-                              task_id=run.task_id, attempt=run.attempt),
-                    time.monotonic() + ANNOUNCE_AFTER)
-                log.info("task %s attempt %d started", run.task_id, run.attempt,
-                         extra={"task_id": run.task_id, "event": "task_started"})
-
-    def _take_back(self) -> None:
-        """Runs of a batch that never started (a task before them ended their process) start
-        again as never run: first in the queue (handed back when stopping)."""
-        keys = [job.key for job in self.pool.take_returned()]
-        back = [r for key in keys if (r := self.handed.pop(key, None)) and r.epoch == self.epoch]
-        back.sort(key=lambda r: (-r.priority, r.grant or 0))  # as they were granted
-        for key in keys:
-            self.unannounced.pop(key, None)
-        self.pending.extendleft(reversed(back))
-        for cancel in [self.deferred.pop(key) for key in list(self.deferred)]:
-            self._on_cancel(cancel)  # one that came back is in pending now: never started
-        back = [r for r in back if r in self.pending]
-        if back and self.stopping:
-            self._send_bye(back)  # as a run that comes while stopping
-            for run in back:
-                self.pending.remove(run)
-
-    def _announce(self, every: bool = False) -> None:
-        """Send the ``started`` of the tasks running for :data:`ANNOUNCE_AFTER` (or of all)."""
-        mono = time.monotonic()
-        waiting = self.pool.waiting() if self.unannounced else set()  # in batches: not yet
-        for key, (started, due) in list(self.unannounced.items()):
-            if not every and due > mono:
-                return
-            if key not in waiting:
-                del self.unannounced[key]
-                if started.epoch == self.epoch:
-                    self._send(started)
-
     def _on_outcome(self, outcome: Outcome) -> None:
+        if outcome.key in self.unlogged:  # it started and ended since the last turn
+            self.unlogged.discard(outcome.key)
+            started_line(*outcome.key)
         unannounced = self.unannounced.pop(outcome.key, None)
         self.handed.pop(outcome.key, None)
         if outcome.epoch != self.epoch:
@@ -480,4 +438,5 @@ class Worker(GracefulStop):
     def _send(self, message: m.WorkerEvent, urgent: bool = False) -> None:
         assert self.outbox is not None
         self.outbox.send(message, urgent)
+
 
