@@ -66,8 +66,9 @@ class Handover:
             self.unlogged.update((run.task_id, run.attempt) for run in runs[1:])
 
     def _log_started(self) -> None:
-        """Log "started" for the runs of batches now at the front of their slot (the others
-        of a batch that came back never started: :meth:`_take_back` forgot them)."""
+        """Log "started" for the runs of batches now at the front of their slot. A run at the
+        front may still come back unstarted (its batch's time to start passed first):
+        :meth:`_take_back` then says so."""
         if self.unlogged:
             waiting = self.pool.waiting()
             for key in [key for key in self.unlogged if key not in waiting]:
@@ -75,11 +76,18 @@ class Handover:
                 started_line(*key)
 
     def _take_back(self) -> None:
-        """Runs of a batch that never started (a task before them ended their process) start
-        again as never run: first in the queue (handed back when stopping)."""
+        """Runs of a batch that never started (a task before them ended their process, or the
+        batch's time to start passed) start again as never run: first in the queue (handed
+        back when stopping)."""
         keys = [job.key for job in self.pool.take_returned()]
+        logged = {key for key in keys if key not in self.unlogged}  # said to have started
         self.unlogged.difference_update(keys)
         back = [r for key in keys if (r := self.handed.pop(key, None)) and r.epoch == self.epoch]
+        for run in back:
+            if (run.task_id, run.attempt) in logged:
+                log.info("task %s attempt %d did not start: its batch's time to start had passed;"
+                         " it runs again", run.task_id, run.attempt,
+                         extra={"task_id": run.task_id, "event": "task_not_started"})
         back.sort(key=lambda r: (-r.priority, r.grant or 0))  # as they were granted
         for key in keys:
             self.unannounced.pop(key, None)

@@ -81,8 +81,8 @@ class Worker(GracefulStop, Handover):
         #: The ``started`` of running tasks not sent yet, oldest first, with when they are due.
         self.unannounced: dict[tuple[str, int], tuple[m.Started, float]] = {}
         #: Runs waiting in batches behind the one their slot runs: "started" is logged once
-        #: they are at the front (:meth:`_log_started`), so a run that comes back is not said
-        #: to have started twice.
+        #: they are at the front (:meth:`_log_started`), so the runs that come back from
+        #: behind it are not said to have started.
         self.unlogged: set[tuple[str, int]] = set()
         self.done = 0
         self.failed = 0
@@ -438,5 +438,3 @@ class Worker(GracefulStop, Handover):
     def _send(self, message: m.WorkerEvent, urgent: bool = False) -> None:
         assert self.outbox is not None
         self.outbox.send(message, urgent)
-
-

@@ -432,7 +432,7 @@ class Pool:
     def _replace(self, slot: Slot, kind: str, message: str) -> list[Outcome]:
         job = slot.job
         if job is not None and kind not in ("", "Fenced"):  # a fenced epoch's do not run again
-            for waiting in slot.queue:  # (their "started" was logged at the hand-over)
+            for waiting in slot.queue:  # (not said to have started: they waited behind it)
                 log.info("task %s attempt %d did not start: its batch's execution process %s"
                          " ended (%s) while running task %s; it runs again", waiting.task_id,
                          waiting.attempt, slot.process.pid, kind, job.task_id,
