@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from typing import TYPE_CHECKING
 
 from yadtqd import messages as m
 from yadtqd.worker.child import Job
@@ -38,14 +39,12 @@ class Handover:
     epoch: str
     stopping: bool
 
-    def _send(self, message: m.WorkerEvent, urgent: bool = False) -> None:
-        raise NotImplementedError  # the worker's
+    if TYPE_CHECKING:  # the worker's and the graceful stop's: no stub here to shadow them
+        def _send(self, message: m.WorkerEvent, urgent: bool = False) -> None: ...
 
-    def _on_cancel(self, cancel: m.Cancel) -> None:
-        raise NotImplementedError  # the worker's
+        def _on_cancel(self, cancel: m.Cancel) -> None: ...
 
-    def _send_bye(self, runs: list[m.Run], confirm: bool = False) -> None:
-        raise NotImplementedError  # the graceful stop's
+        def _send_bye(self, runs: list[m.Run], confirm: bool = False) -> None: ...
 
     def _start_pending(self) -> None:
         if self.pending and not self.lease.may_start(time.monotonic()):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from typing import TYPE_CHECKING
 
 from yadtqd import messages as m
 from yadtqd.config import Config
@@ -33,8 +34,8 @@ class GracefulStop:
     confirm_by: float
     leave_confirmed: bool
 
-    def _send(self, message: m.WorkerEvent, urgent: bool = False) -> None:
-        raise NotImplementedError  # the worker's
+    if TYPE_CHECKING:  # the worker's: no stub here to shadow it
+        def _send(self, message: m.WorkerEvent, urgent: bool = False) -> None: ...
 
     def _begin_stop(self) -> None:
         self.notifier.stopping()
