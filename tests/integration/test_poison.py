@@ -78,22 +78,20 @@ def test_a_crash_inside_a_batch_fails_that_task_alone_and_the_rest_run_once(clus
     check_contract(cluster, ledger, {t: i for i, t in enumerate(ids) if t not in crashers})
     starts = Counter(e.task_id for e in read(ledger) if e.phase == "start" and e.task_id in ids)
     assert {starts[t] for t in ids} == {1}  # the crashers too: a failed task is not run again
-    came_back = {line.split("task ", 1)[1].split(" ", 1)[0] for line in cluster.log("w1").splitlines()
-                 if "did not start: its batch's execution process" in line}
+    lines = cluster.log("w1").splitlines()
+    died = "did not start: its batch's execution process"
+    came_back = {_task_of(line) for line in lines if died in line}
     assert came_back and came_back <= set(ids) - crashers, came_back
     assert all(views[t]["attempt"] == 1 for t in came_back)
-    lines = cluster.log("w1").splitlines()
-    said = Counter(line.split("task ", 1)[1].split(" ", 1)[0] for line in lines
-                   if line.endswith("event=task_started]"))
-    first_said = {}  # task id -> the line where it was first said to have started
-    for number, line in reversed(list(enumerate(lines))):
+    said = Counter(_task_of(line) for line in lines if line.endswith("event=task_started]"))
+    first_said: dict[str, int] = {}  # task id -> the line where it was first said to have started
+    for number, line in enumerate(lines):
         if line.endswith("event=task_started]"):
-            first_said[line.split("task ", 1)[1].split(" ", 1)[0]] = number
+            first_said.setdefault(_task_of(line), number)
     for number, line in enumerate(lines):  # behind a crash: said to have started only after it
-        if "did not start: its batch's execution process" in line:
-            task_id = line.split("task ", 1)[1].split(" ", 1)[0]
-            assert first_said[task_id] > number, f"{task_id} was said to have started before it came back"
-    late = Counter(line.split("task ", 1)[1].split(" ", 1)[0] for line in lines
+        if died in line:
+            assert first_said[_task_of(line)] > number, f"{_task_of(line)} was said to have started before it came back"
+    late = Counter(_task_of(line) for line in lines
                    if "did not start: its batch's time to start had passed" in line)
     # each said to have started when it ran, those behind a crash too; an extra "started" only
     # for a job that reached the front as its batch's time to start passed, and said so
@@ -101,6 +99,11 @@ def test_a_crash_inside_a_batch_fails_that_task_alone_and_the_rest_run_once(clus
         assert 1 <= said[task_id] <= 1 + late[task_id], (task_id, said[task_id], late[task_id])
     assert cluster.epochs("w1", live=True) == {epoch}  # no restart, no new epoch
     assert cluster.client.failures() == []
+
+
+def _task_of(line: str) -> str:
+    """The task id a worker's "task <id> ..." log line names."""
+    return line.split("task ", 1)[1].split(" ", 1)[0]
 
 
 def test_a_result_limit_kafka_cannot_carry_is_a_config_error(cluster: Cluster) -> None:

@@ -40,6 +40,7 @@ from yadtqd.errors import BadMessage, ConfigError, UnreachableError
 from yadtqd.inbox import Inbox
 from yadtqd.systemd import Notifier
 from yadtqd.worker.child import Outcome
+from yadtqd.worker.handover import Handover, started_line
 from yadtqd.worker.host import boot_id, scrub_environment
 from yadtqd.worker.lease import Lease
 from yadtqd.worker.outbox import Outbox
@@ -48,7 +49,6 @@ from yadtqd.worker.placement import Placement
 from yadtqd.worker import pool
 from yadtqd.worker.pool import Pool
 from yadtqd.worker.seen import Seen
-from yadtqd.worker.handover import Handover, started_line
 from yadtqd.worker.stop import GracefulStop
 from yadtqd.worker.waiter import Waiter
 
