@@ -201,3 +201,71 @@ def test_least_read_keeps_home_on_a_tie_and_picks_the_lowest_of_the_fewest() -> 
     assert least_read(2, {0: 1, 1: 1, 2: 1}, 3) == 2
     assert least_read(0, {0: 2, 1: 1, 2: 1}, 3) == 1
     assert least_read(5, {5: 3}, 3) == 5  # outside what the epoch can read: where it is
+
+
+def test_an_order_is_applied_after_the_submissions_before_it_and_before_those_after(
+        ingest: Ingest) -> None:
+    """Consecutive submissions are recorded in one statement, and any other message first
+    records those before it: a cancel read right after its task's submission finds it."""
+    def submit(task_id: str, args: list[int]) -> Message:
+        return _msg("tasks", m.Submission(task_id=task_id, task="add", args=args))
+
+    _apply(ingest, submit("t1", [1]), submit("t2", [2]), _msg("tasks", m.Control(op="cancel", task_id="t1")),
+           submit("t3", [3]), submit("t1", [1]), submit("t2", [9]), _msg("tasks", b"{not json"),
+           submit("t4", [4]), _msg("tasks", b'{"task-id": "t4", "task": 5}'), submit("t5", [5]))
+    rows = ingest.store.task_rows(["t1", "t2", "t3", "t4", "t5"])
+    assert {t: r["status"] for t, r in rows.items()} == {  # t4's bad copy came after it: no change
+        "t1": "cancelled", "t2": "queued", "t3": "queued", "t4": "queued", "t5": "queued"}
+    assert rows["t2"]["payload"] == m.Submission(task_id="t2", task="add", args=[2]).payload()
+    counters = ingest.store.counter_values()
+    assert (counters.get("duplicates"), counters.get("conflicts"), counters.get("bad_messages")) == (1, 1, 2)
+    assert [r[0] for r in ingest.store.db.execute("SELECT id FROM tasks ORDER BY seq")] == [
+        "t1", "t2", "t3", "t4", "t5"]
+
+
+def test_a_run_of_successes_goes_on_past_a_marker_a_bad_event_and_a_folded_start(
+        ingest: Ingest) -> None:
+    """Messages that touch no row a run changes do not cut it: one statement ends them all."""
+    _granted(ingest)
+    _apply(ingest, _msg("tasks", m.Submission(task_id="t2", task="add", args=[3, 4])))
+    ingest.scheduler.estimates.add("add", 0.001)
+    ingest.scheduler.members["e1"].learn("add", 0.001)
+    with ingest.store.transaction():
+        assert len(ingest.scheduler.plan(ingest.store, 12.0)) == 1
+    runs: list[int] = []
+    real = ingest.store.succeed_many
+    ingest.store.succeed_many = lambda ends, now: runs.append(len(ends)) or real(ends, now)  # type: ignore[method-assign]
+    second = m.Finished(worker="w", epoch="e1", ts=0, task_id="t2", attempt=1, status="success",
+                        result=msgspec.Raw(b"7"))
+    _apply(ingest, _msg("events", _finished()), _msg("events", m.Mark(server="another", seq=1, ts=0)),
+           _msg("events", b"{not json"), _msg("events", m.Started(worker="w", epoch="e1", ts=0, task_id="t2", attempt=1)),
+           _msg("events", second))
+    assert runs == [2]
+    rows = ingest.store.task_rows(["t1", "t2"])
+    assert {t: (r["status"], r["result"]) for t, r in rows.items()} == {"t1": ("success", "3"), "t2": ("success", "7")}
+    assert ingest.store.counter_values().get("bad_messages") == 1
+
+
+def test_successes_are_recorded_before_the_event_that_follows_them(ingest: Ingest) -> None:
+    """A run of successes is one statement, recorded before the next other event is applied:
+    a newer epoch's hello after them declares the old epoch dead without re-queueing them."""
+    _granted(ingest)
+    _apply(ingest, _msg("tasks", m.Submission(task_id="t2", task="add", args=[3, 4])),
+           _msg("tasks", m.Submission(task_id="t3", task="add", args=[5, 6])))
+    ingest.scheduler.estimates.add("add", 0.001)  # timed: the epoch may hold more than its slots
+    ingest.scheduler.members["e1"].learn("add", 0.001)
+    with ingest.store.transaction():
+        assert len(ingest.scheduler.plan(ingest.store, 12.0)) == 2
+    failed = m.Finished(worker="w", epoch="e1", ts=0, task_id="t2", attempt=1, status="failed",
+                        result=msgspec.Raw(b"null"), error=m.ErrorInfo(type="E", message="boom"))
+    success3 = m.Finished(worker="w", epoch="e1", ts=0, task_id="t3", attempt=1, status="success",
+                          result=msgspec.Raw(b"11"))
+    newer = m.Hello(worker="w", epoch="e2", ts=0, host="h", pid=2, slots=2, prefetch=-1,
+                    tasks={"add": m.TaskInfo(plugin="arith")}, version="0")
+    _apply(ingest, _msg("events", _finished()), _msg("events", failed), _msg("events", success3),
+           _msg("events", newer), _msg("events", _finished()))
+    rows = ingest.store.task_rows(["t1", "t2", "t3"])
+    assert {t: (r["status"], r["result"]) for t, r in rows.items()} == {
+        "t1": ("success", "3"), "t2": ("failed", None), "t3": ("success", "11")}
+    assert ingest.store.counter_values().get("stale_events") == 1  # t1's repeat, after the hello
+    assert set(ingest.scheduler.members) == {"e2"}

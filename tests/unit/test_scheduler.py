@@ -11,7 +11,9 @@ from pathlib import Path
 from yadtqd import messages as m
 from yadtqd.server.scheduler import (ADAPTIVE, LONG_TASK, PREFETCH_HORIZON, PREFETCH_MOST,
                                       PREFETCH_PER_SLOT, Chooser, Member, Scheduler)
-from yadtqd.store import Store
+from yadtqd.limits import Limit
+from yadtqd.server.limiter import Limiter
+from yadtqd.store import Store, Waiting
 
 
 def _store(tmp_path: Path, names: list[str]) -> Store:
@@ -311,3 +313,36 @@ def test_a_fixed_prefetch_does_not_send_a_task_behind_a_long_one(tmp_path: Path)
     sched.members["y"].hold("running-add", "add", 0.0001)
     (grant,) = sched.plan(store, 100.0)
     assert grant.worker == "y"
+
+
+def test_a_task_no_longer_queued_is_let_go_and_each_epochs_numbers_still_follow(tmp_path: Path) -> None:
+    """A plan's grants are one conditional update: a task read as waiting that is not queued
+    any more is not granted, and the later grants to the same epoch close the gap in its
+    numbers (its worker takes each number once, counting on them following each other)."""
+    store = _store(tmp_path, ["add"] * 6)
+    store.grant("t2", "x", "ex", 1.0, 1)  # taken meanwhile (nothing else writes: never expected)
+    real = store.waiting
+
+    def waiting(*args: object, **kwargs: object) -> list[Waiting]:
+        found = real(*args, **kwargs)  # type: ignore[arg-type]
+        return found[:2] + [Waiting("t2", "add")] + found[2:]
+
+    store.waiting = waiting  # type: ignore[method-assign]
+    sched = Scheduler(Limiter((Limit(task="add", rate_count=100, rate_period=60.0),)))
+    for w in ("a", "b"):
+        store.hello(m.Hello(worker=w, epoch=w, ts=0, host="h", pid=1, slots=10, prefetch=0,
+                            tasks={"add": m.TaskInfo(plugin="arith")}, version="0"), 1.0, 0, 0)
+        sched.join(Member(epoch=w, worker=w, slots=10, prefetch=0, tasks=frozenset({"add"}), partition=0))
+    with store.transaction():
+        grants = sched.plan(store, 100.0, 5.0)
+    assert [(g.task_id, g.epoch, g.grant_no) for g in grants] == [
+        ("t0", "a", 1), ("t1", "b", 1), ("t3", "b", 2), ("t4", "a", 2), ("t5", "b", 3)]
+    rows = store.task_rows([g.task_id for g in grants] + ["t2"])
+    assert [(rows[g.task_id]["epoch"], rows[g.task_id]["grant_no"]) for g in grants] == [
+        (g.epoch, g.grant_no) for g in grants]
+    assert (rows["t2"]["epoch"], rows["t2"]["grant_no"]) == ("ex", 1)
+    assert {e: (mb.grants, sorted(mb.held)) for e, mb in sched.members.items()} == {
+        "a": (2, ["t0", "t4"]), "b": (3, ["t1", "t3", "t5"])}
+    assert dict(store.db.execute("SELECT epoch, grants FROM workers").fetchall()) == {"a": 2, "b": 3}
+    assert (sched.limiter.running, list(sched.limiter.recent[("add", None)])) == ({("add", None): 5}, [5.0] * 5)
+    assert "t2" not in sched.limiter.held

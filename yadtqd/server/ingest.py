@@ -11,6 +11,7 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 from confluent_kafka import Message
 
@@ -19,7 +20,7 @@ from yadtqd.config import Config
 from yadtqd.errors import BadMessage
 from yadtqd.server.evidence import Evidence
 from yadtqd.server.scheduler import Member, Scheduler
-from yadtqd.store import Store, runs_counted
+from yadtqd.store import Intake, Store, runs_counted
 from yadtqd.transport import least_read, partition_for
 
 #: Seconds between two ``fenced`` answers to the heartbeats of one epoch that is not live.
@@ -106,6 +107,10 @@ class Ingest:
         self._began: dict[tuple[str, int, str], float] = {}
         #: The batch's outcomes per epoch: executed, succeeded, failed runs (one update each).
         self._runs: dict[str, list[int]] = {}
+        #: The run of consecutive submissions (``intake``) or successes (``success``) gathered,
+        #: to be recorded in one statement (:meth:`_flush`).
+        self._run: list[Any] = []
+        self._run_kind = ""
 
     def apply(self, batch: list[Message], now: float) -> Effects:
         """Apply a batch and save its offsets; call inside a transaction.
@@ -115,12 +120,18 @@ class Ingest:
         ``processing`` in between), and ``started_at`` is set with the end, to the worker's time
         in the ``started`` (so the row is the same however the events were batched: a replay
         after a crash batches them otherwise).
+
+        Consecutive submissions, and consecutive successes, are recorded in one statement each
+        (:mod:`yadtqd.store.batches`), in order: any other message that reads or changes the
+        store's rows (an order, a bad submission, any other event) first records the run before
+        it. A bad event, a marker and a ``started`` folded into its ``finished`` do not.
         """
         try:
             return self._apply(batch, now)
         finally:  # what one batch gathered is never counted again with the next
             self._began.clear()
             self._runs.clear()
+            self._run.clear()
 
     def _apply(self, batch: list[Message], now: float) -> Effects:
         effects = Effects()
@@ -130,7 +141,10 @@ class Ingest:
         for msg, ev in zip(batch, events):
             if ev is None:
                 self._submission(msg, now, effects)
-            elif isinstance(ev, BadMessage):
+            elif isinstance(ev, m.Finished) and ev.status == "success":
+                began = self._began.pop((ev.task_id, ev.attempt, ev.epoch), None) or ev.started
+                self._join("success", (ev, _when(ev, now), began), now)
+            elif isinstance(ev, BadMessage):  # (these three touch no row a run changes)
                 self.store.bump("bad_messages")
                 log.warning("skipped bad event at %s[%d]@%d: %s", msg.topic(), msg.partition(),
                             msg.offset(), ev, extra={"event": "bad_message"})
@@ -141,26 +155,50 @@ class Ingest:
                 self.scheduler.started(ev.epoch, ev.task_id)
                 self._began[(ev.task_id, ev.attempt, ev.epoch)] = _when(ev, now)
             else:
+                self._flush(now)
                 self._event(ev, msg.partition() or 0, now, effects)
             topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
             assert topic is not None and partition is not None and offset is not None
             positions[(topic, partition)] = offset + 1
+        self._flush(now)
         self.store.count_runs(self._runs)
         self.store.save_offsets(positions)
         return effects
 
-    # ------------------------------------------------------------ submissions
+    def _join(self, kind: str, item: Any, now: float) -> None:
+        """Add a submission (``intake``) or a success (``success``) to the run being gathered,
+        recording the run before it first if it is of the other kind."""
+        if self._run and self._run_kind != kind:
+            self._flush(now)
+        self._run_kind = kind
+        self._run.append(item)
+
+    def _flush(self, now: float) -> None:
+        """Record the run gathered, in one statement, and act on each of its outcomes in order."""
+        run, self._run = self._run, []
+        if not run:
+            return
+        if self._run_kind == "intake":
+            for sub, intake in zip(run, self.store.intake_many(run, now)):
+                self._received(sub, intake)
+        else:
+            for (ev, _, _), outcome in zip(run, self.store.succeed_many(run, now)):
+                self._ended(ev, outcome, now)
 
     def _submission(self, msg: Message, now: float, effects: Effects) -> None:
         try:
             sub = m.parse_tasks_message(msg.value(), self.config.server.max_task_bytes)
         except BadMessage as exc:
+            self._flush(now)
             self._bad_submission(msg, exc, now)
             return
         if isinstance(sub, m.Control):
+            self._flush(now)
             self._order(sub, now, effects)
             return
-        intake = self.store.intake(sub, now)
+        self._join("intake", sub, now)
+
+    def _received(self, sub: m.Submission, intake: Intake) -> None:
         if intake.outcome == "new":
             log.info("task %s received: %s", sub.task_id, sub.task,
                      extra={"task_id": sub.task_id, "event": "task_received"})
@@ -332,7 +370,10 @@ class Ingest:
 
     def _finished(self, ev: m.Finished, now: float) -> None:
         began = self._began.pop((ev.task_id, ev.attempt, ev.epoch), None) or ev.started
-        outcome = self.store.finish(ev, now, _when(ev, now), began)
+        self._ended(ev, self.store.finish(ev, now, _when(ev, now), began), now)
+
+    def _ended(self, ev: m.Finished, outcome: str, now: float) -> None:
+        """Act on what the store made of a ``finished``."""
         if outcome == "stale":
             self._stale(ev, f"finished {ev.task_id} attempt {ev.attempt} is not the current grant")
             return

@@ -66,3 +66,12 @@ class Limiter:
             self.running[bucket] -= 1
             if self.running[bucket] <= 0:
                 del self.running[bucket]
+
+    def ungranted(self, task_id: str, mono: float) -> None:
+        """A grant noted at ``mono`` (:meth:`granted`) was not made after all: as if never
+        noted, its time in the rate window included."""
+        bucket = self.held.get(task_id)
+        self.released(task_id)
+        times = self.recent.get(bucket) if bucket is not None else None
+        if times and mono in times:
+            times.remove(mono)

@@ -24,6 +24,7 @@ of a name not timed yet, no other epoch takes more than its slots beyond that on
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import itertools
 import json
@@ -316,11 +317,15 @@ class Scheduler:
         for _ in range(LIMIT_PASSES):  # again, past the limit keys the last pass filled
             limit, each = self._room(takers)  # the most they may take: no more of the queue is read
             held_back, before = False, len(grants)
+            chosen: list[tuple[Waiting, Member]] = []
             for waiting in store.waiting(each, limit, now, self.limiter.closed(mono), each):
                 if not self.limiter.allows(waiting.name, waiting.limit_key, mono):
                     held_back = True  # a global limit (issue 14): it waits in the queue, in its place
                     continue
-                self._grant(store, waiting, now, mono, grants, counts)
+                member = self._choose(waiting, mono)
+                if member is not None:
+                    chosen.append((waiting, member))
+            grants += self._record(store, chosen, now, mono, counts)  # before the next pass reads the queue
             if not held_back or len(grants) == before or not any(mb.may_take() for mb in takers):
                 break
         store.count_grants(counts)
@@ -336,23 +341,54 @@ class Scheduler:
                 each[name] = each.get(name, 0) + room
         return total, each
 
-    def _grant(self, store: Store, waiting: Waiting, now: float, mono: float, grants: list[Grant],
-               counts: dict[str, int]) -> None:
+    def _choose(self, waiting: Waiting, mono: float) -> Member | None:
+        """The epoch a queued task goes to, which holds it from now on (numbered, counted
+        against its room and the limits), if any may take it: the next task's choice depends
+        on this one. :meth:`_record` makes the grants, or undoes this for a grant not made."""
         member = self._pick(waiting.name, mono) if self._chooser is None else self._chooser.pick(waiting.name)
         if member is None:
-            return
-        grant = store.grant(waiting.task_id, member.worker, member.epoch, now, member.grants + 1)
-        if grant is not None:
-            member.grants += 1
-            counts[member.epoch] = member.grants
-            estimate = self.estimates.get(waiting.name)
-            member.hold(waiting.task_id, waiting.name, estimate)
-            if estimate is None:
-                member.unknown_granted = mono
-                self._chooser = None  # the rule on names not timed yet applies from now on
-            self.limiter.granted(waiting.task_id, waiting.name, waiting.limit_key, mono)
-            member.last_granted = next(self._order)
+            return None
+        member.grants += 1
+        estimate = self.estimates.get(waiting.name)
+        member.hold(waiting.task_id, waiting.name, estimate)
+        if estimate is None:
+            member.unknown_granted = mono
+            self._chooser = None  # the rule on names not timed yet applies from now on
+        self.limiter.granted(waiting.task_id, waiting.name, waiting.limit_key, mono)
+        member.last_granted = next(self._order)
+        return member
+
+    def _record(self, store: Store, chosen: list[tuple[Waiting, Member]], now: float, mono: float,
+                counts: dict[str, int]) -> list[Grant]:
+        """Make the chosen grants, in one conditional update (each task's own condition: still
+        ``queued``). A task that was not is let go again (its epoch and the limits as if it was
+        never chosen; the choices made after it stand), and the grants after it to the same
+        epoch are numbered again, so that an epoch's grant numbers still follow each other (its
+        worker's :class:`~yadtqd.worker.seen.Seen` counts on it)."""
+        numbered = _numbered(chosen)
+        made = store.grant_many([(w.task_id, mb.worker, mb.epoch, no) for w, mb, no in numbered], now)
+        grants: list[Grant] = []
+        shifted: dict[str, tuple[Member, int]] = {}  # epoch → (it, the number its next grant takes)
+        for waiting, member, number in numbered:
+            grant = made.get(waiting.task_id)
+            if grant is None:  # not queued any more: nobody else writes, so never expected
+                member.release(waiting.task_id)
+                self.limiter.ungranted(waiting.task_id, mono)
+                shifted.setdefault(member.epoch, (member, number))
+                self._chooser = None  # an epoch got better: the fast choice assumes none does
+                continue
+            if member.epoch in shifted:
+                _, next_no = shifted[member.epoch]
+                store.renumber_grant(grant.task_id, next_no)
+                grants.append(dataclasses.replace(grant, grant_no=next_no))
+                shifted[member.epoch] = (member, next_no + 1)
+                continue
             grants.append(grant)
+        for member, next_no in shifted.values():
+            member.grants = next_no - 1
+        for _, member in chosen:
+            counts[member.epoch] = member.grants
+        return grants
 
     def _pick(self, name: str, mono: float) -> Member | None:
         """The epoch a task of ``name`` goes to (the module's order), by a look at every epoch;
@@ -410,6 +446,17 @@ class Scheduler:
             for task_id in task_ids:
                 member.release(task_id)
                 self.limiter.released(task_id)
+
+
+def _numbered(chosen: list[tuple[Waiting, Member]]) -> list[tuple[Waiting, Member, int]]:
+    """The chosen grants with their numbers: each epoch's last one takes the number it counts
+    now, those before it the ones before that."""
+    left = {mb.epoch: mb.grants for _, mb in chosen}
+    out = []
+    for waiting, member in reversed(chosen):
+        out.append((waiting, member, left[member.epoch]))
+        left[member.epoch] -= 1
+    return out[::-1]
 
 
 def _or_hash(stored: int, worker: str, count: int) -> int:

@@ -3,6 +3,8 @@
 
 - :mod:`~yadtqd.store.schema`: opening a database and migrating its schema;
 - :mod:`~yadtqd.store.transitions`: the task state machine and what the server's loop reads;
+- :mod:`~yadtqd.store.batches`: its intake, grants and successes of many tasks in one statement;
+- :mod:`~yadtqd.store.records`: the values the transitions hand back;
 - :mod:`~yadtqd.store.reads`: the read-only queries behind the socket's operations;
 - :mod:`~yadtqd.store.replica`: the row changes a transaction made, and applying them;
 - :mod:`~yadtqd.store.terms`: the active servers' terms (who was active when, and why it ended);
@@ -11,7 +13,8 @@
 
 from yadtqd.store.replica import RowChange
 from yadtqd.store.schema import connect, migrate, migrations, schema_version
-from yadtqd.store.transitions import WORKER_LOST, Grant, Held, Intake, Store, Waiting, runs_counted
+from yadtqd.store.records import Grant, Held, Intake, Waiting
+from yadtqd.store.transitions import WORKER_LOST, Store, runs_counted
 
 __all__ = ["WORKER_LOST", "Grant", "Held", "Intake", "RowChange", "Store", "Waiting", "connect",
            "migrate", "migrations", "runs_counted", "schema_version"]

@@ -18,15 +18,16 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
 from yadtqd import messages as m
+from yadtqd.store.batches import Batches
 from yadtqd.store.lifecycle import Lifecycle
 from yadtqd.store.reads import Reads
+from yadtqd.store.records import Grant, Held, Intake, Waiting
 from yadtqd.store.replica import Replica
 from yadtqd.store.schema import connect, migrate, schema_version
 from yadtqd.store.terms import Terms
@@ -37,47 +38,7 @@ WORKER_LOST = "WorkerLost"
 QUEUED_NAMES_MORE = 64
 
 
-@dataclass(frozen=True)
-class Intake:
-    """What intake made of one submission: ``new``, ``duplicate`` or ``conflict``."""
-
-    task_id: str
-    outcome: str
-
-
-@dataclass(frozen=True)
-class Waiting:
-    """A queued task the scheduler may grant."""
-
-    task_id: str
-    name: str
-    limit_key: str | None = None
-
-
-@dataclass(frozen=True)
-class Held:
-    """A granted, unfinished task as the scheduler restores it."""
-
-    task_id: str
-    name: str
-    limit_key: str | None = None
-
-
-@dataclass(frozen=True)
-class Grant:
-    """A granted attempt, with what the worker needs to run it."""
-
-    task_id: str
-    worker: str
-    epoch: str
-    attempt: int
-    payload: str
-    grant_no: int = 0
-    #: The task's priority: the worker starts the grants it holds highest first.
-    priority: int = 0
-
-
-class Store(Reads, Replica, Terms, Lifecycle):
+class Store(Batches, Reads, Replica, Terms, Lifecycle):
     """The task state machine, its queries, its replication, the servers' terms and the
     operator's lifecycle orders, over one SQLite connection."""
 
@@ -127,11 +88,7 @@ class Store(Reads, Replica, Terms, Lifecycle):
         )
         if cur.rowcount == 1:
             return Intake(sub.task_id, "new")
-        if self.db.execute("SELECT 1 FROM purged WHERE id = ?", (sub.task_id,)).fetchone():
-            return Intake(sub.task_id, "duplicate")  # it ran and was purged: once is once
-        row = self.db.execute("SELECT payload, then_task FROM tasks WHERE id = ?", (sub.task_id,)).fetchone()
-        same = row["payload"] == payload and row["then_task"] == then
-        return Intake(sub.task_id, "duplicate" if same else "conflict")
+        return self.not_new(sub)
 
     def intake_invalid(self, task_id: str, error: m.ErrorInfo, now: float) -> bool:
         """Record a submission that could not be parsed as ``failed`` with the reason.
