@@ -3,7 +3,9 @@ the one-row transitions make one after the other: the same outcomes, the same ro
 numbers included), the same counts and the same rows noted for the changelog (not always in the
 same order: a follow-up's note comes after the run's updates, which changes nothing, as the
 changelog reads each noted row as it is). Each test runs the same steps on two stores, one row
-at a time and batched, and compares them."""
+at a time and batched, and compares them. (``Store.intake`` and ``Store.grant`` are the batch
+transitions given one row: for them this compares one row a statement with many; ``finish`` has
+its own statements.)"""
 
 from __future__ import annotations
 

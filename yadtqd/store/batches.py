@@ -2,9 +2,10 @@
 grants a plan's tasks and ends a run of successes each in one conditional statement over a
 ``VALUES`` list (issue 15: 20 to 24 µs a row one statement at a time, 10 to 13 in one).
 
-Each row keeps the condition of its one-row transition in :class:`~yadtqd.store.Store`
-(``intake``, ``grant``, ``finish``), so a batch changes exactly the rows those would, one after
-the other, and invariants 1, 2 and 5 hold as they do row by row. What a row's condition
+Each row keeps the condition of its one-row transition (:class:`~yadtqd.store.Store`'s
+``intake`` and ``grant`` are these given one row; its ``finish``, for every status), so a batch
+changes exactly the rows those would, one after the other, and invariants 1, 2 and 3 hold as
+they do row by row. What a row's condition
 refused is handed back, and the caller treats it as the one-row transition's refusal: a
 duplicate or conflicting submission, a grant not made, a stale ``finished``. (The rows noted
 for the changelog are the same; a success's follow-up is noted after the run's updates rather

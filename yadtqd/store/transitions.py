@@ -74,21 +74,7 @@ class Store(Batches, Reads, Replica, Terms, Lifecycle):
         Precondition: none. An id is inserted once; a second submission with the same payload is
         a ``duplicate`` (no change), with another payload a ``conflict`` (no change).
         """
-        payload = sub.payload()
-        due = sub.due(now)
-        then = _json(sub.then) if sub.then is not None else None
-        cur = self.db.execute(  # one statement for a new id, the common case
-            "INSERT OR IGNORE INTO tasks (id, name, payload, status, max_retries, retry_backoff,"
-            " submitted_at, priority, run_after, then_task, limit_key)"
-            " SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ? WHERE NOT EXISTS"
-            " (SELECT 1 FROM purged WHERE id = ?1)",
-            (sub.task_id, sub.task, payload, "scheduled" if due > now else "queued",
-             sub.options.max_retries, sub.options.retry_backoff, now, sub.priority, due, then,
-             sub.limit_key),
-        )
-        if cur.rowcount == 1:
-            return Intake(sub.task_id, "new")
-        return self.not_new(sub)
+        return self.intake_many([sub], now)[0]
 
     def intake_invalid(self, task_id: str, error: m.ErrorInfo, now: float) -> bool:
         """Record a submission that could not be parsed as ``failed`` with the reason.
@@ -148,15 +134,7 @@ class Store(Batches, Reads, Replica, Terms, Lifecycle):
 
         Precondition: the task is ``queued``. Returns None when it is not (someone else won).
         """
-        row = self.db.execute(
-            "UPDATE tasks SET status = 'assigned', worker = ?, epoch = ?, attempt = attempt + 1,"
-            " assigned_at = ?, started_at = NULL, grant_no = ? WHERE id = ? AND status = 'queued'"
-            " RETURNING attempt, payload, priority",
-            (worker, epoch, now, grant_no, task_id),
-        ).fetchone()
-        if row is None:
-            return None
-        return Grant(task_id, worker, epoch, row["attempt"], row["payload"], grant_no, row["priority"])
+        return self.grant_many([(task_id, worker, epoch, grant_no)], now).get(task_id)
 
     def count_grants(self, counts: Mapping[str, int]) -> None:
         """Save how many grants each epoch has had (epoch → count), with the grants."""
