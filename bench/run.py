@@ -165,12 +165,14 @@ def main() -> int:
 
             step = max(1, args.scale // 10)
             points = scale.steps(bootstrap, 100, args.scale, step)
-            rates = [rate for _, rate, _, _ in points]
             rows.append([f"server scale: grants/s with 100 simulated workers, per {step:,}-task step",
-                         "tasks/s", fmt(rates)])
-            rows.append([f"server scale: database after {args.scale:,} tasks", "MiB", f"{points[-1][2]:,.1f}"])
-            rows.append([f"server scale: server RSS after {points[0][0]:,} / {args.scale:,} tasks", "MiB",
-                         f"{points[0][3]:,.1f} / {points[-1][3]:,.1f}"])
+                         "tasks/s", fmt([p.rate for p in points])])
+            rows.append(["server scale: the server's CPU a task; its busiest thread's share of a core",
+                         "µs; %", f"{fmt([p.cpu_us for p in points])};"
+                         f" {fmt([p.loop_share for p in points], scale=100)}"])
+            rows.append([f"server scale: database after {args.scale:,} tasks", "MiB", f"{points[-1].db_mib:,.1f}"])
+            rows.append([f"server scale: server RSS after {points[0].tasks:,} / {args.scale:,} tasks", "MiB",
+                         f"{points[0].rss_mib:,.1f} / {points[-1].rss_mib:,.1f}"])
     print(f"\nYADTQ benchmarks on {platform.node()} ({platform.machine()}, Python "
           f"{platform.python_version()}), median of {args.runs} runs (min..max)\n")
     print(tabulate(rows, headers=["figure", "unit", "value"]))

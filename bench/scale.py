@@ -5,8 +5,9 @@ size and server memory as tasks accumulate.
 
 The simulated workers speak the protocol straight over Kafka (hello, heartbeats, and an
 immediate started + finished for every run), so the figure is the server's own limit. Tasks are
-submitted in steps; after each step the run prints tasks/s, the database size and the server's
-resident memory.
+submitted in steps; after each step the run prints tasks/s, the database size, the server's
+resident memory, the server's CPU per task and the share of one core its busiest thread used
+(the loop: near 100 % says that thread, not the machine, is the bound).
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ import time
 import uuid
 import zlib
 from collections.abc import Callable
+from typing import NamedTuple
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import msgspec  # noqa: E402
-from common import broker, cluster, submit_all, wait_done  # noqa: E402
+from common import broker, cluster, cpu_seconds, submit_all, wait_done  # noqa: E402
 from confluent_kafka import Consumer, Producer, TopicPartition  # noqa: E402
 
 from yadtqd import messages as m  # noqa: E402
@@ -110,10 +112,32 @@ def rss_mib(pid: int) -> float:
     return 0.0
 
 
+def thread_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds used so far by each thread of ``pid``, by thread id."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            out[tid] = cpu_seconds(Path(f"/proc/{pid}/task/{tid}/stat").read_text())
+        except FileNotFoundError:  # a thread that ended meanwhile
+            pass
+    return out
+
+
+class Step(NamedTuple):
+    """One step's figures."""
+
+    tasks: int  # so far
+    rate: float  # tasks/s in the step
+    db_mib: float  # the database with its WAL
+    rss_mib: float  # the server's resident memory
+    cpu_us: float  # the server's CPU per task in the step, all threads
+    loop_share: float  # the share of one core the server's busiest thread used in the step
+
+
 def steps(bootstrap: str, workers: int, tasks: int, step: int,
-          report: Callable[[int, float, float, float], None] | None = None) -> list[tuple[int, float, float, float]]:
-    """Submit ``tasks`` in steps to a server with ``workers`` simulated workers; after each step,
-    (tasks so far, tasks/s in the step, database MiB, server RSS MiB)."""
+          report: Callable[[Step], None] | None = None) -> list[Step]:
+    """Submit ``tasks`` in steps to a server with ``workers`` simulated workers; each step's
+    figures."""
     out = []
     with cluster(bootstrap, 0) as c:
         sim = Simulator(bootstrap, c.prefix, workers)
@@ -122,15 +146,18 @@ def steps(bootstrap: str, workers: int, tasks: int, step: int,
         done = 0
         while done < tasks:
             size = min(step, tasks - done)
+            before = thread_seconds(server_pid)
             start = time.perf_counter()
             ids, _ = submit_all(bootstrap, c.prefix, size)
             done += size
             wait_done(c, done, timeout=3600, last=ids[-1])
-            rate = size / (time.perf_counter() - start)
+            seconds = time.perf_counter() - start
+            used = {tid: cpu - before.get(tid, 0.0) for tid, cpu in thread_seconds(server_pid).items()}
             db = sum(p.stat().st_size for p in Path(c.database).parent.glob("yadtq.db*")) / 2**20
-            out.append((done, rate, db, rss_mib(server_pid)))
+            out.append(Step(done, size / seconds, db, rss_mib(server_pid), sum(used.values()) / size * 1e6,
+                            max(used.values()) / seconds))
             if report:
-                report(*out[-1])
+                report(out[-1])
         sim.close()
     return out
 
@@ -141,11 +168,12 @@ def main() -> int:
     parser.add_argument("--tasks", type=int, default=1_000_000)
     parser.add_argument("--step", type=int, default=100_000)
     args = parser.parse_args()
-    print(f"{'tasks':>10} {'tasks/s':>9} {'db MiB':>8} {'server RSS MiB':>15}", flush=True)
+    print(f"{'tasks':>10} {'tasks/s':>9} {'db MiB':>8} {'server RSS MiB':>15} {'server µs/task':>15}"
+          f" {'busiest thread':>15}", flush=True)
     with broker() as bootstrap:
         steps(bootstrap, args.workers, args.tasks, args.step,
-              lambda done, rate, db, rss: print(f"{done:>10,} {rate:>9,.0f} {db:>8,.1f} {rss:>15,.1f}",
-                                                flush=True))
+              lambda s: print(f"{s.tasks:>10,} {s.rate:>9,.0f} {s.db_mib:>8,.1f} {s.rss_mib:>15,.1f}"
+                              f" {s.cpu_us:>15,.0f} {s.loop_share:>15.0%}", flush=True))
     return 0
 
 
