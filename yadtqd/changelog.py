@@ -16,6 +16,7 @@ replica skips them (and counts them) rather than stopping.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import msgspec
@@ -23,10 +24,11 @@ import msgspec
 from yadtqd.config import Config
 from yadtqd.errors import BadMessage
 from yadtqd.messages import ENVELOPE_BYTES
-from yadtqd.store import RowChange
+from yadtqd.store import RowChange, TableChanges
 from yadtqd.store.replica import KEYS, SEP
 
 _row = msgspec.json.Decoder(dict[str, Any])
+_encoder = msgspec.json.Encoder()
 
 
 #: The key of the placeholder record (no ``/``: it can be no table's row).
@@ -43,6 +45,21 @@ def encode(change: RowChange) -> tuple[bytes, bytes | None]:
     """The record's key and value (None: a tombstone)."""
     key = f"{change.table}{SEP}{change.key}".encode()
     return key, None if change.row is None else msgspec.json.encode(change.row)
+
+
+def encode_rows(changes: TableChanges) -> list[tuple[bytes, bytes | None]]:
+    """The records of one table's changed rows, each as :func:`encode` makes it: the same
+    bytes, without a dict a row (issue 15: 3 µs a row of 11 read back)."""
+    row = _row_type(changes.columns)
+    prefix = f"{changes.table}{SEP}"
+    return [((prefix + key).encode(), None if values is None else _encoder.encode(row(*values)))
+            for key, values in changes.rows]
+
+
+@functools.lru_cache(maxsize=64)
+def _row_type(columns: tuple[str, ...]) -> type[msgspec.Struct]:
+    """A struct of these fields, in this order: it encodes as the JSON object of a dict of them."""
+    return msgspec.defstruct("Row", columns)
 
 
 def decode(key: bytes | None, value: bytes | None) -> RowChange:

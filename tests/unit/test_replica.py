@@ -4,6 +4,7 @@ the same rows, whatever the order of keys and however often a key changed (compa
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -177,6 +178,38 @@ def test_records_carry_changes_there_and_back(writer: Store) -> None:
     for changes in history(writer):
         for change in changes:
             assert changelog.decode(*changelog.encode(change)) == change
+
+
+def test_records_from_rows_are_byte_for_byte_those_from_changes(writer: Store,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loop's records (``pending_rows`` -> ``encode_rows``, no dict a row) are the bytes of
+    ``pending_changes`` -> ``encode``, for every table, tombstones, reals of 17 digits and text
+    outside ASCII; with every note read (a join) and with fewer (a list of keys)."""
+    compared: list[int] = []
+
+    def compare(store: Store, limit: int) -> None:
+        tables, notes = store.pending_rows(limit)
+        changes, same_notes = store.pending_changes(limit)
+        assert notes == same_notes
+        records = [record for table in tables for record in changelog.encode_rows(table)]
+        assert records == [changelog.encode(change) for change in changes]
+        compared.extend(len(table.rows) for table in tables)
+
+    def sent_compared(store: Store, send: Callable[[Store], list[RowChange]] = sent) -> list[RowChange]:
+        compare(store, 3)
+        compare(store, 1_000_000)
+        return send(store)
+
+    monkeypatch.setitem(globals(), "sent", sent_compared)
+    history(writer)
+    with writer.transaction():
+        writer.intake(sub("precise"), 1764880000.1234567)
+        writer.intake_invalid("accented", m.ErrorInfo(type="BadSubmission", message="é \u2028 \x01"), 0.1)
+        writer.db.execute("DELETE FROM tasks WHERE id = 't5'")
+    compare(writer, 1_000_000)
+    (tombstone,) = [c for c in writer.pending_changes()[0] if c.key == "t5"]
+    assert tombstone.row is None
+    assert sum(compared) > 30
 
 
 @pytest.mark.parametrize(("key", "value", "problem"), [

@@ -223,14 +223,15 @@ class Changelog:
             return False
         if self.state == "committing" and not self._commit(store, timeout):
             return False
-        changes, notes = store.pending_changes(CHUNK)
+        tables, notes = store.pending_rows(CHUNK)
+        records = [record for changes in tables for record in changelog.encode_rows(changes)]
         backlog = len(notes) >= CHUNK  # more noted than one transaction carries
         if backlog:  # notes grow with changes while Kafka refuses them
             noted = store.compact_notes(NOTES_LIMIT)
             if noted is not None:
                 log.warning("%d changes waited for %s: kept only the newest of each row",
                             noted, self.topic, extra={"event": "changelog_backlog"})
-        if not changes and not self.queued:
+        if not records and not self.queued:
             if self.state == "primed" and time.monotonic() - self._opened >= PRIME_LIMIT:
                 self.state = "committing"  # placeholders only: end it before the broker would
                 return self._commit(store, timeout)
@@ -249,17 +250,16 @@ class Changelog:
         if self.state != "primed" and not self._begin():
             return False
         self.state = "committing"
-        last = len(changes) - 1
-        for index, change in enumerate(changes):
-            key, value = changelog.encode(change)
+        last = len(records) - 1
+        for index, (key, value) in enumerate(records):
             # one delivery report read, the last record's: the records go to one partition in
             # order, so its offset is the highest (a report a record costs the committing
             # thread 2 to 3 µs of the interpreter, three records a task)
             problem = self._produce(self.topic, value, key, 0,
                                     self._delivered if index == last else None)
             if problem:  # the start checks sizes, so this is not expected: never confirm it
-                log.critical("row %s/%s cannot be written to %s: %s; the transaction is aborted",
-                             change.table, change.key, self.topic, problem,
+                log.critical("row %s cannot be written to %s: %s; the transaction is aborted",
+                             key.decode(errors="replace"), self.topic, problem,
                              extra={"event": "changelog_refused"})
                 self.state = "aborting"
                 self._abort(timeout)

@@ -11,10 +11,10 @@
 - :mod:`~yadtqd.store.lifecycle`: the operator's cancel, retry and purge, and retention.
 """
 
-from yadtqd.store.replica import RowChange
+from yadtqd.store.replica import RowChange, TableChanges
 from yadtqd.store.schema import connect, migrate, migrations, schema_version
 from yadtqd.store.records import Grant, Held, Intake, Waiting
 from yadtqd.store.transitions import WORKER_LOST, Store, runs_counted
 
-__all__ = ["WORKER_LOST", "Grant", "Held", "Intake", "RowChange", "Store", "Waiting", "connect",
+__all__ = ["WORKER_LOST", "Grant", "Held", "Intake", "RowChange", "Store", "TableChanges", "Waiting", "connect",
            "migrate", "migrations", "runs_counted", "schema_version"]

@@ -45,6 +45,16 @@ class RowChange:
     row: dict[str, Any] | None
 
 
+@dataclass(frozen=True)
+class TableChanges:
+    """The changed rows of one table as they are now: each key with its row's values, in the
+    order of ``columns``, or None when the row was deleted."""
+
+    table: str
+    columns: tuple[str, ...]
+    rows: list[tuple[str, tuple[Any, ...] | None]]
+
+
 def _key_sql(table: str, prefix: str) -> str:
     return f" || '{SEP}' || ".join(f"{prefix}.{column}" for column in KEYS[table])
 
@@ -79,12 +89,21 @@ class Replica:
 
     def pending_changes(self, limit: int = 1_000_000) -> tuple[list[RowChange], list[tuple[int]]]:
         """The rows changed and not yet confirmed (from at most ``limit`` notes), as they are
-        now, and the notes they answer (for :meth:`confirm`); one consistent snapshot, beside
-        other writers. When more are noted than ``limit``, the consumed offsets and the
-        schedules' last ticks come last: a changelog that holds them holds what they caused (a
-        replay after a crash between two chunks reads those messages again, and applying them
-        again is idempotent)."""
-        changes: list[RowChange] = []
+        now, and the notes they answer (for :meth:`confirm`): :meth:`pending_rows` as
+        :class:`RowChange` values."""
+        tables, notes = self.pending_rows(limit)
+        return [RowChange(t.table, key, None if values is None else dict(zip(t.columns, values)))
+                for t in tables for key, values in t.rows], notes
+
+    def pending_rows(self, limit: int = 1_000_000) -> tuple[list[TableChanges], list[tuple[int]]]:
+        """The rows changed and not yet confirmed (from at most ``limit`` notes), as they are
+        now, by table, and the notes they answer (for :meth:`confirm`); one consistent
+        snapshot, beside other writers. Each row once, its values as read (the changelog encodes
+        them without a dict a row: issue 15). When more are noted than ``limit``, the consumed
+        offsets and the schedules' last ticks come last: a changelog that holds them holds what
+        they caused (a replay after a crash between two chunks reads those messages again, and
+        applying them again is idempotent)."""
+        tables: list[TableChanges] = []
         self.db.execute("BEGIN")
         try:
             cursor = self.db.cursor()
@@ -92,44 +111,46 @@ class Replica:
             read = cursor.execute(
                 "SELECT seq, tbl, key FROM changelog_pending ORDER BY tbl IN ('offsets', 'schedules'),"
                 " seq LIMIT ?", (limit,)).fetchall()
-            keyed = dict.fromkeys((tbl, key) for _, tbl, key in read)  # each once, in order
+            by_table: dict[str, dict[str, None]] = {}
+            for _, tbl, key in read:  # each key once, in order
+                by_table.setdefault(tbl, {})[key] = None
             every = len(read) < limit  # every note was read: a join finds their rows
-            for table in {tbl for tbl, _ in keyed}:
-                keys = [key for tbl, key in keyed if tbl == table]
-                found = (self._joined(table) if every and len(KEYS[table]) == 1
-                         else self._listed(table, keys))
-                changes += [RowChange(table, key, found.get(key)) for key in keys]
+            for table, keys in by_table.items():
+                columns, found = (self._joined(table) if every and len(KEYS[table]) == 1
+                                  else self._listed(table, list(keys)))
+                tables.append(TableChanges(table, columns, [(key, found.get(key)) for key in keys]))
         finally:
             self.db.execute("COMMIT")
-        return changes, [(seq,) for seq, _, _ in read]
+        return tables, [(seq,) for seq, _, _ in read]
 
-    def _joined(self, table: str) -> dict[str, dict[str, Any]]:
-        """The rows of ``table`` whose keys are noted, by key: each row once, found by the
-        table's one key column (its index), however many times it is noted (a task received
-        and granted in one turn is noted twice; issue 15: 11 µs a row where a join of every
-        note took 16)."""
+    def _joined(self, table: str) -> tuple[tuple[str, ...], dict[str, tuple[Any, ...]]]:
+        """The columns of ``table``, and its rows whose keys are noted, by key: each row once,
+        found by the table's one key column (its index), however many times it is noted (a
+        task received and granted in one turn is noted twice; issue 15: 11 µs a row where a
+        join of every note took 16)."""
         cursor = self.db.cursor()
         cursor.row_factory = None  # plain tuples: half the cost of sqlite3.Row -> dict
         key = KEYS[table][0]
         cursor.execute(f"SELECT CAST(t.{key} AS TEXT), t.* FROM main.{table} t WHERE t.{key}"
                        " IN (SELECT key FROM changelog_pending WHERE tbl = ?)", (table,))
-        names = [column[0] for column in cursor.description][1:]
-        return {r[0]: dict(zip(names, r[1:])) for r in cursor}
+        columns = tuple(column[0] for column in cursor.description[1:])
+        return columns, {r[0]: r[1:] for r in cursor}
 
-    def _listed(self, table: str, keys: list[str]) -> dict[str, dict[str, Any]]:
-        """The rows of ``table`` with these keys, by key (some of the notes were read, or a key
-        of several columns)."""
+    def _listed(self, table: str, keys: list[str]) -> tuple[tuple[str, ...], dict[str, tuple[Any, ...]]]:
+        """The columns of ``table``, and its rows with these keys, by key (some of the notes
+        were read, or a key of several columns)."""
         key_sql = _key_sql(table, table)  # one column: its index serves the IN
-        found: dict[str, dict[str, Any]] = {}
+        found: dict[str, tuple[Any, ...]] = {}
         cursor = self.db.cursor()
         cursor.row_factory = None
+        columns: tuple[str, ...] = ()
         for start in range(0, len(keys), 500):
             part = keys[start:start + 500]
             cursor.execute(f"SELECT CAST({key_sql} AS TEXT), * FROM main.{table} WHERE"
                            f" {key_sql} IN ({','.join('?' * len(part))})", part)
-            names = [column[0] for column in cursor.description][1:]
-            found.update({r[0]: dict(zip(names, r[1:])) for r in cursor})
-        return found
+            columns = tuple(column[0] for column in cursor.description[1:])
+            found.update({r[0]: r[1:] for r in cursor})
+        return columns, found
 
     def compact_notes(self, above: int) -> int | None:
         """When more than ``above`` notes wait (Kafka refusing commits while the loop goes on),
