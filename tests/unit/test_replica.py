@@ -13,7 +13,7 @@ from tests.unit.test_store import finished, hello, started, sub
 from yadtqd import changelog
 from yadtqd import messages as m
 from yadtqd.errors import BadMessage
-from yadtqd.store import RowChange, Store
+from yadtqd.store import RowChange, Store, TableChanges
 
 TABLES = ("tasks", "workers", "failures", "counters", "offsets", "status_counts")
 
@@ -183,8 +183,9 @@ def test_records_carry_changes_there_and_back(writer: Store) -> None:
 def test_records_from_rows_are_byte_for_byte_those_from_changes(writer: Store,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """The loop's records (``pending_rows`` -> ``encode_rows``, no dict a row) are the bytes of
-    ``pending_changes`` -> ``encode``, for every table, tombstones, reals of 17 digits and text
-    outside ASCII; with every note read (a join) and with fewer (a list of keys)."""
+    ``pending_changes`` -> ``encode``, for the tables of a busy history, tombstones, reals of 17
+    digits and text outside ASCII; with every note read (a join) and with fewer (a list of
+    keys); and a record carries the row as a plain read of the table finds it."""
     compared: list[int] = []
 
     def compare(store: Store, limit: int) -> None:
@@ -207,9 +208,19 @@ def test_records_from_rows_are_byte_for_byte_those_from_changes(writer: Store,
         writer.intake_invalid("accented", m.ErrorInfo(type="BadSubmission", message="é \u2028 \x01"), 0.1)
         writer.db.execute("DELETE FROM tasks WHERE id = 't5'")
     compare(writer, 1_000_000)
-    (tombstone,) = [c for c in writer.pending_changes()[0] if c.key == "t5"]
-    assert tombstone.row is None
+    tables, _ = writer.pending_rows()
+    records = dict(record for table in tables for record in changelog.encode_rows(table))
+    assert records[b"tasks/t5"] is None
+    for task_id in ("precise", "accented"):
+        row = changelog.decode(f"tasks/{task_id}".encode(), records[f"tasks/{task_id}".encode()]).row
+        assert row == dict(writer.task_rows([task_id])[task_id])
     assert sum(compared) > 30
+
+
+def test_records_of_columns_a_struct_cannot_have_are_encoded_through_a_dict() -> None:
+    changes = TableChanges("counters", ("name", "a b"), [("x", ("x", 1.5)), ("y", None)])
+    assert changelog.encode_rows(changes) == [(b"counters/x", b'{"name":"x","a b":1.5}'),
+                                             (b"counters/y", None)]
 
 
 @pytest.mark.parametrize(("key", "value", "problem"), [

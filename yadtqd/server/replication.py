@@ -224,14 +224,13 @@ class Changelog:
         if self.state == "committing" and not self._commit(store, timeout):
             return False
         tables, notes = store.pending_rows(CHUNK)
-        records = [record for changes in tables for record in changelog.encode_rows(changes)]
         backlog = len(notes) >= CHUNK  # more noted than one transaction carries
         if backlog:  # notes grow with changes while Kafka refuses them
             noted = store.compact_notes(NOTES_LIMIT)
             if noted is not None:
                 log.warning("%d changes waited for %s: kept only the newest of each row",
                             noted, self.topic, extra={"event": "changelog_backlog"})
-        if not records and not self.queued:
+        if not tables and not self.queued:
             if self.state == "primed" and time.monotonic() - self._opened >= PRIME_LIMIT:
                 self.state = "committing"  # placeholders only: end it before the broker would
                 return self._commit(store, timeout)
@@ -250,6 +249,7 @@ class Changelog:
         if self.state != "primed" and not self._begin():
             return False
         self.state = "committing"
+        records = [record for changes in tables for record in changelog.encode_rows(changes)]
         last = len(records) - 1
         for index, (key, value) in enumerate(records):
             # one delivery report read, the last record's: the records go to one partition in

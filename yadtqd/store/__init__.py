@@ -16,5 +16,5 @@ from yadtqd.store.schema import connect, migrate, migrations, schema_version
 from yadtqd.store.records import Grant, Held, Intake, Waiting
 from yadtqd.store.transitions import WORKER_LOST, Store, runs_counted
 
-__all__ = ["WORKER_LOST", "Grant", "Held", "Intake", "RowChange", "Store", "TableChanges", "Waiting", "connect",
-           "migrate", "migrations", "runs_counted", "schema_version"]
+__all__ = ["WORKER_LOST", "Grant", "Held", "Intake", "RowChange", "Store", "TableChanges", "Waiting",
+           "connect", "migrate", "migrations", "runs_counted", "schema_version"]
