@@ -9,7 +9,6 @@ import statistics
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from confluent_kafka import Producer  # noqa: E402
 
 from tests.cluster import Cluster  # noqa: E402
+from yadtqd.client import new_task_id  # noqa: E402
 from yadtqd.errors import WaitTimeout  # noqa: E402
 from yadtqd.testing.broker import Broker  # noqa: E402
 
@@ -134,12 +134,14 @@ def cluster(bootstrap: str, workers: int, slots: int = 2, log_level: str = "info
             c.stop_all()
 
 
-def submit_all(bootstrap: str, prefix: str, count: int) -> tuple[list[str], float]:
-    """Produce ``count`` seed-format ``add`` tasks as fast as Kafka takes them; returns the ids
-    and the seconds until all were acknowledged."""
+def submit_all(bootstrap: str, prefix: str, count: int,
+               make_id: Callable[[], str] = new_task_id) -> tuple[list[str], float]:
+    """Produce ``count`` seed-format ``add`` tasks as fast as Kafka takes them, with ids as
+    the client makes them unless ``make_id`` is given; returns the ids and the seconds until
+    all were acknowledged."""
     producer = Producer({"bootstrap.servers": bootstrap, "acks": "all", "enable.idempotence": True,
                          "linger.ms": 5})
-    ids = [str(uuid.uuid4()) for _ in range(count)]
+    ids = [make_id() for _ in range(count)]
     start = time.perf_counter()
     for i, task_id in enumerate(ids):
         body = json.dumps({"task-id": task_id, "task": "add", "args": [i, 1]}).encode()

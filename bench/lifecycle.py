@@ -19,7 +19,6 @@ import datetime as dt
 import json
 import sys
 import time
-import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -27,6 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import broker, cluster, percentile, submit_all  # noqa: E402
 from confluent_kafka import Producer  # noqa: E402
 from scale import Simulator, rss_mib  # noqa: E402
+
+from yadtqd.client import new_task_id  # noqa: E402
 
 
 def retention(bootstrap: str, tasks: int, step: int) -> None:
@@ -59,7 +60,7 @@ def scheduled(bootstrap: str, count: int) -> None:
                              "linger.ms": 5})
         for step in (1, 2):
             for i in range(count // 2):
-                task_id = str(uuid.uuid4())
+                task_id = new_task_id()
                 body = json.dumps({"task-id": task_id, "task": "add", "args": [i, 1], "delay": 3600}).encode()
                 while True:
                     try:

@@ -2,9 +2,13 @@
 size and server memory as tasks accumulate.
 
     .venv/bin/python bench/scale.py [--workers 100] [--tasks 1000000] [--step 100000]
+                                    [--slots 4] [--random-ids]
 
 The simulated workers speak the protocol straight over Kafka (hello, heartbeats, and an
-immediate started + finished for every run), so the figure is the server's own limit. Tasks are
+immediate started + finished for every run), so the figure is the server's own limit (with at
+most ``workers`` x ``slots`` tasks out at once: a grant's round trip through Kafka bounds it
+too when they are few). The task ids are the client's (time-ordered UUIDs), or with
+``--random-ids`` UUID4s, as a client that makes its own may send. Tasks are
 submitted in steps; after each step the run prints tasks/s, the database size, the server's
 resident memory, the server's CPU per task and the share of one core its busiest thread used
 (the loop: near 100 % says that thread, not the machine, is the bound).
@@ -30,6 +34,7 @@ from common import broker, cluster, cpu_seconds, submit_all, wait_done  # noqa: 
 from confluent_kafka import Consumer, Producer, TopicPartition  # noqa: E402
 
 from yadtqd import messages as m  # noqa: E402
+from yadtqd.client import new_task_id  # noqa: E402
 
 
 class Simulator:
@@ -135,12 +140,13 @@ class Step(NamedTuple):
 
 
 def steps(bootstrap: str, workers: int, tasks: int, step: int,
-          report: Callable[[Step], None] | None = None) -> list[Step]:
-    """Submit ``tasks`` in steps to a server with ``workers`` simulated workers; each step's
-    figures."""
+          report: Callable[[Step], None] | None = None, slots: int = 4,
+          make_id: Callable[[], str] = new_task_id) -> list[Step]:
+    """Submit ``tasks`` in steps to a server with ``workers`` simulated workers of ``slots``
+    slots, with ids from ``make_id``; each step's figures."""
     out = []
     with cluster(bootstrap, 0) as c:
-        sim = Simulator(bootstrap, c.prefix, workers)
+        sim = Simulator(bootstrap, c.prefix, workers, slots)
         c.wait_for(lambda: len(c.live_workers()) == workers, "the simulated workers")
         server_pid = c.processes["server"].pid
         done = 0
@@ -148,7 +154,7 @@ def steps(bootstrap: str, workers: int, tasks: int, step: int,
             size = min(step, tasks - done)
             before = thread_seconds(server_pid)
             start = time.perf_counter()
-            ids, _ = submit_all(bootstrap, c.prefix, size)
+            ids, _ = submit_all(bootstrap, c.prefix, size, make_id)
             done += size
             wait_done(c, done, timeout=3600, last=ids[-1])
             seconds = time.perf_counter() - start
@@ -167,13 +173,17 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=100)
     parser.add_argument("--tasks", type=int, default=1_000_000)
     parser.add_argument("--step", type=int, default=100_000)
+    parser.add_argument("--slots", type=int, default=4, help="each simulated worker's slots")
+    parser.add_argument("--random-ids", action="store_true",
+                        help="task ids as UUID4s (a client that makes its own) instead of the client's")
     args = parser.parse_args()
     print(f"{'tasks':>10} {'tasks/s':>9} {'db MiB':>8} {'server RSS MiB':>15} {'server µs/task':>15}"
           f" {'busiest thread':>15}", flush=True)
     with broker() as bootstrap:
         steps(bootstrap, args.workers, args.tasks, args.step,
               lambda s: print(f"{s.tasks:>10,} {s.rate:>9,.0f} {s.db_mib:>8,.1f} {s.rss_mib:>15,.1f}"
-                              f" {s.cpu_us:>15,.0f} {s.loop_share:>15.0%}", flush=True))
+                              f" {s.cpu_us:>15,.0f} {s.loop_share:>15.0%}", flush=True), args.slots,
+              (lambda: str(uuid.uuid4())) if args.random_ids else new_task_id)
     return 0
 
 

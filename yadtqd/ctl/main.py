@@ -46,7 +46,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("task", help="the task's name, as a plugin registered it")
     s.add_argument("args", nargs="*", metavar="ARG", help="arguments, read as JSON where they parse")
     s.add_argument("--kwargs", metavar="JSON", help="keyword arguments as a JSON object")
-    s.add_argument("--id", help="task id (default: a new UUID4)")
+    s.add_argument("--id", help="task id (default: a new time-ordered UUID, version 7)")
     s.add_argument("--timeout", type=float, metavar="S", help="kill the task after S seconds")
     s.add_argument("--retries", type=int, metavar="N", help="retry a failing task N times")
     s.add_argument("--wait", nargs="?", type=float, const=FOREVER, metavar="S",
