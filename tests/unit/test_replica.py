@@ -4,8 +4,10 @@ the same rows, whatever the order of keys and however often a key changed (compa
 from __future__ import annotations
 
 import random
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -91,6 +93,26 @@ def test_the_latest_change_per_key_in_any_order_is_enough(writer: Store, tmp_pat
     with replica.transaction():
         replica.apply_changes(shuffled)
     assert rows(replica) == rows(writer)
+
+
+def test_a_batch_applies_each_rows_last_change_once(writer: Store, tmp_path: Path) -> None:
+    every = [c for changes in history(writer) for c in changes]  # intakes, grants, ends...
+    keys = {(c.table, c.key) for c in every}
+    assert len(keys) < len(every)  # rows changed in several transactions
+    replica = Store(tmp_path / "replica.db", create=True)
+    db, written = replica.db, []
+
+    class Counting:  # the statements the store runs (a trace also names each trigger's start)
+        def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+            written.append(sql)
+            return db.execute(sql, *args)
+
+    replica.db = Counting()  # type: ignore[assignment]
+    with replica.transaction():
+        assert replica.apply_changes(every) == len(keys)
+    replica.db = db
+    assert rows(replica) == rows(writer)
+    assert len([s for s in written if s.startswith(("INSERT INTO main.", "DELETE FROM main."))]) == len(keys)
 
 
 def test_a_rolled_back_transaction_leaves_no_changes(writer: Store) -> None:

@@ -15,6 +15,7 @@ as the writer, which is what a compacted changelog keeps.
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -64,6 +65,20 @@ def _key_values(table: str, key: str) -> list[Any]:
     if len(parts) != len(KEYS[table]):
         raise ValueError(f"bad {table} key {key!r}")
     return [int(p) if column in ("seq", "partition", "term") else p for column, p in zip(KEYS[table], parts)]
+
+
+@functools.lru_cache(maxsize=64)
+def _delete_sql(table: str) -> str:
+    return f"DELETE FROM main.{table} WHERE {' AND '.join(f'{c} = ?' for c in KEYS[table])}"
+
+
+@functools.lru_cache(maxsize=256)
+def _upsert_sql(table: str, columns: tuple[str, ...]) -> str:
+    """The statement that makes a row of ``table`` hold these columns' values."""
+    updates = ", ".join(f"{c} = excluded.{c}" for c in columns
+                        if c not in KEYS[table]) or f"{columns[0]} = {columns[0]}"
+    return (f"INSERT INTO main.{table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+            f" ON CONFLICT ({', '.join(KEYS[table])}) DO UPDATE SET {updates}")
 
 
 class Replica:
@@ -219,25 +234,21 @@ class Replica:
 
     def apply_changes(self, changes: Iterable[RowChange]) -> int:
         """Make each row as given (an upsert of the whole row, or a delete); columns this
-        schema does not know are ignored (a newer server's). Returns how many were applied."""
-        count = 0
+        schema does not know are ignored (a newer server's). Of several changes of one row, the
+        last alone is applied: it is the row's whole state (a standby's batch holds most tasks'
+        intake, grant and end, issue 15). Returns how many rows were applied."""
+        latest: dict[tuple[str, str], RowChange] = {}
         for change in changes:
-            if change.table not in KEYS:
-                continue
-            where = " AND ".join(f"{c} = ?" for c in KEYS[change.table])
+            if change.table in KEYS:
+                latest[change.table, change.key] = change
+        for change in latest.values():
             values = _key_values(change.table, change.key)
             if change.row is None:
-                self.db.execute(f"DELETE FROM main.{change.table} WHERE {where}", values)
+                self.db.execute(_delete_sql(change.table), values)
             else:
-                columns = [c for c in self._table_columns(change.table) if c in change.row]
-                updates = ", ".join(f"{c} = excluded.{c}" for c in columns
-                                    if c not in KEYS[change.table]) or f"{columns[0]} = {columns[0]}"
-                self.db.execute(
-                    f"INSERT INTO main.{change.table} ({', '.join(columns)}) VALUES"
-                    f" ({', '.join('?' * len(columns))}) ON CONFLICT ({', '.join(KEYS[change.table])})"
-                    f" DO UPDATE SET {updates}", [change.row[c] for c in columns])
-            count += 1
-        return count
+                columns = tuple(c for c in self._table_columns(change.table) if c in change.row)
+                self.db.execute(_upsert_sql(change.table, columns), [change.row[c] for c in columns])
+        return len(latest)
 
     def _table_columns(self, table: str) -> list[str]:
         if not hasattr(self, "_columns"):
