@@ -95,24 +95,68 @@ def test_the_latest_change_per_key_in_any_order_is_enough(writer: Store, tmp_pat
     assert rows(replica) == rows(writer)
 
 
-def test_a_batch_applies_each_rows_last_change_once(writer: Store, tmp_path: Path) -> None:
-    every = [c for changes in history(writer) for c in changes]  # intakes, grants, ends...
-    keys = {(c.table, c.key) for c in every}
-    assert len(keys) < len(every)  # rows changed in several transactions
-    replica = Store(tmp_path / "replica.db", create=True)
-    db, written = replica.db, []
+def counting(store: Store) -> list[str]:
+    """The statements ``store`` runs from now on (a trace would also name each trigger's)."""
+    db, written = store.db, []
 
-    class Counting:  # the statements the store runs (a trace also names each trigger's start)
+    class Counting:
         def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
             written.append(sql)
             return db.execute(sql, *args)
 
-    replica.db = Counting()  # type: ignore[assignment]
+        def __getattr__(self, name: str) -> Any:
+            return getattr(db, name)
+
+    store.db = Counting()  # type: ignore[assignment]
+    return written
+
+
+def test_a_batch_applies_each_rows_last_change_once_a_statement_per_table(writer: Store,
+                                                                          tmp_path: Path) -> None:
+    every = [c for changes in history(writer) for c in changes]  # intakes, grants, ends...
+    keys = {(c.table, c.key) for c in every}
+    assert len(keys) < len(every)  # rows changed in several transactions
+    tables = {c.table for c in every}
+    replica = Store(tmp_path / "replica.db", create=True)
+    db = replica.db
+    written = counting(replica)
     with replica.transaction():
         assert replica.apply_changes(every) == len(keys)
     replica.db = db
     assert rows(replica) == rows(writer)
-    assert len([s for s in written if s.startswith(("INSERT INTO main.", "DELETE FROM main."))]) == len(keys)
+    applied = [s for s in written if s.startswith(("INSERT INTO main.", "DELETE FROM main."))]
+    assert len(tables) < len(keys) and len(applied) == len(tables)  # no row deleted: one a table
+
+
+def test_many_rows_and_rows_of_other_columns_go_in_chunks(tmp_path: Path) -> None:
+    """1,603 tasks: rows from an older server (a column fewer) and a newer one (a column more),
+    others deleted: each row as given, in statements of at most 500 rows."""
+    source = Store(tmp_path / "source.db", create=True)
+    with source.transaction():
+        source.intake_many([sub(f"t{i:04}") for i in range(1603)], 1.0)
+    full = [RowChange("tasks", r["id"], dict(r)) for r in source.db.execute("SELECT * FROM tasks")]
+    older = [RowChange(c.table, c.key, {k: v for k, v in c.row.items() if k != "limit_key"})
+             for c in full[:300] if c.row]
+    newer = [RowChange(c.table, c.key, {**c.row, "shiny": 1}) for c in full[300:900] if c.row]
+    gone = [RowChange("tasks", c.key, None) for c in full[900:1500]]
+    replica = Store(tmp_path / "replica.db", create=True)
+    with replica.transaction():  # every row there before, with other values
+        replica.apply_changes([RowChange(c.table, c.key, {**(c.row or {}), "status": "failed",
+                                                          "limit_key": "k"}) for c in full])
+    db = replica.db
+    written = counting(replica)
+    with replica.transaction():
+        assert replica.apply_changes([*older, *newer, *gone, *full[1500:]]) == 1603
+    replica.db = db
+    got = {r["id"]: dict(r) for r in replica.db.execute("SELECT * FROM tasks")}
+    assert len(got) == 1603 - 600
+    for i, change in enumerate(full[:900] + full[1500:]):
+        want = dict(change.row or {})
+        if i < 300:
+            want["limit_key"] = "k"  # an older server's row leaves a column it lacks as it was
+        assert got[change.key] == want
+    applied = [s for s in written if s.startswith(("INSERT INTO main.", "DELETE FROM main."))]
+    assert len(applied) == 1 + 2 + 2  # the older rows; 703 of every column; 600 deleted
 
 
 def test_a_rolled_back_transaction_leaves_no_changes(writer: Store) -> None:
