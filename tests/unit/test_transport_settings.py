@@ -27,12 +27,14 @@ def test_consumer_never_commits_offsets() -> None:
     assert settings["enable.auto.offset.store"] is False
 
 
-def test_consumer_fetches_at_most_4_mib_ahead_unless_told() -> None:
+def test_consumer_fetches_at_most_4_mib_ahead_and_again_soon_unless_told() -> None:
     default = transport.consumer_settings(_config(), "x", transport.ConnectionMonitor("x"))
     assert default["queued.max.messages.kbytes"] == 4096
-    told = transport.consumer_settings(_config(QUEUED_MAX_MESSAGES_KBYTES="65536"), "x",
-                                       transport.ConnectionMonitor("x"))
-    assert told["queued.max.messages.kbytes"] == "65536"
+    assert default["fetch.queue.backoff.ms"] == 10  # not librdkafka's 1 s once 4 MiB wait
+    told = transport.consumer_settings(
+        _config(QUEUED_MAX_MESSAGES_KBYTES="65536", FETCH_QUEUE_BACKOFF_MS="100"), "x",
+        transport.ConnectionMonitor("x"))
+    assert told["queued.max.messages.kbytes"] == "65536" and told["fetch.queue.backoff.ms"] == "100"
 
 
 def test_monitor_logs_each_change_once(caplog) -> None:  # type: ignore[no-untyped-def]
