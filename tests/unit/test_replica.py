@@ -3,6 +3,7 @@ the same rows, whatever the order of keys and however often a key changed (compa
 
 from __future__ import annotations
 
+import collections
 import random
 import sqlite3
 from collections.abc import Callable
@@ -111,12 +112,11 @@ def counting(store: Store) -> list[str]:
     return written
 
 
-def test_a_batch_applies_each_rows_last_change_once_a_statement_per_table(writer: Store,
+def test_a_batch_applies_each_rows_last_change_once_many_to_a_statement(writer: Store,
                                                                           tmp_path: Path) -> None:
     every = [c for changes in history(writer) for c in changes]  # intakes, grants, ends...
     keys = {(c.table, c.key) for c in every}
     assert len(keys) < len(every)  # rows changed in several transactions
-    tables = {c.table for c in every}
     replica = Store(tmp_path / "replica.db", create=True)
     db = replica.db
     written = counting(replica)
@@ -125,7 +125,8 @@ def test_a_batch_applies_each_rows_last_change_once_a_statement_per_table(writer
     replica.db = db
     assert rows(replica) == rows(writer)
     applied = [s for s in written if s.startswith(("INSERT INTO main.", "DELETE FROM main."))]
-    assert len(tables) < len(keys) and len(applied) == len(tables)  # no row deleted: one a table
+    per_table = collections.Counter(table for table, _ in keys)  # no row deleted: upserts
+    assert len(applied) == sum(bin(n).count("1") for n in per_table.values()) < len(keys)
 
 
 def test_many_rows_and_rows_of_other_columns_go_in_chunks(tmp_path: Path) -> None:
@@ -155,8 +156,47 @@ def test_many_rows_and_rows_of_other_columns_go_in_chunks(tmp_path: Path) -> Non
         if i < 300:
             want["limit_key"] = "k"  # an older server's row leaves a column it lacks as it was
         assert got[change.key] == want
+    counts = {r[0]: r[1] for r in replica.db.execute("SELECT status, count(*) FROM tasks GROUP BY status")}
+    assert {status: n for status, n in rows(replica)["status_counts"]} == counts  # its triggers
+    upserts = [s.count("(?") for s in written if s.startswith("INSERT INTO main.")]
+    deletes = [s.count("?") for s in written if s.startswith("DELETE FROM main.")]
+    assert upserts == [256, 32, 8, 4, 512, 128, 32, 16, 8, 4, 2, 1]  # 300 older rows, 703 others
+    assert deletes == [512, 64, 16, 8]
+
+
+def test_batches_of_any_size_take_few_statements(tmp_path: Path) -> None:
+    """However many rows a batch holds, its statements are of a few sizes (a connection
+    prepares and caches each once, issue 15)."""
+    source = Store(tmp_path / "source.db", create=True)
+    with source.transaction():
+        source.intake_many([sub(f"t{i:04}") for i in range(1100)], 1.0)
+    full = [RowChange("tasks", r["id"], dict(r)) for r in source.db.execute("SELECT * FROM tasks")]
+    replica = Store(tmp_path / "replica.db", create=True)
+    db = replica.db
+    written = counting(replica)
+    for size in range(1, 1100, 37):
+        with replica.transaction():
+            replica.apply_changes(full[:size])
+            replica.apply_changes([RowChange("tasks", c.key, None) for c in full[:size]])
+    replica.db = db
     applied = [s for s in written if s.startswith(("INSERT INTO main.", "DELETE FROM main."))]
-    assert len(applied) == 1 + 2 + 2  # the older rows; 703 of every column; 600 deleted
+    assert len(applied) > 200 and len(set(applied)) == 2 * 10  # 512, 256, ... 1 rows
+
+
+def test_tombstones_delete_rows_of_every_kind_of_key(writer: Store, tmp_path: Path) -> None:
+    """Keys of a text column (tasks), an integer one (failures) and two columns (offsets)."""
+    replica = Store(tmp_path / "replica.db", create=True)
+    for changes in history(writer):
+        with replica.transaction():
+            replica.apply_changes(changes)
+    db = replica.db
+    keys = ([("tasks", r[0]) for r in db.execute("SELECT id FROM tasks")]
+            + [("failures", str(r[0])) for r in db.execute("SELECT seq FROM failures")]
+            + [("offsets", f"{r[0]}/{r[1]}") for r in db.execute("SELECT topic, partition FROM offsets")])
+    assert {t for t, _ in keys} == {"tasks", "failures", "offsets"}
+    with replica.transaction():
+        assert replica.apply_changes([RowChange(t, k, None) for t, k in keys]) == len(keys)
+    assert not any(rows(replica)[t] for t in ("tasks", "failures", "offsets", "status_counts"))
 
 
 def test_a_rolled_back_transaction_leaves_no_changes(writer: Store) -> None:
