@@ -181,11 +181,11 @@ def consumer_settings(config: Config, client: str, monitor: ConnectionMonitor) -
     # messages a partition) made a burst of 100,000 submissions cost the server 35 MiB for a
     # moment, and glibc keeps such peaks (issue 14)
     settings.setdefault("queued.max.messages.kbytes", 4096)
-    # with that much queued, librdkafka fetches again only after this pause, 1 s by default: of
-    # records of kilobytes (the changelog's rows, tasks with large arguments) 4 MiB is a fraction
-    # of a second of work, and the consumer then waited the rest of the second with nothing to
-    # read (issue 15: a standby's rebuild of 60,000 tasks 16.7 -> 2.8 s; tasks with 8 KB
-    # arguments 1,462 -> 2,347 a second). It is only waited while the queue is full.
+    # with that much queued, librdkafka looks for room to fetch again only after this pause, 1 s
+    # by default: of records of kilobytes (the changelog's rows, tasks with large arguments)
+    # 4 MiB is a fraction of a second of work, and the consumer then waited the rest of the
+    # second with nothing to read (issue 15, bench/catchup.py: a standby's rebuild of 60,000
+    # tasks 16.7 -> 2.6..2.8 s; tasks with 8 KB arguments 1,069..1,129 -> 1,625..1,737 a second).
     settings.setdefault("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS)
     settings.setdefault("enable.partition.eof", False)
     return settings
