@@ -165,3 +165,33 @@ def test_succeed_many_past_one_statement(tmp_path: Path) -> None:
     with many.transaction():
         assert many.succeed_many(ends, 3.0) == alone == ["success"] * count
     assert state(many) == state(one)
+
+
+def test_batches_of_any_size_are_statements_of_a_few_texts(tmp_path: Path) -> None:
+    """However many rows a turn brings, intake, grants and successes run statements of at most
+    ten texts each (a connection prepares and caches each once: :mod:`yadtqd.store.chunks`)."""
+    store = Store(tmp_path / "s.sqlite", create=True)
+    db, texts = store.db, []
+
+    class Counting:
+        def execute(self, sql: str, *args: Any) -> Any:
+            texts.append(sql)
+            return db.execute(sql, *args)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(db, name)
+
+    store.db = Counting()  # type: ignore[assignment]
+    done = 0
+    for size in range(1, 1200, 41):
+        ids = [f"t{done + i:06d}" for i in range(size)]
+        done += size
+        with store.transaction():
+            assert all(i.outcome == "new" for i in store.intake_many([sub(t) for t in ids], 1.0))
+            assert len(store.grant_many([(t, "w", "e1", n) for n, t in enumerate(ids)], 2.0)) == size
+            assert store.succeed_many([(finished(t), 3.0, None) for t in ids], 3.0) == ["success"] * size
+    store.db = db
+    for verb in ("INSERT OR IGNORE INTO tasks", "UPDATE tasks SET status = 'assigned'",
+                 "UPDATE tasks SET status = 'success'"):
+        used = [t for t in texts if t.startswith(verb)]
+        assert len(used) > 100 and len(set(used)) == 10, verb  # 512, 256, ... 1 rows

@@ -21,10 +21,11 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from yadtqd import messages as m
+from yadtqd.store import chunks
 from yadtqd.store.records import Grant, Intake
 
-#: Rows in one statement at most (SQLite allows 32,766 bound values; intake binds 11 a row).
-CHUNK = 500
+#: Rows in one statement at most, and then in sizes of powers of two (:mod:`~yadtqd.store.chunks`).
+CHUNK = chunks.MOST
 
 _INTAKE = (
     "INSERT OR IGNORE INTO tasks (id, name, payload, status, max_retries, retry_backoff,"
@@ -64,8 +65,7 @@ class Batches:
         in order (an id twice is new once, then a duplicate or a conflict); what intake made of
         each, in the same order."""
         out: list[Intake] = []
-        for start in range(0, len(subs), CHUNK):
-            part = subs[start:start + CHUNK]
+        for part in chunks.split(subs, 11):
             rows: list[Any] = []
             for sub in part:
                 due = sub.due(now)
@@ -100,8 +100,7 @@ class Batches:
         if len({task_id for task_id, *_ in grants}) != len(grants):
             raise ValueError("a task granted twice in one batch")
         made: dict[str, Grant] = {}
-        for start in range(0, len(grants), CHUNK):
-            part = grants[start:start + CHUNK]
+        for part in chunks.split(grants, 4):
             rows = [value for grant in part for value in grant]
             for r in self.db.execute(_GRANT.format(rows=_values(len(part), 4)), [now, *rows]):
                 made[r[0]] = Grant(*r)
@@ -122,12 +121,15 @@ class Batches:
         part: list[tuple[m.Finished, float, float | None]] = []
         ids: set[str] = set()
         for end in ends:
-            if end[0].task_id in ids or len(part) == CHUNK:  # one row of a task a statement
-                out += self._succeed(part, now)
+            if end[0].task_id in ids:  # one row of a task a statement
+                out += self._succeed_all(part, now)
                 part, ids = [], set()
             part.append(end)
             ids.add(end[0].task_id)
-        return out + (self._succeed(part, now) if part else [])
+        return out + self._succeed_all(part, now)
+
+    def _succeed_all(self, part: Sequence[tuple[m.Finished, float, float | None]], now: float) -> list[str]:
+        return [outcome for piece in chunks.split(part, 7) for outcome in self._succeed(piece, now)]
 
     def _succeed(self, part: Sequence[tuple[m.Finished, float, float | None]], now: float) -> list[str]:
         rows: list[Any] = []

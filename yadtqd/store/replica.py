@@ -21,6 +21,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from yadtqd.store import chunks
+
 #: Replicated table → the columns of its key, in order.
 KEYS: dict[str, tuple[str, ...]] = {
     "tasks": ("id",),
@@ -65,25 +67,6 @@ def _key_values(table: str, key: str) -> list[Any]:
     if len(parts) != len(KEYS[table]):
         raise ValueError(f"bad {table} key {key!r}")
     return [int(p) if column in ("seq", "partition", "term") else p for column, p in zip(KEYS[table], parts)]
-
-
-#: Rows in one statement of a replica's at most (a power of two), and the values SQLite binds
-#: in one at most.
-_CHUNK = 512
-_MAX_BOUND = 32_766
-
-
-def _chunks(count: int, width: int) -> list[int]:
-    """The rows each statement takes of ``count`` rows of ``width`` values: as many of the most
-    as fit, then powers of two. A connection so prepares at most ten statements of a table and
-    its columns, whatever the sizes of the batches: Python's sqlite3 caches 128 a connection, and
-    one of some hundreds of rows took about 0.9 MB and 2.2 ms to prepare."""
-    most = _CHUNK
-    while most > 1 and most * width > _MAX_BOUND:
-        most //= 2
-    rest = count % most
-    return [most] * (count // most) + [1 << bit for bit in reversed(range(rest.bit_length()))
-                                       if rest >> bit & 1]
 
 
 @functools.lru_cache(maxsize=64)
@@ -263,7 +246,7 @@ class Replica:
         schema does not know are ignored (a newer server's). Of several changes of one row, the
         last alone is applied: it is the row's whole state (a standby's batch holds most tasks'
         intake, grant and end, issue 15). Rows of one table with the same columns are upserted
-        many to a statement, and deleted rows many to one (:func:`_chunks`; issue 15: a
+        many to a statement, and deleted rows many to one (:mod:`~yadtqd.store.chunks`; issue 15: a
         standby's upserts one row a statement took 55 % of its time). Returns how many rows
         were applied."""
         latest: dict[tuple[str, str], RowChange] = {}
@@ -300,14 +283,14 @@ class Replica:
             return
         values = [_key_values(table, key)[0] for key in keys]
         start = 0
-        for size in _chunks(len(values), 1):
+        for size in chunks.sizes(len(values), 1):
             self.db.execute(_delete_many_sql(table, size), values[start:start + size])
             start += size
 
     def _upsert_rows(self, table: str, columns: tuple[str, ...], values: list[Any]) -> None:
         """Upsert rows given as their values one after the other, in ``columns``' order."""
         width, start = len(columns), 0
-        for size in _chunks(len(values) // width, width):
+        for size in chunks.sizes(len(values) // width, width):
             self.db.execute(_upsert_sql(table, columns, size), values[start:start + size * width])
             start += size * width
 
