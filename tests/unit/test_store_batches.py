@@ -187,7 +187,8 @@ def test_batches_of_any_size_are_statements_of_a_few_texts(tmp_path: Path) -> No
         ids = [f"t{done + i:06d}" for i in range(size)]
         done += size
         with store.transaction():
-            assert all(i.outcome == "new" for i in store.intake_many([sub(t) for t in ids], 1.0))
+            intake = store.intake_many([sub(t) for t in ids], 1.0)
+            assert [(i.task_id, i.outcome) for i in intake] == [(t, "new") for t in ids]
             assert len(store.grant_many([(t, "w", "e1", n) for n, t in enumerate(ids)], 2.0)) == size
             assert store.succeed_many([(finished(t), 3.0, None) for t in ids], 3.0) == ["success"] * size
     store.db = db

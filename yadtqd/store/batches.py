@@ -1,6 +1,7 @@
-"""Transitions of many tasks in one statement: the server's loop records a run of submissions,
-grants a plan's tasks and ends a run of successes each in one conditional statement over a
-``VALUES`` list (issue 15: 20 to 24 µs a row one statement at a time, 10 to 13 in one).
+"""Transitions of many tasks a statement: the server's loop records a run of submissions,
+grants a plan's tasks and ends a run of successes each in conditional statements over a
+``VALUES`` list of up to 512 rows, in the sizes :mod:`~yadtqd.store.chunks` gives (issue 15: 20
+to 24 µs a row one statement at a time, 10 to 13 many to one).
 
 Each row keeps the condition of its one-row transition (:class:`~yadtqd.store.Store`'s
 ``intake`` and ``grant`` are these given one row; its ``finish``, for every status), so a batch
