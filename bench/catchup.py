@@ -20,7 +20,6 @@ its own.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -28,9 +27,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import broker, cluster, submit_all, summary, wait_done  # noqa: E402
-from confluent_kafka import Producer  # noqa: E402
-
-from yadtqd.client import new_task_id  # noqa: E402
 
 
 def rebuild(bootstrap: str, tasks: int) -> float:
@@ -50,19 +46,9 @@ def rebuild(bootstrap: str, tasks: int) -> float:
 def large_arguments(bootstrap: str, tasks: int, size: int) -> float:
     """Tasks a second, ``tasks`` ``echo`` tasks of a ``size``-character argument produced at once."""
     with cluster(bootstrap, 2) as c:
-        producer = Producer({"bootstrap.servers": bootstrap, "acks": "all", "enable.idempotence": True,
-                             "linger.ms": 5})
-        ids = [new_task_id() for _ in range(tasks)]
         start = time.perf_counter()
-        for task_id in ids:
-            body = json.dumps({"task-id": task_id, "task": "echo", "args": ["x" * size]}).encode()
-            while True:
-                try:
-                    producer.produce(f"{c.prefix}.tasks", body, key=task_id.encode())
-                    break
-                except BufferError:
-                    producer.poll(0.01)
-        assert producer.flush(60) == 0
+        ids, _ = submit_all(bootstrap, c.prefix, tasks, message=lambda task_id, _: {
+            "task-id": task_id, "task": "echo", "args": ["x" * size]})
         wait_done(c, tasks, last=ids[-1])
         rate = tasks / (time.perf_counter() - start)
         done = c.client.stats()["tasks"]

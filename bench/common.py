@@ -134,17 +134,22 @@ def cluster(bootstrap: str, workers: int, slots: int = 2, log_level: str = "info
             c.stop_all()
 
 
+def _add(task_id: str, i: int) -> dict[str, object]:
+    return {"task-id": task_id, "task": "add", "args": [i, 1]}
+
+
 def submit_all(bootstrap: str, prefix: str, count: int,
-               make_id: Callable[[], str] = new_task_id) -> tuple[list[str], float]:
-    """Produce ``count`` seed-format ``add`` tasks as fast as Kafka takes them, with ids as
-    the client makes them unless ``make_id`` is given; returns the ids and the seconds until
-    all were acknowledged."""
+               make_id: Callable[[], str] = new_task_id,
+               message: Callable[[str, int], dict[str, object]] = _add) -> tuple[list[str], float]:
+    """Produce ``count`` seed-format tasks (``add``, unless ``message`` makes each from its id
+    and number) as fast as Kafka takes them, with ids as the client makes them unless
+    ``make_id`` is given; returns the ids and the seconds until all were acknowledged."""
     producer = Producer({"bootstrap.servers": bootstrap, "acks": "all", "enable.idempotence": True,
                          "linger.ms": 5})
     ids = [make_id() for _ in range(count)]
     start = time.perf_counter()
     for i, task_id in enumerate(ids):
-        body = json.dumps({"task-id": task_id, "task": "add", "args": [i, 1]}).encode()
+        body = json.dumps(message(task_id, i)).encode()
         while True:
             try:
                 producer.produce(f"{prefix}.tasks", body, key=task_id.encode())

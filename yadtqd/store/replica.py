@@ -274,18 +274,16 @@ class Replica:
 
     def _known(self, table: str, given: tuple[str, ...]) -> tuple[str, ...]:
         """Of a change's columns, those this schema's ``table`` has, in the table's order."""
-        return tuple(c for c in self._table_columns(table) if c in set(given))
+        named = set(given)
+        return tuple(c for c in self._table_columns(table) if c in named)
 
     def _delete_rows(self, table: str, keys: list[str]) -> None:
         if len(KEYS[table]) > 1:  # a key of several columns: one row a statement
             for key in keys:
                 self.db.execute(_delete_sql(table), _key_values(table, key))
             return
-        values = [_key_values(table, key)[0] for key in keys]
-        start = 0
-        for size in chunks.sizes(len(values), 1):
-            self.db.execute(_delete_many_sql(table, size), values[start:start + size])
-            start += size
+        for part in chunks.split([_key_values(table, key)[0] for key in keys], 1):
+            self.db.execute(_delete_many_sql(table, len(part)), part)
 
     def _upsert_rows(self, table: str, columns: tuple[str, ...], values: list[Any]) -> None:
         """Upsert rows given as their values one after the other, in ``columns``' order."""
