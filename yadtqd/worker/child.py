@@ -3,8 +3,11 @@
 
 Jobs come from :mod:`yadtqd.worker.pool` as JSON over a pipe of their own, which the main thread
 reads itself (no handover between threads on a task's path: 15 to 25 µs of CPU a job); pings
-come over a second pipe, on which a thread answers them while a task runs, so a long task is
-not taken for a wedged process. Outcomes and answers go back over that second pipe. A task that
+come over a second pipe, which a thread reads to answer them while a task runs, so a long task
+is not taken for a wedged process. Outcomes and answers go back over a third. Each pipe goes one
+way: when one socket carried both the pings in and the outcomes out, the thread waiting for a
+ping woke each time the worker read outcomes (a reader and a writer wait in one queue on a
+socket), about one context switch per task machine-wide (issue 15). A task that
 raises, returns something that is not JSON, or returns too much is a failed *outcome*, never a
 crash of this process.
 
@@ -98,10 +101,10 @@ class TaskCancelled(BaseException):
     the worker): the task's ``finally`` blocks run; ``except Exception`` does not catch it."""
 
 
-def main(conn: Connection, jobs: Connection, max_result_bytes: int, only: tuple[str, ...],
-         max_memory: int = 0) -> None:
+def main(pings: Connection, answers_out: Connection, jobs: Connection, max_result_bytes: int,
+         only: tuple[str, ...], max_memory: int = 0) -> None:
     """Entry point of an execution process (started by the pool with the spawn method): ``jobs``
-    brings the jobs; ``conn`` the pings, and takes the answers and outcomes back."""
+    brings the jobs, ``pings`` the pings; ``answers_out`` takes the answers and outcomes back."""
     os.setpgid(0, 0)  # a group of its own: the pool ends it whole
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -109,7 +112,7 @@ def main(conn: Connection, jobs: Connection, max_result_bytes: int, only: tuple[
     logging.getLogger("yadtqd.plugins").disabled = True  # problems go to the worker, once
     importlib.invalidate_caches()
     registry = plugins.load(only)
-    answers = _Answers(conn)
+    answers = _Answers(pings, answers_out)
     tasks = {name: {"plugin": e.plugin, "version": e.version} for name, e in registry.tasks.items()}
     threading.Thread(target=answers.serve_pings, daemon=True).start()  # its stack before the limit
     if max_memory:  # after the plugins loaded: the limit is the tasks'
@@ -153,11 +156,12 @@ def _next_jobs(jobs: Connection) -> list[Job] | None:
 
 
 class _Answers:
-    """The pipe back to the pool: outcomes from the main thread, and answers to pings from a
-    thread of their own."""
+    """The pipe back to the pool: outcomes from the main thread, and answers to pings (read from
+    a pipe of their own) from a thread of their own."""
 
-    def __init__(self, conn: Connection) -> None:
-        self.conn = conn
+    def __init__(self, pings: Connection, out: Connection) -> None:
+        self.pings = pings
+        self.out = out
         self.send_lock = threading.Lock()
         #: A task runs now (set by the main thread); the pool closed the pipe. Both under
         #: ``state_lock``: a job read just as the pool went away is never run unwatched.
@@ -178,14 +182,14 @@ class _Answers:
 
     def send(self, raw: bytes) -> None:
         with self.send_lock:
-            self.conn.send_bytes(raw)
+            self.out.send_bytes(raw)
 
     def serve_pings(self) -> None:
         """Answer every ping, until the pool closes the pipe: then, if a task runs, end it and
         all it started (the worker went away)."""
         while True:
             try:
-                raw = self.conn.recv_bytes()
+                raw = self.pings.recv_bytes()
             except MemoryError:  # a task ate the memory: keep answering pings
                 continue
             except (EOFError, OSError):

@@ -72,8 +72,10 @@ class Slot:
     """One execution process and the job it runs, if any."""
 
     process: BaseProcess
-    #: Pings to the process; its answers, readiness and outcomes back.
+    #: Its answers, readiness and outcomes (a pipe each way: see :mod:`yadtqd.worker.child`).
     conn: Connection
+    #: Pings to the process.
+    pings: Connection
     #: Jobs to the process.
     jobs: Connection
     generation: int
@@ -126,16 +128,18 @@ class Pool:
         self.slots = [self._spawn() for _ in range(self.size)]
 
     def _spawn(self) -> Slot:
-        parent, child_end = self.ctx.Pipe()
+        pings_read, pings_write = self.ctx.Pipe(duplex=False)
+        answers_read, answers_write = self.ctx.Pipe(duplex=False)
         jobs_read, jobs_write = self.ctx.Pipe(duplex=False)
         process = self.ctx.Process(target=child.main,
-                                   args=(child_end, jobs_read, self.max_result_bytes, self.plugins,
-                                         self.max_memory),
+                                   args=(pings_read, answers_write, jobs_read,
+                                         self.max_result_bytes, self.plugins, self.max_memory),
                                    name="yadtq-exec", daemon=True)
         process.start()
-        child_end.close()
-        jobs_read.close()
-        return Slot(process, parent, jobs_write, self.generation, last_answer=time.monotonic())
+        for end in (pings_read, answers_write, jobs_read):
+            end.close()
+        return Slot(process, answers_read, pings_write, jobs_write, self.generation,
+                    last_answer=time.monotonic())
 
     @property
     def free(self) -> int:
@@ -403,7 +407,7 @@ class Pool:
         for slot in self.slots:
             if slot.ready:
                 try:
-                    slot.conn.send_bytes(b"ping")
+                    slot.pings.send_bytes(b"ping")
                 except OSError:
                     pass  # the process died; collect() sees the closed pipe and replaces it
 
@@ -417,8 +421,7 @@ class Pool:
         """Stop every process: close the pipes, wait, then kill what is left."""
         self._end_probe()
         for slot in self.slots:
-            slot.jobs.close()
-            slot.conn.close()
+            _close(slot)
         deadline = time.monotonic() + timeout
         for slot in self.slots:
             slot.process.join(max(0.0, deadline - time.monotonic()))
@@ -466,8 +469,13 @@ def _stop(slot: Slot) -> None:
     if slot.process.is_alive():
         slot.process.kill()
     slot.process.join()
-    slot.jobs.close()
-    slot.conn.close()
+    _close(slot)
+
+
+def _close(slot: Slot) -> None:
+    """Close the worker's ends of a slot's pipes."""
+    for end in (slot.jobs, slot.pings, slot.conn):
+        end.close()
 
 
 def _death(process: BaseProcess) -> str:
