@@ -1,6 +1,7 @@
 """The server role: read ``tasks`` and ``events``, keep the store, grant, detect deaths, serve.
 
-The main loop, in order: take what the inbox thread read from Kafka → in one SQLite
+The main loop, in order: take what the inboxes' threads read from Kafka, every event first
+(:mod:`yadtqd.server.reading`) → in one SQLite
 transaction, apply it and its offsets (:mod:`yadtqd.server.ingest`), declare dead the epochs
 proven silent (:mod:`yadtqd.server.evidence`) and grant queued tasks
 (:mod:`yadtqd.server.scheduler`) → produce the ``run``, ``fenced`` and answer messages and the
@@ -21,18 +22,18 @@ import socket
 import time
 import uuid
 
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 
 from yadtqd import messages as m
 from yadtqd import topics, transport
 from yadtqd.config import Config
 from yadtqd.errors import UnreachableError
-from yadtqd.inbox import Inbox
 from yadtqd.server.dispatch import Dispatcher
 from yadtqd.server.evidence import Evidence
 from yadtqd.server.ingest import Effects, Fence, Ingest
 from yadtqd.server.queries import Changes, Queries, Submitter
+from yadtqd.server.reading import Reading
 from yadtqd.server.election import Elector
 from yadtqd.server.replication import Changelog, Fenced
 from yadtqd.server.standby import Follower
@@ -78,7 +79,7 @@ class Server:
         self.idle_clients: list[Producer] = []
         self.last_status = 0.0
         self.last_watchdog = 0.0
-        self.inbox: Inbox | None = None
+        self.reading: Reading | None = None
         #: Fenced (monotonic time until which to stand by even if the group still says we
         #: lead: it may not have told us of the newer active yet).
         self.deposed_until = 0.0
@@ -141,8 +142,8 @@ class Server:
         return 0
 
     def _wake(self) -> None:
-        if self.inbox is not None:
-            self.inbox.wake()
+        if self.reading is not None:
+            self.reading.wake()
 
     # ------------------------------------------------------------ roles
 
@@ -196,32 +197,26 @@ class Server:
         started = time.monotonic()
         self._reset()
         out = Changelog(self.config)
-        consumer: Consumer | None = None
         phases = [started]
         try:
             out.start(timeout=10.0)  # an older active is fenced before the changelog's end is read
             phases.append(time.monotonic())
             out.restore(store, tick=lambda: self._report(store))
             phases.append(time.monotonic())
-            store.capture()  # before _assign, which may count lost offsets
-            consumer, monitor = transport.make_consumer(self.config, "server")
-            self._assign(consumer, store, timeout=5.0)
+            store.capture()  # before the reading's offsets, which may count lost ones
+            reading = Reading(self.config, store, self.admin, timeout=5.0)
             phases.append(time.monotonic())
         except UnreachableError as exc:
             store.stop_capture()
             out.discard()
-            if consumer is not None:
-                consumer.close()
             self._unreachable(f"cannot take over yet: {exc}")
             self._report(store)
             elector.changed.wait(1.0)
             elector.changed.clear()
             return
+        self.counts = dict(reading.counts)
         self.evidence.watch(range(self.counts[self.events_topic]))
         dispatcher = Dispatcher(self.config, self.counts[self.config.topic("dispatch")], self.evidence, out)
-        inbox = Inbox(consumer, self.config.server.batch_size,
-                      follow={t: n for t, n in self.counts.items() if t != self.config.topic("dispatch")},
-                      metadata=self.admin)
         ingest = Ingest(store, self.scheduler, self.config, self.evidence, dispatcher.partitions)
         self._restore(store, dispatcher)
         took = round(time.monotonic() - started, 3)
@@ -229,10 +224,10 @@ class Server:
             self.term = store.begin_term(self.name, socket.gethostname(), os.getpid(), time.time(), took,
                                          "ended without stepping down (killed, frozen or cut off from"
                                          " the broker)")
-        self.inbox = inbox
-        out.wake = inbox.wake  # a commit done in its thread ends the loop's wait
-        signal.set_wakeup_fd(inbox.wakeup_fd, warn_on_full_buffer=False)
-        inbox.start()
+        self.reading = reading
+        out.wake = reading.wake  # a commit done in its thread ends the loop's wait
+        signal.set_wakeup_fd(reading.wakeup_fd, warn_on_full_buffer=False)
+        reading.start()
         with submitter.lock:
             submitter.recording = True
         self.role.update(role="active", lag=0, lag_seconds=0.0, standbys=[])
@@ -242,9 +237,9 @@ class Server:
         fenced = False
         try:
             # a client that knows no broker never connects again: the next term makes new ones
-            clients = (monitor, *out.monitors, dispatcher.monitor)
+            clients = (*reading.monitors, *out.monitors, dispatcher.monitor)
             while not self.stopping and elector.leading.is_set() and not any(c.orphaned for c in clients):
-                self._turn(store, ingest, inbox, dispatcher, out)
+                self._turn(store, ingest, reading, dispatcher, out)
             why = elector.why if not elector.leading.is_set() else next(
                 (f"the {c.client} knew no broker" for c in clients if c.orphaned), "")
             with store.transaction():  # said in the last transaction, if Kafka takes it
@@ -258,9 +253,8 @@ class Server:
             with submitter.lock:
                 submitter.recording = False
             signal.set_wakeup_fd(-1)
-            self.inbox = None
-            ended = inbox.stop()
-            inbox.close()
+            self.reading = None
+            reading.close()
             if not fenced:  # what is left, if Kafka takes it: fewer rebuilds after a step-down
                 try:
                     out.close(store, 10.0 if self.stopping else 3.0)
@@ -272,8 +266,6 @@ class Server:
             out.discard()
             dispatcher.flush(2)
             dispatcher.discard()
-            if ended:  # else the inbox's thread may still be using it
-                consumer.close()
             store.stop_capture()
         if not self.stopping:
             log.warning("stepped down to standby", extra={"event": "step_down"})
@@ -302,33 +294,6 @@ class Server:
         self.stopping = True  # the main loop acts on it
         self.stop_signal = signal.Signals(signum).name
 
-    def _assign(self, consumer: Consumer, store: Store, timeout: float = 30.0) -> None:
-        """Read ``tasks`` and ``events`` from the offsets saved in the store (invariant 6); an
-        offset that fell out of retention is logged at error with the count of messages lost."""
-        saved = store.offsets()
-        positions: dict[tuple[str, int], int] = {}
-        for name in ("tasks", "events", "dispatch"):
-            topic = self.config.topic(name)
-            self.counts[topic] = transport.partition_count(consumer, topic, timeout)
-        lost = 0
-        for topic in (self.config.topic("tasks"), self.events_topic):
-            for p in range(self.counts[topic]):
-                low = transport.low_offset(consumer, topic, p, timeout)
-                position = saved.get((topic, p))
-                if position is not None and position < low:
-                    lost += low - position
-                    log.error("%s[%d]: offsets %d to %d were deleted before this server read"
-                              " them (retention): %d messages lost", topic, p, position, low - 1,
-                              low - position, extra={"event": "offsets_lost"})
-                elif position is None and low > 0:
-                    log.warning("%s[%d]: a new database starts at offset %d, the oldest kept",
-                                topic, p, low)
-                positions[(topic, p)] = max(position or 0, low)
-        if lost:
-            with store.transaction():
-                store.bump("offsets_lost", lost)
-        transport.assign(consumer, positions)
-
     def _restore(self, store: Store, dispatcher: Dispatcher) -> None:
         """Rebuild the scheduler's view; re-send grants not known to have started."""
         live = store.live_workers()
@@ -345,12 +310,12 @@ class Server:
 
     # ------------------------------------------------------------ the loop
 
-    def _turn(self, store: Store, ingest: Ingest, inbox: Inbox, dispatcher: Dispatcher,
+    def _turn(self, store: Store, ingest: Ingest, reading: Reading, dispatcher: Dispatcher,
               out: Changelog) -> None:
-        select.select([inbox.reader], [], [], self._idle(store, out))
-        if not inbox.alive:
-            raise UnreachableError("the thread reading Kafka died (see the log above); stopping")
-        batch = inbox.take()
+        select.select(reading.readers, [], [], self._idle(store, out))
+        if not reading.alive:
+            raise UnreachableError("a thread reading Kafka died (see the log above); stopping")
+        batch = reading.take()
         now, mono = time.time(), time.monotonic()  # one instant: grants' times and limits' clock
         if self.retention.step(store, now) + self.cron.step(store, now):
             self.changes.signal()
@@ -374,7 +339,7 @@ class Server:
         # turns go on (their work waits for the transaction after it).
         if out.commit(store, timeout=0.0):
             dispatcher.prime(self.scheduler.open_routes())  # the next one, ahead of need
-        self._follow(inbox)
+        self._follow(reading)
         dispatcher.poll()  # delivery reports first: a slow turn is not a slow broker
         mono = time.monotonic()
         for partition in self.evidence.due(mono):
@@ -432,10 +397,10 @@ class Server:
         if failed:
             self.changes.signal()
 
-    def _follow(self, inbox: Inbox) -> None:
+    def _follow(self, reading: Reading) -> None:
         """Follow partitions added to ``events``: markers for them too. (Growth of ``dispatch``
         needs nothing: each epoch says which partition it reads, and keeps reading it.)"""
-        events = inbox.counts.get(self.events_topic, 0)
+        events = reading.events_partitions
         if events > self.counts[self.events_topic]:
             self.counts[self.events_topic] = events
             self.evidence.watch(range(events))
