@@ -83,7 +83,10 @@ class ServerConfig:
     idle_timeout: float = _setting(
         30.0, "Seconds a socket connection may stay open without sending a request.", 0.1
     )
-    batch_size: int = _setting(500, "Kafka messages applied per SQLite transaction.", 1)
+    batch_size: int = _setting(
+        500, "Kafka messages each of the server's two consumers (events, tasks) hands its loop at"
+        " a time; one SQLite transaction applies what both handed.", 1
+    )
     unroutable_timeout: float = _setting(
         3600.0, "Seconds a task of a name no live worker provides waits before it fails;"
         " 0 = forever.", 0

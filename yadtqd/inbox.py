@@ -131,13 +131,16 @@ class Inbox:
             self._moves.append((None, consumer))
             self._room.notify()
 
-    def stop(self) -> bool:
+    def stop(self, wait: bool = True) -> bool:
         """Stop reading and wait for the thread (5 s at most); True if it ended, and then the
         owner may close :attr:`consumer` (a consumer handed to :meth:`move` or :meth:`replace`
-        and not taken up yet is closed here)."""
+        and not taken up yet is closed here). Without ``wait``, only tell the thread to stop
+        (several inboxes then stop together) and return False."""
         self._stop.set()
         with self._room:
             self._room.notify()
+        if not wait:
+            return False
         self._thread.join(5)
         if self._thread.is_alive():
             return False

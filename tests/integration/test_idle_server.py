@@ -19,7 +19,7 @@ pytestmark = pytest.mark.kafka
 def test_every_kafka_client_of_an_idle_active_server_is_served(cluster: Cluster) -> None:
     cluster.start_server()
     for client in ("server-socket producer", "server reports producer", "server transactional producer",
-                   "server-2 transactional producer", "server-markers producer", "server consumer", "server-tasks consumer",
-                   "server election consumer"):
+                   "server-2 transactional producer", "server-markers producer", "server consumer",
+                   "server-tasks consumer", "server election consumer"):
         cluster.wait_for(lambda: f"kafka {client}: broker connection connected" in cluster.log("server"),
                          f"the {client} to be served")

@@ -254,7 +254,7 @@ class Server:
                 submitter.recording = False
             signal.set_wakeup_fd(-1)
             self.reading = None
-            reading.close()
+            reading.stop()
             if not fenced:  # what is left, if Kafka takes it: fewer rebuilds after a step-down
                 try:
                     out.close(store, 10.0 if self.stopping else 3.0)
@@ -266,6 +266,7 @@ class Server:
             out.discard()
             dispatcher.flush(2)
             dispatcher.discard()
+            reading.close()
             store.stop_capture()
         if not self.stopping:
             log.warning("stepped down to standby", extra={"event": "step_down"})

@@ -47,12 +47,12 @@ class Reading:
             tasks, tasks_monitor = transport.make_consumer(config, "server-tasks")
             made.append(tasks)
             positions = self._positions(events, store, timeout)
+            for consumer, topic in ((events, self.events_topic), (tasks, self.tasks_topic)):
+                transport.assign(consumer, {tp: at for tp, at in positions.items() if tp[0] == topic})
         except BaseException:
             for consumer in made:
                 consumer.close()
             raise
-        transport.assign(events, {tp: at for tp, at in positions.items() if tp[0] == self.events_topic})
-        transport.assign(tasks, {tp: at for tp, at in positions.items() if tp[0] == self.tasks_topic})
         self.monitors: tuple[ConnectionMonitor, ...] = (events_monitor, tasks_monitor)
         batch = config.server.batch_size
         #: The workers' events; its socket also takes signals and :meth:`wake`.
@@ -61,6 +61,7 @@ class Reading:
         self.tasks = Inbox(tasks, batch, follow={self.tasks_topic: self.counts[self.tasks_topic]},
                            metadata=admin)
         self._inboxes = (self.events, self.tasks)
+        self._ended = [False, False]
 
     @property
     def readers(self) -> list[socket.socket]:
@@ -92,15 +93,23 @@ class Reading:
         self.events.wake()
 
     def take(self) -> list[Message]:
-        """Every event read since the last call, then the submissions read (at most about a
-        batch of them: the tasks' inbox reads no more while that many wait)."""
+        """Every event read since the last call, then the submissions read. Each inbox reads
+        no more while ``batch_size`` messages wait in it, and reads up to that many at once: a
+        turn takes fewer than four times ``batch_size``."""
         return self.events.take() + self.tasks.take()
 
-    def close(self) -> None:
-        """Stop reading; close each consumer whose thread ended (else that thread may still be
-        using it), then the inboxes' sockets."""
+    def stop(self) -> None:
+        """Stop reading: both threads at once, then wait for each (5 s at most)."""
         for inbox in self._inboxes:
-            if inbox.stop():
+            inbox.stop(wait=False)
+        self._ended = [inbox.stop() for inbox in self._inboxes]
+
+    def close(self) -> None:
+        """After :meth:`stop`: close each consumer whose thread ended (else that thread may
+        still be using it; a consumer's close may wait for its coordinator, so the owner
+        closes them last), and the inboxes' sockets."""
+        for inbox, ended in zip(self._inboxes, self._ended):
+            if ended:
                 inbox.consumer.close()
             inbox.close()
 

@@ -2,10 +2,10 @@
 
 The worker's main loop owns the pool and never blocks on it: it waits on :meth:`Pool.waitables`
 with everything else, then calls :meth:`Pool.collect`. A slot whose process dies or is killed is
-replaced at once with a fresh process. Each slot has two pipes: one that brings it jobs, read by
-its main thread, and one for pings (which a thread of its own answers) and what it sends back, so
+replaced at once with a fresh process. Each slot has three pipes, each one way: one that brings
+it jobs, read by its main thread, one that brings it pings (which a thread of its own answers, so
 :meth:`Pool.responsive` tells a wedged pool from one that runs long tasks; a process that never
-finishes loading its plugins counts as wedged too.
+finishes loading its plugins counts as wedged too), and one for all it sends back.
 
 Short tasks go to a slot in *batches* (:meth:`Pool.submit` with several jobs): one pipe write
 carries up to :data:`BATCH_MOST` jobs, which the process runs one after the other, sending each
@@ -72,7 +72,8 @@ class Slot:
     """One execution process and the job it runs, if any."""
 
     process: BaseProcess
-    #: Its answers, readiness and outcomes (a pipe each way: see :mod:`yadtqd.worker.child`).
+    #: Its answers to pings, readiness and outcomes back (why pings have a pipe of their own:
+    #: :mod:`yadtqd.worker.child`).
     conn: Connection
     #: Pings to the process.
     pings: Connection
