@@ -11,7 +11,6 @@ import pytest
 
 from yadtqd import config as configuration
 from yadtqd import topics, transport
-from yadtqd.server import election
 from yadtqd.server.election import Elector
 
 pytestmark = pytest.mark.kafka

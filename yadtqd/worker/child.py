@@ -215,7 +215,7 @@ def run(registry: plugins.Registry, job: Job, max_result_bytes: int, max_memory:
         return _failed(job, "UnknownTask", f"no installed plugin provides task {job.task!r}")
     context._set(context.TaskContext(job.task_id, job.attempt, job.worker, job.epoch))
     began = time.monotonic()
-    global _in_task, _cancel_pending
+    global _in_task
     try:
         _in_task = True
         try:
