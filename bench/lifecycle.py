@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import sys
 import time
 from pathlib import Path
@@ -24,10 +23,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import broker, cluster, percentile, submit_all  # noqa: E402
-from confluent_kafka import Producer  # noqa: E402
 from scale import Simulator, rss_mib  # noqa: E402
 
-from yadtqd.client import new_task_id  # noqa: E402
 
 
 def retention(bootstrap: str, tasks: int, step: int) -> None:
@@ -56,19 +53,9 @@ def scheduled(bootstrap: str, count: int) -> None:
     with cluster(bootstrap, 1) as c:
         pid = c.processes["server"].pid
         print(f"scheduled tasks held: server RSS {rss_mib(pid):.1f} MiB with none", flush=True)
-        producer = Producer({"bootstrap.servers": bootstrap, "acks": "all", "enable.idempotence": True,
-                             "linger.ms": 5})
         for step in (1, 2):
-            for i in range(count // 2):
-                task_id = new_task_id()
-                body = json.dumps({"task-id": task_id, "task": "add", "args": [i, 1], "delay": 3600}).encode()
-                while True:
-                    try:
-                        producer.produce(f"{c.prefix}.tasks", body, key=task_id.encode())
-                        break
-                    except BufferError:
-                        producer.poll(0.01)
-            producer.flush(60)
+            submit_all(bootstrap, c.prefix, count // 2, message=lambda task_id, i: {
+                "task-id": task_id, "task": "add", "args": [i, 1], "delay": 3600})
             c.wait_for(lambda: c.client.stats()["tasks"].get("scheduled", 0) == step * (count // 2),
                        "every task recorded", timeout=600)
             time.sleep(5)  # a few turns with all of them waiting: what they cost while they wait

@@ -6,8 +6,8 @@ consumer hands its messages over in the order it fetched them: a burst of 100,00
 took the loop 3.3 s to record, and meanwhile the ``finished`` of the tasks it had granted waited
 behind the rest of the burst in librdkafka's queue (up to 4 MiB of it), so the workers had
 nothing more to run: 1 % of the burst was granted after 1.2 s, 10 % after 4.1 (issue 15). Now
-each turn takes every event read, then at most a batch of submissions, and the grants go on
-while a burst is recorded.
+each turn takes every event read, then the submissions read, and the grants go on while a
+burst is recorded.
 """
 
 from __future__ import annotations
