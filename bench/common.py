@@ -88,13 +88,16 @@ def broker_cpu(pid: int) -> tuple[float, float]:
     return total, sum(v for (p, _), v in _jit_seen.items() if p == pid)
 
 
-def warm(bootstrap: str, step: Callable[[], object], most: int = 10) -> tuple[int, list[float]]:
+def warm(bootstrap: str, step: Callable[[], object], most: int = 30) -> tuple[int, list[float]]:
     """Run ``step`` (one round of work through the broker) until the broker's JIT settles: a
     round in which its compiler threads used under :data:`SETTLED` of its CPU (at most
     ``most`` rounds). A fresh broker compiles for a long while: measured here, its compiler
     threads still took 76 µs of every task's 236 after 120,000 tasks, and 6 of 132 once it
-    had run twice as many. A long-running broker has compiled long ago, so figures taken
-    before it settles charge YADTQ with the broker's start. Returns the rounds run and each
+    had run twice as many. With 2 workers and rounds of 40,000 tasks, a fresh broker's JIT
+    took 27 to 37 % of its CPU in the tenth round in three sittings, and settled in the
+    twentieth (its compiler recompiling 14 to 66 methods a round, deoptimized across the
+    broker, not in a part of it YADTQ alone uses). A long-running broker has compiled long
+    ago, so figures taken before it settles charge YADTQ with the broker's start. Returns the rounds run and each
     one's JIT share (printed too); without the broker's process at hand (another machine, or
     a bootstrap that names several brokers), one round, unmeasured."""
     pid = broker_pid(bootstrap)

@@ -94,13 +94,16 @@ def throughput(bootstrap: str, count: int) -> float:
     return count / elapsed
 
 
-def latencies(bootstrap: str, count: int) -> list[float]:
-    """Seconds per message through all the hops, one message at a time."""
+def latencies(bootstrap: str, count: int, idle: float = 0.0) -> list[float]:
+    """Seconds per message through all the hops, one message at a time; with ``idle``, each
+    sent after that many seconds in which the hops had nothing to do."""
     hops = Hops(bootstrap)
     producer = Producer({"bootstrap.servers": bootstrap, **PRODUCER})
     out = []
     for i in range(count):
         key = f"m{i}".encode()
+        if idle:
+            time.sleep(idle)  # the point: hops left idle, not a wait for an event
         start = time.perf_counter()
         producer.produce(f"{hops.prefix}.tasks", key)
         producer.flush(10)

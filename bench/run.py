@@ -4,7 +4,8 @@
                                   [--scale 1000000]
 
 Throughput (first submit to last result readable) with 1, 2 and 4 workers and the submit rate
-alone; sequential latency, and latency of a task sent after 3 s of idle; the raw-Kafka limit
+alone; sequential latency, and latency of a task sent after 3 s of idle, beside what the same
+idle costs raw Kafka's hops and the machine alone (:mod:`wake`); the raw-Kafka limit
 through the same hops on the same broker, and YADTQ as a ratio of it; throughput and latency
 with a standby server following; failover of a worker and takeovers of the active server
 (``--kills`` each); with ``--scale N``, the server's rate with 100 simulated workers and its
@@ -28,6 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import raw  # noqa: E402
+import wake  # noqa: E402
 from common import broker, cluster, percentile, submit_all, summary, wait_done, warm  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
@@ -133,6 +135,14 @@ def main() -> int:
         rows.append(["latency p50 / max, a task sent after 3 s idle (20 tasks)", "ms",
                      f"{fmt([percentile(run, 0.5) for run in idle], scale=1000, digits=1)} /"
                      f" {max(max(run) for run in idle) * 1000:.1f}"])
+        raw_idle = [raw.latencies(bootstrap, 20, idle=3.0) for _ in range(args.runs)]
+        rows.append(["raw Kafka latency p50, same hops, a message sent after 3 s idle (20)", "ms",
+                     fmt([percentile(run, 0.5) for run in raw_idle], scale=1000, digits=1)])
+        rings = [wake.ring() for _ in range(args.runs)]
+        rows.append(["the machine alone (bench/wake.py): a token through 10 processes, p50 back "
+                     "to back / after 3 s idle", "ms",
+                     f"{fmt([percentile(b2b, 0.5) for b2b, _ in rings], scale=1000, digits=2)} / "
+                     f"{fmt([percentile(after, 0.5) for _, after in rings], scale=1000, digits=2)}"])
         for q, name in ((0.5, "p50"), (0.95, "p95"), (0.99, "p99")):
             rows.append([f"latency {name} (sequential, {args.latency} tasks)", "ms",
                          fmt([percentile(run, q) for run in lat], scale=1000, digits=1)])
