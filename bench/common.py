@@ -95,8 +95,8 @@ def warm(bootstrap: str, step: Callable[[], object], most: int = 30) -> tuple[in
     threads still took 76 µs of every task's 236 after 120,000 tasks, and 6 of 132 once it
     had run twice as many. With 2 workers and rounds of 40,000 tasks, a fresh broker's JIT
     took 27 to 37 % of its CPU in the tenth round in three sittings, and settled in the
-    twentieth (its compiler recompiling 14 to 66 methods a round, deoptimized across the
-    broker, not in a part of it YADTQ alone uses). A long-running broker has compiled long
+    twentieth (from the tenth on, 14 to 66 of its methods deoptimized a round and compiled
+    again, all over the broker, not in a part of it YADTQ alone uses). A long-running broker has compiled long
     ago, so figures taken before it settles charge YADTQ with the broker's start. Returns the rounds run and each
     one's JIT share (printed too); without the broker's process at hand (another machine, or
     a bootstrap that names several brokers), one round, unmeasured."""
