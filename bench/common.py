@@ -96,10 +96,11 @@ def warm(bootstrap: str, step: Callable[[], object], most: int = 30) -> tuple[in
     had run twice as many. With 2 workers and rounds of 40,000 tasks, a fresh broker's JIT
     took 27 to 37 % of its CPU in the tenth round in three sittings, and settled in the
     twentieth (from the tenth on, 14 to 66 of its methods deoptimized a round and compiled
-    again, all over the broker, not in a part of it YADTQ alone uses). A long-running broker has compiled long
-    ago, so figures taken before it settles charge YADTQ with the broker's start. Returns the rounds run and each
-    one's JIT share (printed too); without the broker's process at hand (another machine, or
-    a bootstrap that names several brokers), one round, unmeasured."""
+    again, all over the broker, not in a part of it YADTQ alone uses). A long-running broker
+    has compiled long ago, so figures taken before it settles charge YADTQ with the broker's
+    start. Returns the rounds run and each one's JIT share (printed too); without the
+    broker's process at hand (another machine, or a bootstrap that names several brokers),
+    one round, unmeasured."""
     pid = broker_pid(bootstrap)
     if pid is None:
         step()

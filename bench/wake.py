@@ -20,6 +20,11 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import percentile  # noqa: E402
 
 #: One hop: read the token, do a little work (as a hop does), pass it on.
 HOP = """
@@ -77,10 +82,8 @@ def main() -> int:
     parser.add_argument("--idle", type=float, default=3.0)
     args = parser.parse_args()
     warm, after_idle = ring(args.hops, args.count, args.idle)
-    warm.sort()
-    after_idle.sort()
-    print(f"a token through {args.hops} processes: p50 {warm[len(warm) // 2] * 1000:.2f} ms back to "
-          f"back, {after_idle[len(after_idle) // 2] * 1000:.2f} ms after {args.idle:g} s idle")
+    print(f"a token through {args.hops} processes: p50 {percentile(warm, 0.5) * 1000:.2f} ms back "
+          f"to back, {percentile(after_idle, 0.5) * 1000:.2f} ms after {args.idle:g} s idle")
     return 0
 
 
