@@ -247,7 +247,7 @@ def test_an_epoch_just_given_a_task_of_unknown_length_holds_the_others_back_in_l
 
 def test_a_plan_reads_no_more_of_the_queue_than_the_horizon_lets_it_grant(tmp_path: Path) -> None:
     """Tasks a tenth of an epoch's horizon long: an epoch of 2 slots may take its 2 and about
-    10 more, so the plan reads 14 rows of a queue of 600, not the 258 its count allows."""
+    10 more, so the plan reads 14 rows of a queue of 600, not the 1,026 its count allows."""
     store = _store(tmp_path, ["sleep"] * 600)
     sched = Scheduler()
     sched.join(_adaptive("a"))

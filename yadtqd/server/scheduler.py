@@ -47,12 +47,15 @@ ADAPTIVE = -1
 #: 15 %); at 100 ms, at most 7 % in 10 runs.
 PREFETCH_HORIZON = 0.1
 #: The most grants an adaptive epoch holds beyond each slot: the bound for tasks so short that
-#: the horizon would allow thousands. The estimates time the execution alone, while a worker
-#: spends some 0.3-0.5 ms of its own on every task, so 128 is about the horizon in real time;
-#: 32 was about 15 ms, shorter than the grant's round trip under load (the ``finished``
-#: lingers, a turn, a commit behind the one under way, the fetch), and slots ran dry: two
-#: workers of 2 slots, 10,000 ``add``, 6 runs alternating: 2,610 -> 3,334 tasks/s (median).
-PREFETCH_PER_SLOT = 128
+#: the horizon would allow thousands. It must cover a grant's round trip under load (the
+#: ``finished`` lingers, a turn that may be recording a burst of submissions, a commit behind
+#: the one under way, the fetch: 50-100 ms here), counted in tasks as a worker really runs them,
+#: its own work on each included. 32 per slot ran dry when a worker spent 0.3-0.5 ms a task (two
+#: workers, 10,000 ``add``: 2,610 -> 3,334 tasks/s at 128). Once it spent under 0.1 ms, 128
+#: ran dry in turn: one worker of 2 slots received its grants 258 at a time, every 100 ms, while
+#: the server recorded the burst. At 512: one worker 6,440 -> 9,758 tasks/s, two 8,030 -> 8,355
+#: (10,000 ``add``, medians of three series alternated); the two cores are then full with one.
+PREFETCH_PER_SLOT = 512
 #: The most grants an adaptive epoch holds beyond its slots, however many slots it has: what it
 #: holds is listed in one message when it leaves (``bye``) and in one changelog record when it
 #: dies (its ``failures`` row), and both must stay well under Kafka's message size.
