@@ -51,6 +51,25 @@ def cpu_seconds(stat: str) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
+class MachineBusy:
+    """The share of the machine's CPU time (all CPUs, from ``/proc/stat``) not idle between
+    construction and :meth:`share`: whether a run had the CPUs full."""
+
+    def __init__(self) -> None:
+        self._start = self._read()
+
+    @staticmethod
+    def _read() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:9]]
+        return sum(fields), fields[3] + fields[4]  # all, idle + iowait
+
+    def share(self) -> float:
+        """Busy share since construction, 0 to 1."""
+        total, idle = self._read()
+        return 1 - (idle - self._start[1]) / max(1, total - self._start[0])
+
+
 def broker_pid(bootstrap: str) -> int | None:
     """The process of the Kafka broker listening at ``bootstrap`` (found by its properties
     file, the last argument of its command line), if it runs on this machine."""

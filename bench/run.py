@@ -21,6 +21,7 @@ the first 60,000 here, and its compiler still took a third of it after 120,000).
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 import time
@@ -30,18 +31,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import raw  # noqa: E402
 import wake  # noqa: E402
-from common import broker, cluster, percentile, submit_all, summary, wait_done, warm  # noqa: E402
+from common import MachineBusy, broker, cluster, percentile, submit_all, summary, wait_done, warm  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
 
 def throughput(bootstrap: str, tasks: int, workers: int, prefetch: int = -1,
-               standby: bool = False) -> tuple[float, float]:
-    """(end-to-end tasks/s, submit rate/s) for one run."""
+               standby: bool = False) -> tuple[float, float, float]:
+    """(end-to-end tasks/s, submit rate/s, the machine's CPU busy share) for one run."""
     with cluster(bootstrap, workers, prefetch=prefetch, standby=standby) as c:
+        busy = MachineBusy()
         start = time.perf_counter()
         ids, submit_seconds = submit_all(bootstrap, c.prefix, tasks)
         wait_done(c, tasks, last=ids[-1])
-        return tasks / (time.perf_counter() - start), tasks / submit_seconds
+        return tasks / (time.perf_counter() - start), tasks / submit_seconds, busy.share()
 
 
 def log_lines(bootstrap: str, tasks: int) -> tuple[float, float]:
@@ -113,6 +115,8 @@ def main() -> int:
             runs = [throughput(bootstrap, args.tasks, workers) for _ in range(args.runs)]
             results[workers] = [r[0] for r in runs]
             rows.append([f"throughput, {workers} worker(s) x 2 slots", "tasks/s", fmt(results[workers])])
+            rows.append([f"  the machine's CPU busy meanwhile ({os.cpu_count()} CPUs)", "%",
+                         fmt([r[2] for r in runs], scale=100)])
             if workers == 1:
                 rows.append(["submit rate alone (plain producer)", "tasks/s", fmt([r[1] for r in runs])])
         with_standby = [throughput(bootstrap, args.tasks, 2, standby=True)[0] for _ in range(args.runs)]
