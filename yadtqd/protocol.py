@@ -157,9 +157,12 @@ def worker_view(row: sqlite3.Row, holding: dict[str, int] | None = None) -> dict
 
 
 def failure_view(row: sqlite3.Row) -> dict[str, Any]:
-    """A worker failure as the ``failures`` operation shows it."""
+    """A worker failure as the ``failures`` operation shows it: ``requeued`` lists the first
+    500 tasks it re-queued (the started ones first), ``requeued_count`` counts them all."""
+    listed = json.loads(row["requeued"])
     return {
         "worker": row["worker"], "epoch": row["epoch"], "host": row["host"],
         "last_heartbeat": iso(row["last_heartbeat"]), "detected_at": iso(row["detected_at"]),
-        "reason": row["reason"], "requeued": json.loads(row["requeued"]),
+        "reason": row["reason"], "requeued": listed,
+        "requeued_count": len(listed) if row["requeued_count"] is None else row["requeued_count"],
     }

@@ -197,6 +197,37 @@ def test_declare_dead_requeues_then_fails_after_max_attempts(store: Store) -> No
     assert failures[0]["reason"] == "no heartbeat"
 
 
+def test_a_failure_lists_the_started_tasks_first_and_counts_every_requeued_one(tmp_path: Path) -> None:
+    """An epoch holding far more grants than a failure lists (a deep prefetch): the failure
+    lists :data:`FAILURE_LISTED` ids, the started ones first, counts them all, and its
+    changelog record fits what :func:`record_bytes` allows with the smallest size limits."""
+    from yadtqd.changelog import encode, record_bytes
+    from yadtqd.config import Config, ServerConfig, WorkerConfig
+    from yadtqd.protocol import failure_view
+    from yadtqd.store.transitions import FAILURE_LISTED
+
+    store = Store(tmp_path / "db.sqlite", create=True)
+    store.capture()
+    held = 2 * FAILURE_LISTED + 100  # listing all would outgrow the record below
+    ids = [f"{i:04d}" + "x" * 124 for i in range(held)]  # the longest ids a client may make
+    with store.transaction():
+        hello(store)
+        for i, task_id in enumerate(ids):
+            store.intake(sub(task_id), 1.0)
+            store.grant(task_id, "w", "e1", 2.0 + i)
+        for task_id in ids[-2:]:  # granted last, started first
+            store.start(started(task_id, 1), 3.0)
+        requeued = store.declare_dead("e1", "no heartbeat", 4.0, max_attempts=3)
+    assert requeued == ids[-2:] + ids[:-2]
+    view = failure_view(store.failure_rows()[0])
+    assert view["requeued"] == requeued[:FAILURE_LISTED] and view["requeued_count"] == held
+    changes, _ = store.pending_changes()
+    (failure,) = [c for c in changes if c.table == "failures"]
+    smallest = Config(kafka={}, server=ServerConfig(max_task_bytes=64),
+                      worker=WorkerConfig(max_result_bytes=64))
+    assert len(encode(failure)[1] or b"") <= record_bytes(smallest)
+
+
 def test_declare_dead_requeues_unstarted_grants_without_counting_a_loss(store: Store) -> None:
     store.intake(sub(), 1.0)
     for life in range(1, 6):

@@ -244,7 +244,7 @@ def _failures(client: Client, args: argparse.Namespace, as_json: bool) -> int:
     if as_json:
         output.emit_json(failures)
     else:
-        rows = [{**f, "requeued": len(f["requeued"])} for f in failures]
+        rows = [{**f, "requeued": f["requeued_count"]} for f in failures]
         output.emit_table(rows, ["worker", "epoch", "last_heartbeat", "detected_at", "reason",
                                  "requeued"], "no worker failures")
     return 0

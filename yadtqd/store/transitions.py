@@ -36,6 +36,11 @@ WORKER_LOST = "WorkerLost"
 #: :meth:`Store.waiting` reads the queue's names first when there are at most this many more
 #: than the names asked for (one seek each), then only the names that have tasks queued.
 QUEUED_NAMES_MORE = 64
+#: The most re-queued task ids a worker failure lists (the started ones first; all are
+#: counted): 500 ids of at most 128 characters keep its changelog record within the room
+#: :func:`yadtqd.changelog.record_bytes` leaves a row beside its payload and result, however
+#: small those limits are set.
+FAILURE_LISTED = 500
 
 
 class Store(Batches, Reads, Replica, Terms, Lifecycle):
@@ -349,7 +354,8 @@ class Store(Batches, Reads, Replica, Terms, Lifecycle):
         ``max_attempts`` losses, failed with a ``WorkerLost`` error. Records the failure.
 
         Only a task that had started counts a loss: a grant the epoch never started (its
-        prefetch) goes back to ``queued`` as it was.
+        prefetch) goes back to ``queued`` as it was. Returns every re-queued id, the started
+        ones first, then in grant order; the failure lists the first :data:`FAILURE_LISTED`.
 
         Precondition: the epoch is live; otherwise nothing changes and [] is returned.
         """
@@ -370,15 +376,20 @@ class Store(Batches, Reads, Replica, Terms, Lifecycle):
             " WHERE epoch = ? AND status = 'processing' AND lost + 1 >= ?",
             (_json(lost), now, epoch, max_attempts),
         )
-        requeued = [r["id"] for r in self.db.execute(
-            "UPDATE tasks SET status = 'queued', lost = lost + (status = 'processing'),"
-            " worker = NULL, epoch = NULL"
-            " WHERE epoch = ? AND status IN ('assigned', 'processing') RETURNING id", (epoch,)
+        started = [r["id"] for r in self.db.execute(
+            "UPDATE tasks SET status = 'queued', lost = lost + 1, worker = NULL, epoch = NULL"
+            " WHERE epoch = ? AND status = 'processing' RETURNING id", (epoch,)
         )]
+        unstarted = self.db.execute(  # RETURNING's order is SQLite's: sorted in grant order
+            "UPDATE tasks SET status = 'queued', worker = NULL, epoch = NULL"
+            " WHERE epoch = ? AND status = 'assigned' RETURNING id, assigned_at", (epoch,)
+        ).fetchall()
+        requeued = started + [r["id"] for r in sorted(unstarted, key=lambda r: (r["assigned_at"], r["id"]))]
         self.db.execute(
             "INSERT INTO failures (worker, epoch, host, last_heartbeat, detected_at, reason,"
-            " requeued) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (row["worker"], epoch, row["host"], row["last_heartbeat"], now, reason, _json(requeued)),
+            " requeued, requeued_count) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (row["worker"], epoch, row["host"], row["last_heartbeat"], now, reason,
+             _json(requeued[:FAILURE_LISTED]), len(requeued)),
         )
         return requeued
 
