@@ -36,3 +36,17 @@ def test_rates_come_from_two_snapshots() -> None:
     frame = render(snap(12.0, 0, 30), snap(10.0, 0, 10), 120, 40, 1.0)
     assert "succeeded 10.0" in frame and "submitted 10.0" in frame
     assert "(after the next refresh)" in render(snap(1.0, 0, 0), None, 120, 40, 1.0)
+
+
+def test_a_failure_shows_how_many_tasks_it_requeued_also_from_an_older_server() -> None:
+    """A failure lists at most 500 re-queued ids and counts them all; a server before schema 12
+    sent the whole list and no count."""
+    def failure(worker: str, **counted: int) -> dict[str, Any]:
+        return {"worker": worker, "epoch": "e", "host": "h", "reason": "no heartbeat",
+                "last_heartbeat": "2026-11-27T21:59:50.000+00:00",
+                "detected_at": "2026-11-27T22:00:00.000+00:00", "requeued": ["t1", "t2"], **counted}
+
+    frame = snap(1.0, 0, 0)
+    frame["failures"] = {"count": 2, "items": [failure("new-one", requeued_count=1234), failure("old-one")]}
+    lines = render(frame, None, 120, 40, 1.0).splitlines()
+    assert [line.split()[-1] for line in lines if line.startswith(("new-one", "old-one"))] == ["1234", "2"]

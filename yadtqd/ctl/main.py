@@ -244,7 +244,8 @@ def _failures(client: Client, args: argparse.Namespace, as_json: bool) -> int:
     if as_json:
         output.emit_json(failures)
     else:
-        rows = [{**f, "requeued": f["requeued_count"]} for f in failures]
+        # a server before schema 12 lists every task re-queued and sends no count
+        rows = [{**f, "requeued": f.get("requeued_count", len(f["requeued"]))} for f in failures]
         output.emit_table(rows, ["worker", "epoch", "last_heartbeat", "detected_at", "reason",
                                  "requeued"], "no worker failures")
     return 0

@@ -96,7 +96,8 @@ def render(snap: dict[str, Any], previous: dict[str, Any] | None, width: int, he
         (f"WORKER FAILURES ({snap['failures']['count']})", ["worker", "last_heartbeat", "detected_at",
                                                             "reason", "requeued"],
          [{**f, "last_heartbeat": _clock(f["last_heartbeat"]), "detected_at": _clock(f["detected_at"]),
-           "requeued": f["requeued_count"]} for f in snap["failures"]["items"]], snap["failures"]["count"]),
+           "requeued": f.get("requeued_count", len(f["requeued"]))}  # no count before schema 12
+          for f in snap["failures"]["items"]], snap["failures"]["count"]),
     ]
     budget = max(3, (height - len(head) - 1) // len(sections) - 3)
     lines = head[:]
