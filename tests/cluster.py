@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
 
 from yadtqd.client import Client
 from yadtqd.errors import WaitTimeout
@@ -62,6 +63,13 @@ class Cluster:
             for name, table in (tables or {}).items():
                 lines += [f"[{section}.{json.dumps(name)}]"] + [f"{k} = {json.dumps(v)}" for k, v in table.items()]
         self.config.write_text("\n".join(lines) + "\n")
+
+    def make_topic(self, name: str, partitions: int = 3, **settings: str) -> None:
+        """Make one of the cluster's topics (``name`` without the prefix) before a server does,
+        as an operator may, with these topic settings."""
+        topic = f"{self.prefix}.{name}"
+        admin = AdminClient({"bootstrap.servers": self.bootstrap})
+        admin.create_topics([NewTopic(topic, partitions, 1, config=settings)])[topic].result(30)
 
     # ------------------------------------------------------------ processes
 

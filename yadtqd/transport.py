@@ -25,6 +25,7 @@ from confluent_kafka.admin import AdminClient
 from yadtqd.config import Config
 from yadtqd.errors import ConfigError, UnreachableError
 from yadtqd.log import LIBRDKAFKA
+from yadtqd.messages.common import ENVELOPE_BYTES, PRODUCER_DEFAULT_MAX
 
 log = logging.getLogger("yadtqd.kafka")
 
@@ -160,11 +161,25 @@ def _base(config: Config, client: str, monitor: ConnectionMonitor) -> dict[str, 
 
 
 def producer_settings(config: Config, client: str, monitor: ConnectionMonitor) -> dict[str, object]:
-    """librdkafka settings of a producer: the user's, with ``acks=all`` and idempotence forced."""
+    """librdkafka settings of a producer: the user's, with ``acks=all`` and idempotence forced,
+    and batches no larger than every topic is sure to take (:func:`batch_bytes`)."""
     settings = _base(config, client, monitor)
     settings.update({"acks": "all", "enable.idempotence": True})
     settings.setdefault("linger.ms", 1)
+    settings.setdefault("batch.size", batch_bytes(config))
     return settings
+
+
+def batch_bytes(config: Config) -> int:
+    """The most bytes a producer puts in one batch for one partition. A topic's
+    ``max.message.bytes`` bounds a whole batch, not one message, and the broker refuses a batch
+    over it with every message in it; the start-up check only promises each topic room for the
+    largest task or result the configuration allows plus ``ENVELOPE_BYTES``. So many small
+    messages at once (a ``bye`` in parts, a burst of grants to one worker, outcomes batched by
+    the linger) could make a batch that a topic made with that little room refuses. librdkafka
+    still sends a message larger than this alone."""
+    least = min(config.server.max_task_bytes, config.worker.max_result_bytes) + ENVELOPE_BYTES
+    return min(least, PRODUCER_DEFAULT_MAX)
 
 
 def consumer_settings(config: Config, client: str, monitor: ConnectionMonitor) -> dict[str, object]:

@@ -3,12 +3,8 @@ send and from which PID (DESIGN section 9)."""
 
 from __future__ import annotations
 
-import array
 import os
 import signal
-import socket
-import struct
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,52 +12,9 @@ from pathlib import Path
 import pytest
 
 from tests.cluster import Cluster
+from tests.notify import WATCHDOG_USEC, NotifySocket
 
 pytestmark = pytest.mark.kafka
-
-WATCHDOG_USEC = 4_000_000
-
-
-class NotifySocket:
-    """Collects (monotonic time, sender pid, message) from a datagram socket."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = str(path)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(self.path)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        self.sock.settimeout(0.2)
-        self.messages: list[tuple[float, int, str]] = []
-        self.lock = threading.Lock()
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._read, daemon=True)
-        self.thread.start()
-
-    def _read(self) -> None:
-        size = socket.CMSG_SPACE(struct.calcsize("3i"))
-        while not self.stop.is_set():
-            try:
-                data, ancillary, _, _ = self.sock.recvmsg(4096, size)
-            except TimeoutError:
-                continue
-            pid = -1
-            for level, kind, payload in ancillary:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
-                    pid = array.array("i", payload[:12])[0]
-            with self.lock:
-                self.messages.append((time.monotonic(), pid, data.decode()))
-
-    def env(self) -> dict[str, str]:
-        return {"NOTIFY_SOCKET": self.path, "WATCHDOG_USEC": str(WATCHDOG_USEC)}
-
-    def seen(self, text: str) -> list[tuple[float, int, str]]:
-        with self.lock:
-            return [m for m in self.messages if text in m[2]]
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join()
-        self.sock.close()
 
 
 @pytest.fixture
@@ -75,7 +28,7 @@ def test_worker_ready_status_watchdog_and_stopping(cluster: Cluster, notify: Not
     cluster.start_server()
     proc = cluster.start_worker("w1", env=notify.env())
     (ready,) = cluster.wait_for(lambda: notify.seen("READY=1"), "READY=1")
-    assert "STATUS=worker w1: busy 0/2, done 0, failed 0" in ready[2]
+    assert "STATUS=worker w1: busy 0/2, waiting 0, done 0, failed 0" in ready[2]
     cluster.client.result(cluster.client.submit("add", 1, 2), wait=60)
     cluster.wait_for(lambda: notify.seen("done 1"), "a STATUS= with the task counted")
     cluster.wait_for(lambda: len(notify.seen("WATCHDOG=1")) >= 3, "three watchdog pings")

@@ -9,12 +9,15 @@ import subprocess
 import sys
 import uuid
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from confluent_kafka import Producer
 
 from tests.cluster import Cluster
 from tests.ledger import check_contract, read
+from tests.notify import NotifySocket
+from yadtqd.messages.common import ENVELOPE_BYTES
 
 pytestmark = pytest.mark.kafka
 
@@ -124,3 +127,33 @@ def test_a_task_limit_over_the_topics_max_message_bytes_is_a_config_error(cluste
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 78, done.stderr
     assert "max_task_bytes = 1500000" in done.stderr and "max.message.bytes is 1048588" in done.stderr
+
+
+def test_outcomes_batched_together_fit_an_events_topic_with_the_least_room(
+        cluster: Cluster, tmp_path: Path) -> None:
+    """A topic's ``max.message.bytes`` bounds a batch of messages, not one. With an ``events``
+    topic made with no more room than the start-up check asks (the largest result plus the
+    envelope), a worker running short tasks with results of half that limit, its outcomes
+    batched by the linger, must not send a batch the broker refuses: the broker drops every
+    event in it, and each task that succeeded would be failed as too large to report."""
+    result_bytes, count = 60_000, 40
+    cluster.make_topic("events", **{"max.message.bytes": str(result_bytes + ENVELOPE_BYTES)})
+    cluster.write_config(worker={"slots": 1, "prefetch": count, "max_result_bytes": result_bytes})
+    cluster.start_server()
+    notify = NotifySocket(tmp_path / "notify.sock")  # its STATUS= tells what the worker holds
+    try:
+        cluster.start_worker("w1", env=notify.env())
+        gate = tmp_path / "gate"
+        first = cluster.client.submit("ledger", str(tmp_path / "ledger"), 0, "first", str(gate))
+        cluster.wait_for(lambda: cluster.client.status(first)[first]["status"] == "processing",
+                         "the gated task to start")
+        ids = [cluster.client.submit("blob", result_bytes // 2) for _ in range(count)]
+        cluster.wait_for(lambda: notify.seen(f"busy 1/1, waiting {count},"),
+                         f"w1 to hold all {count}, behind the gated task")
+        gate.touch()  # then they run back to back, each outcome lingering to share a request
+        statuses = cluster.wait_terminal(ids + [first])
+    finally:
+        notify.close()
+    assert {statuses[t]["status"] for t in ids + [first]} == {"success"}, cluster.log("w1")
+    assert {len(cluster.client.result(t)["result"]) for t in ids} == {result_bytes // 2}
+    assert "EventTooLarge" not in cluster.log("w1")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from yadtqd import config as configuration
 from yadtqd import transport
+from yadtqd.messages.common import ENVELOPE_BYTES
 
 
 def _config(**kafka: str) -> configuration.Config:
@@ -18,6 +19,20 @@ def test_producer_forces_acks_all_and_idempotence_and_passes_the_rest() -> None:
     assert settings["enable.idempotence"] is True
     assert settings["security.protocol"] == "SSL"
     assert settings["bootstrap.servers"] == "b:9092"
+
+
+def test_a_producer_batch_fits_the_least_room_a_topic_may_have_unless_told() -> None:
+    """A topic's max.message.bytes bounds a batch; the start-up check promises each topic the
+    largest task or result plus the envelope, so batches stay within the smaller of the two."""
+    def batch(**env: str) -> object:
+        config = configuration.load(None, env={"YADTQ_KAFKA_BOOTSTRAP_SERVERS": "b:9092", **env})
+        return transport.producer_settings(config, "x", transport.ConnectionMonitor("x"))["batch.size"]
+
+    assert batch() == 512 * 1024 + ENVELOPE_BYTES
+    assert batch(YADTQ_WORKER_MAX_RESULT_BYTES="1000") == 1000 + ENVELOPE_BYTES
+    assert batch(YADTQ_SERVER_MAX_TASK_BYTES="2000000", YADTQ_WORKER_MAX_RESULT_BYTES="2000000",
+                 YADTQ_KAFKA_MESSAGE_MAX_BYTES="4000000") == 1_000_000  # librdkafka's default
+    assert batch(YADTQ_KAFKA_BATCH_SIZE="20000") == "20000"
 
 
 def test_consumer_never_commits_offsets() -> None:

@@ -423,7 +423,7 @@ class Worker(GracefulStop, Handover):
 
     def _status(self) -> str:
         return (f"worker {self.worker_id}: busy {self.pool.busy}/{self.pool.size},"
-                f" done {self.done}, failed {self.failed}")
+                f" waiting {len(self.pending)}, done {self.done}, failed {self.failed}")
 
     def _push(self) -> None:
         """Tasks ended and nothing granted waits to start: push their outcomes out now, not
