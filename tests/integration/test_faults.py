@@ -13,6 +13,8 @@ import pytest
 
 from tests import ledger
 from tests.cluster import Cluster
+from tests.notify import NotifySocket
+from yadtqd.messages.common import ENVELOPE_BYTES
 
 pytestmark = pytest.mark.kafka
 
@@ -182,6 +184,49 @@ def test_a_stopping_worker_waits_for_the_server_and_hands_back_the_runs_on_their
     assert cluster.log("server").count("re-queued: handed back by w1") == 3
     assert "the server confirmed the leave" in cluster.log("w1")
     ledger.check_contract(cluster, book, {t: i for i, t in enumerate(ids)})
+
+
+def test_a_stop_hands_back_a_deep_pipeline_through_an_events_topic_with_the_least_room(
+        cluster: Cluster, tmp_path: Path) -> None:
+    """The ``events`` topic made beforehand with no more room than the start-up check asks (the
+    largest result plus the envelope, 65,600 bytes here), and a worker holding 1,000 unstarted
+    grants of 128-character ids when it stops: about 150 KB of handed-back references. Each
+    ``bye``, and each batch of them Kafka receives, must fit, or the tasks stay with the epoch
+    until it is declared dead, and the stop is never confirmed."""
+    result_bytes, held = 64, 1_000
+    cluster.make_topic("events", **{"max.message.bytes": str(result_bytes + ENVELOPE_BYTES)})
+    cluster.write_config(server={"heartbeat_timeout": 20.0},
+                         worker={"slots": 1, "prefetch": held, "max_result_bytes": result_bytes})
+    cluster.start_server()
+    notify = NotifySocket(tmp_path / "notify.sock")  # its STATUS= tells what w1 holds
+    try:
+        _stop_holding(cluster, tmp_path, notify, held)
+    finally:
+        notify.close()
+
+
+def _stop_holding(cluster: Cluster, tmp_path: Path, notify: NotifySocket, held: int) -> None:
+    w1 = cluster.start_worker("w1", env=notify.env())
+    book, gate = tmp_path / "ledger", tmp_path / "gate"
+    first = cluster.client.submit("ledger", str(book), 0, "first", str(gate))
+    assert _holder(cluster, first) == "w1"
+    ids = [cluster.client.submit("ledger", str(book), 0, i, task_id=f"{i:0128d}") for i in range(held)]
+    cluster.wait_for(lambda: notify.seen(f"busy 1/1, waiting {held},"),
+                     f"w1 to hold all {held}, behind the task it runs")
+    w1.send_signal(signal.SIGTERM)
+    cluster.wait_for(lambda: f"stopping: handed back {held} unstarted" in cluster.log("w1"),
+                     "w1 to begin its stop")
+    gate.touch()
+    assert cluster.wait_exit("w1") == 0
+    assert "the server confirmed the leave" in cluster.log("w1")
+    assert cluster.log("server").count("re-queued: handed back by w1") == held
+    assert cluster.client.failures() == []
+    cluster.start_worker("w2")
+    statuses = cluster.wait_terminal(ids)
+    assert {v["worker"] for v in statuses.values()} == {"w2"}
+    assert {v["status"] for v in statuses.values()} == {"success"}
+    assert cluster.client.result(first)["worker"] == "w1"
+    ledger.check_contract(cluster, book, {first: "first", **{t: i for i, t in enumerate(ids)}})
 
 
 def test_pool_that_stops_answering_is_a_stall_but_a_long_task_is_not(cluster: Cluster) -> None:

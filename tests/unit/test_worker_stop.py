@@ -10,6 +10,7 @@ from confluent_kafka import Message
 
 from yadtqd import messages as m
 from yadtqd.config import Config, WorkerConfig
+from yadtqd.messages.common import ENVELOPE_BYTES
 from yadtqd.systemd import Notifier
 from yadtqd.worker.main import Worker
 
@@ -24,10 +25,12 @@ class Recorder:
         self.sent.append(message)
 
 
-def _stopping_worker() -> tuple[Worker, Recorder]:
+def _stopping_worker(pending: int = 0) -> tuple[Worker, Recorder]:
     worker = Worker(Config(kafka={}, worker=WorkerConfig(id="w", slots=1)), Notifier())
     worker.epoch, worker.placement.dispatch_partition = "e1", 3
     worker.outbox = outbox = Recorder()  # type: ignore[assignment]
+    worker.pending.extend(m.Run(worker="w", epoch="e1", task_id=f"{i:0128d}", attempt=1 + i % 3,
+                                task="add", grant=i + 1) for i in range(pending))
     worker.stopping = True
     worker._begin_stop()
     return worker, outbox
@@ -52,6 +55,18 @@ def test_a_drained_worker_waits_for_left_and_hands_back_what_arrives_before() ->
     assert not worker._stopped(time.monotonic())
     worker._on_dispatch(_dispatch(m.Left(worker="w", epoch="e1")))
     assert worker._stopped(time.monotonic())
+
+
+def test_a_deep_pipeline_goes_back_in_byes_that_fit_any_events_topic_the_server_accepts() -> None:
+    """An ``events`` topic is only sure to take a result plus ENVELOPE_BYTES, and an epoch may
+    hold thousands of unstarted grants: they go back in several ``bye``, the last one confirmed."""
+    _, outbox = _stopping_worker(pending=1_100)
+    byes = [b for b in outbox.sent if isinstance(b, m.Bye)]
+    assert len(byes) == len(outbox.sent) == 5
+    assert all(len(m.encode(b)) < ENVELOPE_BYTES for b in byes)
+    assert [b.confirm for b in byes] == [False] * 4 + [True]
+    refs = [(r.task_id, r.attempt) for b in byes for r in b.handed_back]
+    assert refs == [(f"{i:0128d}", 1 + i % 3) for i in range(1_100)]
 
 
 def test_without_an_answer_the_worker_stops_after_a_takeover_s_time() -> None:
