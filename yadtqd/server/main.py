@@ -26,7 +26,7 @@ from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 
 from yadtqd import messages as m
-from yadtqd import topics, transport
+from yadtqd import openfiles, topics, transport
 from yadtqd.config import Config
 from yadtqd.errors import UnreachableError
 from yadtqd.server.dispatch import Dispatcher
@@ -97,6 +97,8 @@ class Server:
     def run(self) -> int:
         """Serve until SIGTERM, as the active server or a standby (DESIGN 13), changing role
         as the servers' group decides; returns the exit status."""
+        openfiles.ensure(openfiles.server_needs(self.config.server.max_connections),
+                         f"[server] max_connections = {self.config.server.max_connections}")
         lock = hold_database(self.config.server.database)
         store = Store(self.config.server.database, create=True)
         admin = self.admin = transport.make_admin(self.config)

@@ -36,7 +36,7 @@ from typing import Any
 
 import msgspec
 
-from yadtqd import context, plugins
+from yadtqd import context, openfiles, plugins
 from yadtqd import messages as m
 
 
@@ -102,10 +102,13 @@ class TaskCancelled(BaseException):
 
 
 def main(pings: Connection, answers_out: Connection, jobs: Connection, max_result_bytes: int,
-         only: tuple[str, ...], max_memory: int = 0) -> None:
+         only: tuple[str, ...], max_memory: int = 0, open_files: int = 0) -> None:
     """Entry point of an execution process (started by the pool with the spawn method): ``jobs``
-    brings the jobs, ``pings`` the pings; ``answers_out`` takes the answers and outcomes back."""
+    brings the jobs, ``pings`` the pings; ``answers_out`` takes the answers and outcomes back.
+    ``open_files``: the soft open-files limit the worker started with (0: leave it)."""
     os.setpgid(0, 0)  # a group of its own: the pool ends it whole
+    if open_files:
+        openfiles.restore(open_files)
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)

@@ -42,6 +42,7 @@ from multiprocessing.process import BaseProcess
 
 import msgspec
 
+from yadtqd import openfiles
 from yadtqd.errors import YadtqError
 from yadtqd.worker import child
 from yadtqd.worker.child import Job, Outcome, Ready
@@ -123,9 +124,14 @@ class Pool:
         #: The process loading the plugins for a reload, before the slots are replaced.
         self.probe: Slot | None = None
         self._last_ping = 0.0
+        #: The soft open-files limit the worker started with: its execution processes get it back.
+        self.open_files = 0
 
     def start(self) -> None:
-        """Start every slot's process (they become ready as their plugins load)."""
+        """Start every slot's process (they become ready as their plugins load), once sure that
+        the worker may open the files they take (:mod:`yadtqd.openfiles`)."""
+        self.open_files = openfiles.ensure(openfiles.worker_needs(self.size),
+                                           f"[worker] slots = {self.size}")
         self.slots = [self._spawn() for _ in range(self.size)]
 
     def _spawn(self) -> Slot:
@@ -134,7 +140,8 @@ class Pool:
         jobs_read, jobs_write = self.ctx.Pipe(duplex=False)
         process = self.ctx.Process(target=child.main,
                                    args=(pings_read, answers_write, jobs_read,
-                                         self.max_result_bytes, self.plugins, self.max_memory),
+                                         self.max_result_bytes, self.plugins, self.max_memory,
+                                         self.open_files),
                                    name="yadtq-exec", daemon=True)
         process.start()
         for end in (pings_read, answers_write, jobs_read):
