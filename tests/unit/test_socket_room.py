@@ -155,3 +155,20 @@ def test_an_answer_written_after_its_connection_made_room_is_whole_then_the_thre
         assert server._answer(served, {"ok": True, "n": 1}) is False  # its thread ends
         assert served.reclaimed and not served.writing and not served.handling
         assert peer.recv(1024) == b'{"ok":true,"n":1}\n'  # whole: it was not shut down
+
+
+def test_a_connection_whose_store_cannot_be_opened_gets_an_error_not_silence(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Out of open files, or the database gone: the client is told so and the connection closed
+    (the thread used to die with the connection open, and a client without a timeout hung)."""
+    server = SocketServer("/nonexistent/yadtqd.sock", None, str(tmp_path / "none" / "yadtq.db"),  # type: ignore[arg-type]
+                          1024)
+    mine, peer = _pair()
+    with peer:
+        peer.sendall(b'{"op": "stats"}\n')
+        peer.shutdown(socket.SHUT_WR)  # all it sends
+        assert server._slots.acquire(blocking=False)  # as the accepting thread does
+        server._serve_counted(mine)
+        reply = peer.makefile("rb").readline()
+        assert b'"code":"unavailable"' in reply.replace(b" ", b"") and b"cannot open its database" in reply
+        assert peer.recv(1) == b""  # closed
+    assert mine.fileno() == -1

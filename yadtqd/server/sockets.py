@@ -269,7 +269,18 @@ class SocketServer:
 
     def _serve(self, served: _Served) -> None:
         conn = served.sock
-        store = self._take_store()
+        try:
+            store = self._take_store()
+        except Exception as exc:  # out of open files, the database gone: say so, never hang
+            log.error("socket connection answered 'unavailable': cannot open the database: %s", exc,
+                      extra={"event": "socket_unavailable"})
+            with conn, contextlib.suppress(OSError):
+                conn.settimeout(1.0)
+                conn.sendall(protocol.encode(protocol.error(
+                    "unavailable", f"the server cannot open its database for this connection"
+                    f" ({type(exc).__name__}: {exc}); try again")))
+                self._close_gently(conn)
+            return
         conn.settimeout(self.idle_timeout)
         uid = _peer_uid(conn)
         try:
