@@ -113,7 +113,8 @@ class WorkerConfig:
     slots: int = _setting(0, "Concurrent executions; 0 means the CPU count.", 0)
     prefetch: int = _setting(
         -1, "Granted-but-unstarted tasks held beyond slots; -1 = adaptive: as many as the worker"
-        " finishes in about 100 ms a slot (none for long tasks, up to 512 per slot, 4,096 in all, for tiny ones).", -1
+        " finishes in about 100 ms a slot (none for long tasks, up to 512 per slot, 4,096 in all, for"
+        " tiny ones), while the payloads it holds stay under 8 MiB.", -1
     )
     heartbeat_interval: float = _setting(1.0, "Seconds between heartbeats.", 0.05)
     stall_timeout: float = _setting(

@@ -9,8 +9,8 @@ from collections import Counter
 from pathlib import Path
 
 from yadtqd import messages as m
-from yadtqd.server.scheduler import (ADAPTIVE, LONG_TASK, PREFETCH_HORIZON, PREFETCH_MOST,
-                                      PREFETCH_PER_SLOT, Chooser, Member, Scheduler)
+from yadtqd.server.scheduler import (ADAPTIVE, LONG_TASK, PREFETCH_BYTES, PREFETCH_HORIZON,
+                                      PREFETCH_MOST, PREFETCH_PER_SLOT, Chooser, Member, Scheduler)
 from yadtqd.limits import Limit
 from yadtqd.server.limiter import Limiter
 from yadtqd.store import Store, Waiting
@@ -275,6 +275,31 @@ def test_an_adaptive_epoch_of_many_slots_holds_at_most_prefetch_most_beyond_them
     slots it has."""
     assert _adaptive("a", slots=2).most == 2 + 2 * PREFETCH_PER_SLOT
     assert _adaptive("a", slots=256).most == 256 + PREFETCH_MOST
+
+
+def test_an_adaptive_epoch_prefetches_large_payloads_only_up_to_its_byte_budget(tmp_path: Path) -> None:
+    """Tiny tasks with 100 KB arguments: the count caps would let 2 slots hold 1,026 of them
+    (100 MB); the payloads held stop the prefetch past 8 MiB, the running ones counted."""
+    store = Store(tmp_path / "db.sqlite", create=True)
+    subs = [m.Submission(task_id=f"t{i}", task="add", args=["x" * 100_000]) for i in range(300)]
+    for i, sub in enumerate(subs):
+        store.intake(sub, float(i))
+    size = len(subs[0].payload())
+    assert [w.size for w in store.waiting(["add"], 3, 1000.0)] == [size] * 3
+    store.hello(m.Hello(worker="a", epoch="a", ts=0, host="h", pid=1, slots=2, prefetch=ADAPTIVE,
+                        tasks={"add": m.TaskInfo(plugin="arith")}, version="0"), 0.0, 0, 0)
+    sched = Scheduler()
+    sched.join(_adaptive())
+    _learn(sched, "add", PREFETCH_HORIZON / PREFETCH_PER_SLOT / 10)
+    first = sched.plan(store, 1000.0)
+    most = -(-PREFETCH_BYTES // size)  # it takes one more while under the budget
+    assert len(first) == most and sched.members["a"].payload == most * size
+    assert sched.plan(store, 1000.0) == []
+    restored = Scheduler()  # after a restart, the sizes of what it holds still count
+    restored.load(store.live_workers(), store.held(), 1, 1)
+    assert restored.members["a"].payload == most * size
+    sched.finished("a", first[0].task_id, runtime=0.0001)
+    assert len(sched.plan(store, 1000.0)) == 1  # one ended, one more taken
 
 
 def test_a_queue_mixing_names_at_random_is_shared_by_name_when_the_horizon_binds(

@@ -12,7 +12,8 @@ grants, which start as soon as a slot frees, so the round trip between two grant
 leave a slot idle. A worker's ``prefetch`` is a fixed number or :data:`ADAPTIVE` (the default).
 An adaptive epoch takes a grant beyond its slots only while the work it already holds is
 expected to end within :data:`PREFETCH_HORIZON` per slot, judged from how long recent tasks of
-the same names held a slot (from applying their ``started`` to applying their ``finished``).
+the same names held a slot (from applying their ``started`` to applying their ``finished``), and
+while the payloads it holds stay under :data:`PREFETCH_BYTES`.
 Tiny tasks so get a deep pipeline; nothing waits behind a task whose length is unknown or that
 is known to be long, so no task waits in a busy worker while another could run it.
 
@@ -56,6 +57,12 @@ PREFETCH_HORIZON = 0.1
 #: the server recorded the burst. At 512: one worker 6,440 -> 9,758 tasks/s, two 8,030 -> 8,355
 #: (10,000 ``add``, medians of three series alternated); the two cores are then full with one.
 PREFETCH_PER_SLOT = 512
+#: The most payload an adaptive epoch holds (characters of JSON, the tasks it runs included)
+#: and still takes grants beyond its slots. The count caps alone let a worker of 8 slots hold
+#: 4,104 tasks of up to 512 KiB each (2 GiB in its memory, and as much in one turn's
+#: transaction): a task's payload says nothing of how long it runs. At 8 MiB, 1,000 tasks of
+#: 8 KB are held, or 16 of 512 KiB.
+PREFETCH_BYTES = 8 * 1024 * 1024
 #: The most grants an adaptive epoch holds beyond its slots, however many slots it has: what it
 #: holds is listed in one message when it leaves (``bye``) and in one changelog record when it
 #: dies (its ``failures`` row), and both must stay well under Kafka's message size.
@@ -110,8 +117,9 @@ class Member:
     #: timeouts ago by the worker's clock), -inf until then: a holder restored from the store,
     #: or only heard of through a backlog, is not known to be alive.
     heard: float = float("-inf")
-    #: The grants it holds: task id → (task name, estimated seconds when granted, None = unknown).
-    held: dict[str, tuple[str, float | None]] = field(default_factory=dict)
+    #: The grants it holds: task id → (task name, estimated seconds when granted, None = unknown,
+    #: payload size).
+    held: dict[str, tuple[str, float | None, int]] = field(default_factory=dict)
     #: Task id → when its ``started`` was applied (monotonic), for the tasks running now.
     running: dict[str, float] = field(default_factory=dict)
     #: How many grants of each task name it holds.
@@ -119,6 +127,8 @@ class Member:
     #: Sum of the known estimates of the held grants, and how many have none.
     work: float = 0.0
     unknown: int = 0
+    #: Sum of the payload sizes of the held grants.
+    payload: int = 0
     #: Whether a running task has been running longer than :data:`LONG_TASK` (see :meth:`refresh`).
     long_running: bool = False
     #: When this server last granted it a task of a name not timed yet (monotonic).
@@ -164,15 +174,16 @@ class Member:
         if held < self.slots or self.prefetch != ADAPTIVE:
             return True
         return (self.unknown == 0 and not self.long_running
-                and self.work <= PREFETCH_HORIZON * self.slots)
+                and self.work <= PREFETCH_HORIZON * self.slots and self.payload < PREFETCH_BYTES)
 
     def refresh(self, mono: float) -> None:
         """Note whether a running task has turned out long (call before planning)."""
         self.long_running = any(mono - began > LONG_TASK for began in self.running.values())
 
-    def hold(self, task_id: str, name: str, estimate: float | None) -> None:
-        """A grant now held."""
-        self.held[task_id] = (name, estimate)
+    def hold(self, task_id: str, name: str, estimate: float | None, size: int = 0) -> None:
+        """A grant now held (``size``: its payload's)."""
+        self.held[task_id] = (name, estimate, size)
+        self.payload += size
         self.names[name] = self.names.get(name, 0) + 1
         if estimate is None:
             self.unknown += 1
@@ -182,9 +193,9 @@ class Member:
     def learn(self, name: str, estimate: float) -> None:
         """Tasks of ``name`` now have an estimate: the grants of it held as of unknown length
         count it from now on."""
-        for task_id, (held_name, known) in self.held.items():
+        for task_id, (held_name, known, size) in self.held.items():
             if held_name == name and known is None:
-                self.held[task_id] = (name, estimate)
+                self.held[task_id] = (name, estimate, size)
                 self.unknown -= 1
                 self.work += estimate
 
@@ -194,7 +205,8 @@ class Member:
         entry = self.held.pop(task_id, None)
         if entry is None:
             return None
-        name, estimate = entry
+        name, estimate, size = entry
+        self.payload -= size
         self.names[name] -= 1
         if estimate is None:
             self.unknown -= 1
@@ -278,7 +290,7 @@ class Scheduler:
                 accepting=row["state"] == "live", grants=row["grants"],
             )
             for grant in held.get(member.epoch, []):
-                member.hold(grant.task_id, grant.name, None)
+                member.hold(grant.task_id, grant.name, None, grant.size)
                 self.limiter.granted(grant.task_id, grant.name, grant.limit_key, None)
             self.members[member.epoch] = member
 
@@ -353,7 +365,7 @@ class Scheduler:
             return None
         member.grants += 1
         estimate = self.estimates.get(waiting.name)
-        member.hold(waiting.task_id, waiting.name, estimate)
+        member.hold(waiting.task_id, waiting.name, estimate, waiting.size)
         if estimate is None:
             member.unknown_granted = mono
             self._chooser = None  # the rule on names not timed yet applies from now on

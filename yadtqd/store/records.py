@@ -16,20 +16,23 @@ class Intake:
 
 @dataclass(frozen=True)
 class Waiting:
-    """A queued task the scheduler may grant."""
+    """A queued task the scheduler may grant; ``size``: its payload's length (characters of
+    JSON), which an epoch's prefetch counts against its byte budget."""
 
     task_id: str
     name: str
     limit_key: str | None = None
+    size: int = 0
 
 
 @dataclass(frozen=True)
 class Held:
-    """A granted, unfinished task as the scheduler restores it."""
+    """A granted, unfinished task as the scheduler restores it (``size`` as in :class:`Waiting`)."""
 
     task_id: str
     name: str
     limit_key: str | None = None
+    size: int = 0
 
 
 @dataclass(frozen=True)

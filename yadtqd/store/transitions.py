@@ -116,7 +116,7 @@ class Store(Batches, Reads, Replica, Terms, Lifecycle):
         empty queue costs one index seek, not a query per name a worker provides), merged:
         queued tasks of names nobody provides are never read, however many there are.
         """
-        found: list[tuple[int, int, str, str, str | None]] = []
+        found: list[tuple[int, int, str, str, str | None, int]] = []
         wanted = set(names)
         queued = self.queued_names(len(wanted) + QUEUED_NAMES_MORE)
         if len(queued) < len(wanted) + QUEUED_NAMES_MORE:  # all of them: skip the names with none
@@ -126,12 +126,14 @@ class Store(Batches, Reads, Replica, Terms, Lifecycle):
             keys = sorted(k for k in shut if k is not None)
             where = (" AND limit_key IS NOT NULL" if None in shut else "") + (
                 f" AND (limit_key IS NULL OR limit_key NOT IN ({','.join('?' * len(keys))}))" if keys else "")
-            found += [(-r["priority"], r["seq"], r["id"], name, r["limit_key"]) for r in self.db.execute(
-                "SELECT priority, seq, id, limit_key FROM tasks WHERE status = 'queued' AND name = ?"
+            rows = self.db.execute(
+                "SELECT priority, seq, id, limit_key, length(payload) AS size FROM tasks"
+                " WHERE status = 'queued' AND name = ?"
                 f" AND run_after <= ?{where} ORDER BY priority DESC, seq LIMIT ?",
-                (name, now, *keys, min(limit, each.get(name, limit)) if each else limit))]
+                (name, now, *keys, min(limit, each.get(name, limit)) if each else limit))
+            found += [(-r["priority"], r["seq"], r["id"], name, r["limit_key"], r["size"]) for r in rows]
         found.sort()
-        return [Waiting(task_id, name, key) for _, _, task_id, name, key in found[:max(limit, 0)]]
+        return [Waiting(task_id, name, key, size) for _, _, task_id, name, key, size in found[:max(limit, 0)]]
 
     def grant(self, task_id: str, worker: str, epoch: str, now: float, grant_no: int = 0) -> Grant | None:
         """Grant the next attempt of a queued task to a worker epoch, atomically; ``grant_no``
@@ -158,11 +160,12 @@ class Store(Batches, Reads, Replica, Terms, Lifecycle):
     def held(self) -> dict[str, list[Held]]:
         """The granted, unfinished tasks each epoch holds."""
         rows = self.db.execute(
-            "SELECT epoch, id, name, limit_key FROM tasks WHERE status IN ('assigned', 'processing')"
+            "SELECT epoch, id, name, limit_key, length(payload) AS size FROM tasks"
+            " WHERE status IN ('assigned', 'processing')"
         )
         out: dict[str, list[Held]] = {}
         for r in rows:
-            out.setdefault(r["epoch"], []).append(Held(r["id"], r["name"], r["limit_key"]))
+            out.setdefault(r["epoch"], []).append(Held(r["id"], r["name"], r["limit_key"], r["size"]))
         return out
 
     def queued_names(self, most: int = -1) -> list[str]:
