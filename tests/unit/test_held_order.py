@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from collections import deque
-
 from yadtqd import messages as m
-from yadtqd.worker.pending import hold_in_order
+from yadtqd.worker.pending import Pending
 
 
 def _run(task_id: str, priority: int = 0) -> m.Run:
@@ -13,11 +11,28 @@ def _run(task_id: str, priority: int = 0) -> m.Run:
 
 
 def test_held_grants_start_highest_priority_first_and_in_arrival_order_within_one() -> None:
-    pending: deque[m.Run] = deque()
+    pending = Pending()
     for run in (_run("low1"), _run("low2"), _run("high1", 10), _run("mid", 5), _run("high2", 10),
                 _run("low3"), _run("below", -1)):
-        hold_in_order(pending, run)
+        pending.hold(run)
     assert [r.task_id for r in pending] == ["high1", "high2", "mid", "low1", "low2", "low3", "below"]
+    assert len(pending) == 7 and _run("mid", 5) in pending and _run("mid", 0) not in pending
+    taken = [pending.popleft(), pending.popleft(), pending.popleft()]
+    assert [r.task_id for r in taken] == ["high1", "high2", "mid"]
+    pending.remove(_run("low2"))
+    pending.put_back(taken[1:])  # taken, not started: ahead of their priority's others
+    pending.hold(_run("high3", 10))
+    assert [r.task_id for r in pending] == ["high2", "high3", "mid", "low1", "low3", "below"]
+    assert pending.first().task_id == "high2" and len(pending) == 6
+    pending.clear()
+    assert not pending and list(pending) == []
+
+
+def test_an_urgent_burst_goes_ahead_of_a_deep_pipeline_in_arrival_order() -> None:
+    pending = Pending(_run(f"n{i}") for i in range(4096))
+    for i in range(1000):
+        pending.hold(_run(f"u{i}", 10))
+    assert [r.task_id for r in pending] == [f"u{i}" for i in range(1000)] + [f"n{i}" for i in range(4096)]
 
 
 def test_a_run_from_an_older_server_has_priority_zero() -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections import deque
 from collections.abc import Iterator
 from multiprocessing.connection import wait
 from pathlib import Path
@@ -19,7 +18,7 @@ from yadtqd.systemd import Notifier
 from yadtqd.worker.child import Job, Outcome
 from yadtqd.worker.lease import Lease
 from yadtqd.worker.main import Worker
-from yadtqd.worker.pending import next_batch
+from yadtqd.worker.pending import Pending, next_batch
 from yadtqd.worker.pool import BATCH_MOST, LATER, SHORT_TASK, STOPPING, Pool
 
 
@@ -203,12 +202,12 @@ def test_the_runs_after_a_job_that_ended_its_process_start_again_and_run_once_ea
 
 def test_free_slots_share_the_queue_in_batches_of_short_runs_without_a_timeout() -> None:
     short = {"add"}.__contains__
-    pending = deque(_run(i) for i in range(20))
+    pending = Pending(_run(i) for i in range(20))
     assert len(next_batch(pending, 2, short)) == BATCH_MOST  # 20 waiting, 2 slots free
     assert len(next_batch(pending, 2, short)) == 6  # 12 left: a share each
     assert len(next_batch(pending, 1, short)) == BATCH_MOST - 2  # the 6 left to one slot
-    assert len(next_batch(deque([_run(0), _run(1)]), 2, short)) == 1  # no more than slots: alone
-    mixed = deque([_run(0), _run(1), _run(2, "sleep"), _run(3), _run(4, timeout=5.0), _run(5)])
+    assert len(next_batch(Pending([_run(0), _run(1)]), 2, short)) == 1  # no more than slots: alone
+    mixed = Pending([_run(0), _run(1), _run(2, "sleep"), _run(3), _run(4, timeout=5.0), _run(5)])
     assert [r.task_id for r in next_batch(mixed, 1, short)] == ["t0", "t1"]  # up to a name not short
     assert [r.task_id for r in next_batch(mixed, 1, short)] == ["t2"]
     assert [r.task_id for r in next_batch(mixed, 1, short)] == ["t3"]  # a timeout goes alone

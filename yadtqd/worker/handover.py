@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
 from typing import TYPE_CHECKING
 
 from yadtqd import messages as m
 from yadtqd.worker.child import Job
 from yadtqd.worker.lease import Lease
-from yadtqd.worker.pending import next_batch
+from yadtqd.worker.pending import Pending, next_batch
 from yadtqd.worker.pool import Pool
 
 log = logging.getLogger("yadtqd.worker")
@@ -30,7 +29,7 @@ class Handover:
 
     pool: Pool
     lease: Lease
-    pending: deque[m.Run]
+    pending: Pending
     handed: dict[tuple[str, int], m.Run]
     deferred: dict[tuple[str, int], m.Cancel]
     unannounced: dict[tuple[str, int], tuple[m.Started, float]]
@@ -90,7 +89,7 @@ class Handover:
         back.sort(key=lambda r: (-r.priority, r.grant or 0))  # as they were granted
         for key in keys:
             self.unannounced.pop(key, None)
-        self.pending.extendleft(reversed(back))
+        self.pending.put_back(back)
         for cancel in [self.deferred.pop(key) for key in list(self.deferred)]:
             self._on_cancel(cancel)  # one that came back is in pending now: never started
         back = [r for r in back if r in self.pending]

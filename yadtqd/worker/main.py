@@ -27,7 +27,6 @@ import signal
 import socket
 import time
 import uuid
-from collections import deque
 
 import msgspec
 from confluent_kafka import Message
@@ -44,7 +43,7 @@ from yadtqd.worker.handover import Handover, started_line
 from yadtqd.worker.host import boot_id, scrub_environment
 from yadtqd.worker.lease import Lease
 from yadtqd.worker.outbox import Outbox
-from yadtqd.worker.pending import hold_in_order
+from yadtqd.worker.pending import Pending
 from yadtqd.worker.placement import Placement
 from yadtqd.worker import pool
 from yadtqd.worker.pool import Pool
@@ -73,7 +72,7 @@ class Worker(GracefulStop, Handover):
         self.seen = Seen()
         self.lease = Lease(timeout=config.server.heartbeat_timeout)
         self.hello_delivered = ""
-        self.pending: deque[m.Run] = deque()
+        self.pending = Pending()
         #: Runs handed to the pool, until their outcome (or return: :meth:`_take_back`).
         self.handed: dict[tuple[str, int], m.Run] = {}
         #: Cancels of runs in batches, asked of the pool again each turn (:meth:`Pool.cancel`).
@@ -321,7 +320,7 @@ class Worker(GracefulStop, Handover):
             while True:
                 time.sleep(3600)
         self.replace_asked |= bool(self.replace_on) and run.task == self.replace_on
-        hold_in_order(self.pending, run)
+        self.pending.hold(run)
 
     def _on_cancel(self, cancel: m.Cancel) -> None:
         """An operator cancelled a task this epoch holds: drop it if it has not started (or

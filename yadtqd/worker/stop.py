@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
 from typing import TYPE_CHECKING
 
 from yadtqd import messages as m
 from yadtqd.config import Config
 from yadtqd.systemd import Notifier
 from yadtqd.worker.lease import Lease
+from yadtqd.worker.pending import Pending
 from yadtqd.worker.placement import Placement
 from yadtqd.worker.pool import Pool
 
@@ -34,7 +34,7 @@ class GracefulStop:
     lease: Lease
     pool: Pool
     placement: Placement
-    pending: deque[m.Run]
+    pending: Pending
     worker_id: str
     epoch: str
     stop_deadline: float
