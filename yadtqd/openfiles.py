@@ -4,7 +4,7 @@ systemd starts services with a soft limit of 1,024 open files and a hard one of 
 asks a program that needs more to raise its soft limit itself, as long as it does not use
 ``select()`` on them (systemd.exec(5), ``LimitNOFILE=``). A worker holds five descriptors for
 each execution slot (three pipes' ends, the process's sentinel, its pidfd or tracker: measured
-20 + 5 a slot), so about 200 slots (``slots = 0`` on a large machine) outgrew 1,024, and the
+20 + 5 a slot), so about 150 to 200 slots (``slots = 0`` on a large machine) outgrew 1,024, and the
 worker died at start with ``OSError: Too many open files``. The daemon now raises its soft limit
 to the hard one when the configuration needs more than the soft allows, refuses to start (exit
 78) when even the hard one is too low, naming both, and its execution processes get the soft
@@ -23,11 +23,11 @@ log = logging.getLogger("yadtqd")
 #: Descriptors a worker holds for each execution slot (measured: 5).
 PER_SLOT = 5
 #: Descriptors a socket connection takes in the server: the connection, and its thread's
-#: SQLite connection (the database, its WAL and shared memory).
+#: SQLite connection (the database and its WAL; measured 3), with one to spare.
 PER_CONNECTION = 4
-#: Descriptors a daemon holds besides those (logs, Kafka sockets, SQLite, its own pipes:
-#: 20 to 40 measured), with room to spare.
-BASE = 128
+#: Descriptors a daemon holds besides those: logs, SQLite, its own pipes, and 2 or 3 sockets per
+#: broker for each of its Kafka clients (the server has 9: 75 measured with one broker).
+BASE = 256
 
 
 def worker_needs(slots: int) -> int:
@@ -52,8 +52,14 @@ def ensure(needed: int, why: str) -> int:
         raise ConfigError(f"{why} needs about {needed} open files, but this process may open at"
                           f" most {hard} (RLIMIT_NOFILE; soft {soft}): lower it, or raise the"
                           " limit (LimitNOFILE= in the systemd unit, ulimit -n in a shell)")
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    log.info("open files limit raised from %d to %d: %s needs about %d", soft, hard, why, needed)
+    target = needed if hard == resource.RLIM_INFINITY else hard  # (the kernel caps "unlimited")
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{why} needs about {needed} open files, but this process may open"
+                          f" {soft} and cannot raise that ({exc}): raise the limit (LimitNOFILE="
+                          " in the systemd unit, ulimit -n in a shell)") from None
+    log.info("open files limit raised from %d to %d: %s needs about %d", soft, target, why, needed)
     return soft
 
 

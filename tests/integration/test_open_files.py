@@ -85,3 +85,19 @@ def test_a_server_raises_its_soft_limit_for_its_connections(cluster: Cluster) ->
         for conn in connections:
             conn.close()
     assert f"open files limit raised from {SOFT} to {hard}" in cluster.log("server")
+
+
+def test_a_server_whose_descriptors_pass_1023_still_serves(cluster: Cluster) -> None:
+    """Once its limit is raised, a server's descriptors may pass 1,023, where ``select()``
+    cannot wait (it raised ValueError on the loop's first turn). Started holding 1,098
+    inherited descriptors, all it opens is past them."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    occupy = 'for fd in $(seq 3 1100); do eval "exec $fd</dev/null"; done; exec "$@"'
+    server = cluster.start_server(
+        wrap=lambda command: ["prlimit", f"--nofile={hard}:{hard}", "bash", "-c", occupy, "bash", *command])
+    opened = [int(fd) for fd in os.listdir(f"/proc/{server.pid}/fd")
+              if os.readlink(f"/proc/{server.pid}/fd/{fd}").startswith("socket:")]
+    assert opened and min(opened) > 1100
+    cluster.start_worker("w1")
+    task = cluster.client.submit("add", 2, 3)
+    assert cluster.client.result(task, wait=60)["result"] == 5

@@ -12,8 +12,8 @@ from yadtqd.errors import ConfigError
 
 
 def test_what_slots_and_connections_need() -> None:
-    assert openfiles.worker_needs(200) == 128 + 5 * 201  # over systemd's soft 1,024
-    assert openfiles.server_needs(64) == 128 + 4 * 65
+    assert openfiles.worker_needs(200) == 256 + 5 * 201  # over systemd's soft 1,024
+    assert openfiles.server_needs(64) == 256 + 4 * 65
 
 
 def test_enough_already_changes_nothing() -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import select
 import signal
 import socket
 import time
@@ -315,7 +314,7 @@ class Server:
 
     def _turn(self, store: Store, ingest: Ingest, reading: Reading, dispatcher: Dispatcher,
               out: Changelog) -> None:
-        select.select(reading.readers, [], [], self._idle(store, out))
+        reading.wait(self._idle(store, out))
         if not reading.alive:
             raise UnreachableError("a thread reading Kafka died (see the log above); stopping")
         batch = reading.take()

@@ -13,7 +13,7 @@ burst is recorded.
 from __future__ import annotations
 
 import logging
-import socket
+import select
 
 from confluent_kafka import Consumer, Message
 from confluent_kafka.admin import AdminClient
@@ -62,11 +62,15 @@ class Reading:
                            metadata=admin)
         self._inboxes = (self.events, self.tasks)
         self._ended = [False, False]
+        # poll, not select: once the open-files limit is raised (yadtqd/openfiles.py) these may
+        # be made past descriptor 1,023, which select() cannot wait on
+        self._poll = select.poll()
+        for inbox in self._inboxes:
+            self._poll.register(inbox.reader, select.POLLIN)
 
-    @property
-    def readers(self) -> list[socket.socket]:
-        """What the loop waits on: readable when either inbox has messages (or was woken)."""
-        return [inbox.reader for inbox in self._inboxes]
+    def wait(self, timeout: float) -> None:
+        """Wait until either inbox has messages (or was woken), at most ``timeout`` seconds."""
+        self._poll.poll(max(0.0, timeout) * 1000)
 
     @property
     def wakeup_fd(self) -> int:
