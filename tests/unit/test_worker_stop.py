@@ -13,13 +13,18 @@ from yadtqd.config import Config, WorkerConfig
 from yadtqd.messages.common import ENVELOPE_BYTES
 from yadtqd.systemd import Notifier
 from yadtqd.worker.main import Worker
+from yadtqd.worker.outbox import Outbox
 
 
 class Recorder:
-    """The outbox, recording what the worker sends."""
+    """The outbox, recording what the worker sends; ``failed`` as the outbox keeps what waits
+    to be sent again."""
+
+    bye_to_resend = Outbox.bye_to_resend
 
     def __init__(self) -> None:
         self.sent: list[m.WorkerEvent] = []
+        self.failed: list[tuple[m.WorkerEvent, str]] = []
 
     def send(self, message: m.WorkerEvent, urgent: bool = False) -> None:
         self.sent.append(message)
@@ -67,6 +72,20 @@ def test_a_deep_pipeline_goes_back_in_byes_that_fit_any_events_topic_the_server_
     assert [b.confirm for b in byes] == [False] * 4 + [True]
     refs = [(r.task_id, r.attempt) for b in byes for r in b.handed_back]
     assert refs == [(f"{i:0128d}", 1 + i % 3) for i in range(1_100)]
+
+
+def test_a_part_of_the_bye_to_send_again_holds_the_exit_though_left_came() -> None:
+    """A part that failed is sent again up to a second later; the last part, which asked for
+    the answer, may have gone meanwhile. Exiting on that ``left`` would leave the failed part's
+    tasks with the epoch until it is declared dead."""
+    worker, outbox = _stopping_worker(pending=300)
+    first = outbox.sent[0]
+    assert isinstance(first, m.Bye) and not first.confirm
+    outbox.failed.append((first, "Local: Message timed out"))
+    worker._on_dispatch(_dispatch(m.Left(worker="w", epoch="e1")))
+    assert worker.leave_confirmed and not worker._stopped(time.monotonic())
+    outbox.failed.clear()  # sent again
+    assert worker._stopped(time.monotonic())
 
 
 def test_without_an_answer_the_worker_stops_after_a_takeover_s_time() -> None:

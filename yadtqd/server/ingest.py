@@ -413,6 +413,9 @@ class Ingest:
             member.accepting = False
             log.info("worker %s leaving: epoch %s handed back %d tasks", ev.worker, ev.epoch,
                      len(ev.handed_back), extra={"worker_id": ev.worker, "event": "worker_leaving"})
+        elif ev.handed_back:  # a later part of its bye, or a run that reached it stopping
+            log.info("worker %s handed back %d more tasks: epoch %s", ev.worker,
+                     len(ev.handed_back), ev.epoch, extra={"worker_id": ev.worker})
         back, cancelled = self.store.hand_back(ev.epoch, ev.handed_back)
         self.scheduler.handed_back(ev.epoch, back + cancelled)
         for task_id in back:

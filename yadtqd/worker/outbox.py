@@ -127,6 +127,11 @@ class Outbox:
         for message in again:
             self.send(message)
 
+    def bye_to_resend(self, epoch: str) -> bool:
+        """Whether a ``bye`` of this epoch failed and waits to be sent again: a part handed
+        back before the last one, which Kafka may have taken meanwhile (its ``left`` answered)."""
+        return any(isinstance(msg, m.Bye) and msg.epoch == epoch for msg, _ in self.failed)
+
     def flush(self, timeout: float) -> None:
         """Deliver what was accepted (at shutdown)."""
         transport.flush(self.producer, timeout)

@@ -12,6 +12,7 @@ from yadtqd import messages as m
 from yadtqd.config import Config
 from yadtqd.systemd import Notifier
 from yadtqd.worker.lease import Lease
+from yadtqd.worker.outbox import Outbox
 from yadtqd.worker.pending import Pending
 from yadtqd.worker.placement import Placement
 from yadtqd.worker.pool import Pool
@@ -40,6 +41,7 @@ class GracefulStop:
     stop_deadline: float
     confirm_by: float
     leave_confirmed: bool
+    outbox: Outbox | None
 
     if TYPE_CHECKING:  # the worker's: no stub here to shadow it
         def _send(self, message: m.WorkerEvent, urgent: bool = False) -> None: ...
@@ -73,11 +75,13 @@ class GracefulStop:
 
     def _stopped(self, mono: float) -> bool:
         """The drain is over: nothing runs and the server confirmed the ``bye`` (every run it
-        granted meanwhile was handed back), or it did not within a takeover's time (the session
-        and heartbeat timeouts), or the stop timeout passed."""
+        granted meanwhile was handed back) and no part of it waits to be sent again, or it did
+        not within a takeover's time (the session and heartbeat timeouts), or the stop timeout
+        passed."""
         if mono >= self.stop_deadline:
             return True
-        return self.pool.busy == 0 and (self.leave_confirmed or mono >= self.confirm_by)
+        handed = self.outbox is None or not self.outbox.bye_to_resend(self.epoch)
+        return self.pool.busy == 0 and (self.leave_confirmed and handed or mono >= self.confirm_by)
 
     def _end_stop(self) -> None:
         left = len(self.pool.running())
