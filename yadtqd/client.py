@@ -424,6 +424,9 @@ class KafkaSubmitter:
 
         settings = dict(kafka)
         settings.update({"acks": "all", "enable.idempotence": True})
+        # a topic's max.message.bytes bounds a batch, and the server's limits are not known
+        # here: batches no larger than the room any tasks topic the server accepts has
+        settings.setdefault("batch.size", m.ENVELOPE_BYTES)
         self.producer = Producer(settings)
         self.topic = f"{topic_prefix}.tasks"
         self.timeout = timeout

@@ -64,8 +64,8 @@ PREFETCH_PER_SLOT = 512
 #: 8 KB are held, or 16 of 512 KiB.
 PREFETCH_BYTES = 8 * 1024 * 1024
 #: The most grants an adaptive epoch holds beyond its slots, however many slots it has: what it
-#: holds is listed in one message when it leaves (``bye``) and in one changelog record when it
-#: dies (its ``failures`` row), and both must stay well under Kafka's message size.
+#: holds goes back in ``bye`` messages of 256 when it leaves, and 500 of it are listed in one
+#: changelog record when it dies (its ``failures`` row, which counts the rest).
 PREFETCH_MOST = 4096
 #: A task running longer than this is long, whatever its name's estimate says: its epoch takes
 #: no prefetched grants until it ends. (Below it, its ``finished`` may simply be unread yet.)

@@ -75,8 +75,8 @@ class Handover:
 
     def _take_back(self) -> None:
         """Runs of a batch that never started (a task before them ended their process, or the
-        batch's time to start passed) start again as never run: first in the queue (handed
-        back when stopping)."""
+        batch's time to start passed) start again as never run: first among those of their
+        priority (handed back when stopping)."""
         keys = [job.key for job in self.pool.take_returned()]
         logged = {key for key in keys if key not in self.unlogged}  # said to have started
         self.unlogged.difference_update(keys)
