@@ -28,6 +28,8 @@ PER_CONNECTION = 4
 #: Descriptors a daemon holds besides those: logs, SQLite, its own pipes, and 2 or 3 sockets per
 #: broker for each of its Kafka clients (the server has 9: 75 measured with one broker).
 BASE = 256
+#: How an operator gives a daemon more: what a refusal ends with.
+RAISE = "raise the limit (LimitNOFILE= in the systemd unit, ulimit -n in a shell)"
 
 
 def worker_needs(slots: int) -> int:
@@ -50,15 +52,13 @@ def ensure(needed: int, why: str) -> int:
         return soft
     if hard != resource.RLIM_INFINITY and needed > hard:
         raise ConfigError(f"{why} needs about {needed} open files, but this process may open at"
-                          f" most {hard} (RLIMIT_NOFILE; soft {soft}): lower it, or raise the"
-                          " limit (LimitNOFILE= in the systemd unit, ulimit -n in a shell)")
+                          f" most {hard} (RLIMIT_NOFILE; soft {soft}): lower it, or {RAISE}")
     target = needed if hard == resource.RLIM_INFINITY else hard  # (the kernel caps "unlimited")
     try:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{why} needs about {needed} open files, but this process may open"
-                          f" {soft} and cannot raise that ({exc}): raise the limit (LimitNOFILE="
-                          " in the systemd unit, ulimit -n in a shell)") from None
+                          f" {soft} and cannot raise that ({exc}): {RAISE}") from None
     log.info("open files limit raised from %d to %d: %s needs about %d", soft, target, why, needed)
     return soft
 
