@@ -36,9 +36,7 @@ import os
 import signal
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
-from multiprocessing.process import BaseProcess
 
 import msgspec
 
@@ -46,6 +44,7 @@ from yadtqd import openfiles
 from yadtqd.errors import YadtqError
 from yadtqd.worker import child
 from yadtqd.worker.child import Job, Outcome, Ready
+from yadtqd.worker.slot import Slot, close_pipes, death, spawn, stop
 
 log = logging.getLogger("yadtqd.worker")
 
@@ -66,37 +65,6 @@ LOAD_GRACE = 10.0
 
 _outcome = msgspec.json.Decoder(Outcome)
 _ready = msgspec.json.Decoder(Ready)
-
-
-@dataclass
-class Slot:
-    """One execution process and the job it runs, if any."""
-
-    process: BaseProcess
-    #: Its answers to pings, readiness and outcomes back (why pings have a pipe of their own:
-    #: :mod:`yadtqd.worker.child`).
-    conn: Connection
-    #: Pings to the process.
-    pings: Connection
-    #: Jobs to the process.
-    jobs: Connection
-    generation: int
-    ready: bool = False
-    #: The job running (or next to run) in the process, if any.
-    job: Job | None = None
-    #: The jobs of its batch after :attr:`job`, not yet started (they run in this order).
-    queue: list[Job] = field(default_factory=list)
-    #: When the jobs of its batch may start no more (monotonic), if it was given one.
-    start_by: float = 0.0
-    #: Jobs of its batch taken back past :attr:`start_by` whose "not started" has not come yet:
-    #: the slot takes no new job before (their answers are matched by the job that runs).
-    unreported: int = 0
-    deadline: float | None = None
-    last_answer: float = 0.0
-    #: When the running job was given to it (monotonic).
-    began: float = 0.0
-    #: The job is being stopped for an operator's cancel.
-    cancelled: bool = False
 
 
 class Pool:
@@ -135,19 +103,8 @@ class Pool:
         self.slots = [self._spawn() for _ in range(self.size)]
 
     def _spawn(self) -> Slot:
-        pings_read, pings_write = self.ctx.Pipe(duplex=False)
-        answers_read, answers_write = self.ctx.Pipe(duplex=False)
-        jobs_read, jobs_write = self.ctx.Pipe(duplex=False)
-        process = self.ctx.Process(target=child.main,
-                                   args=(pings_read, answers_write, jobs_read,
-                                         self.max_result_bytes, self.plugins, self.max_memory,
-                                         self.open_files),
-                                   name="yadtq-exec", daemon=True)
-        process.start()
-        for end in (pings_read, answers_write, jobs_read):
-            end.close()
-        return Slot(process, answers_read, pings_write, jobs_write, self.generation,
-                    last_answer=time.monotonic())
+        return spawn(self.ctx, self.generation, self.max_result_bytes, self.plugins,
+                     self.max_memory, self.open_files)
 
     @property
     def free(self) -> int:
@@ -241,7 +198,7 @@ class Pool:
                 raw = slot.conn.recv_bytes()
             except (EOFError, OSError):
                 return outcomes + self._replace(slot, "ExecutionProcessDied", "the execution process "
-                                                + _death(slot.process) + " while running the task")
+                                                + death(slot.process) + " while running the task")
             slot.last_answer = time.monotonic()
             if raw == b"pong":
                 pass
@@ -290,7 +247,7 @@ class Pool:
             if slot.process.exitcode is None or slot.conn.poll(0):
                 continue  # running, or it said something first (an outcome, or the pipe's end)
             outcomes += self._replace(slot, "ExecutionProcessDied", "the execution process "
-                                      + _death(slot.process) + " while running the task")
+                                      + death(slot.process) + " while running the task")
         return outcomes
 
     def wait_ready(self, timeout: float = 120.0) -> None:
@@ -332,7 +289,7 @@ class Pool:
         except (EOFError, OSError):
             self._end_probe()
             log.error("plugin reload abandoned: the process loading the new plugins %s;"
-                      " keeping the plugins loaded before", _death(probe.process),
+                      " keeping the plugins loaded before", death(probe.process),
                       extra={"event": "reload_failed"})
             return
         self.probe = None
@@ -344,14 +301,14 @@ class Pool:
         if idle:  # the probe takes an idle slot's place; the other idle ones are replaced
             self._retire(idle[0], probe)
         else:  # every slot is busy: each is replaced when its job ends
-            _stop(probe)
+            stop(probe)
         for slot in [s for s in self.slots if s.job is None and s.generation != self.generation]:
             self._replace(slot, "", "")
 
     def _end_probe(self) -> None:
         probe, self.probe = self.probe, None
         if probe is not None:
-            _stop(probe)
+            stop(probe)
 
     def advertised(self) -> tuple[dict[str, dict[str, str]], dict[str, str]]:
         """The tasks (and plugin problems) the current generation's processes reported."""
@@ -429,15 +386,15 @@ class Pool:
         """Stop every process: close the pipes, wait, then kill what is left."""
         self._end_probe()
         for slot in self.slots:
-            _close(slot)
+            close_pipes(slot)
         deadline = time.monotonic() + timeout
         for slot in self.slots:
             slot.process.join(max(0.0, deadline - time.monotonic()))
-            _stop(slot)  # its group too: what an abandoned task started must not outlive it
+            stop(slot)  # its group too: what an abandoned task started must not outlive it
         self.slots = []
 
     def _retire(self, slot: Slot, successor: Slot) -> None:
-        _stop(slot)
+        stop(slot)
         self.slots[self.slots.index(slot)] = successor
 
     def _replace(self, slot: Slot, kind: str, message: str) -> list[Outcome]:
@@ -450,13 +407,13 @@ class Pool:
                          extra={"task_id": waiting.task_id, "event": "task_not_started"})
         self.returned += slot.queue  # never started: the job before them was running
         slot.queue = []
-        _stop(slot)
+        stop(slot)
         fresh = self._spawn()
         self.slots[self.slots.index(slot)] = fresh
         if job is None:
             if kind:
                 log.warning("execution process %s %s; replaced", slot.process.pid,
-                            _death(slot.process))
+                            death(slot.process))
             return []
         if slot.cancelled:
             kind, message = "Cancelled", f"stopped by an operator's cancel ({message})"
@@ -464,38 +421,3 @@ class Pool:
         return [Outcome(task_id=job.task_id, attempt=job.attempt, epoch=job.epoch,
                         status="cancelled" if slot.cancelled else "failed",
                         error=error, runtime=time.monotonic() - slot.began)]
-
-
-def _stop(slot: Slot) -> None:
-    """End a slot's process group (the task and everything it started), then the process."""
-    pid = slot.process.pid
-    if pid is not None:
-        try:
-            os.killpg(pid, signal.SIGKILL)  # the process leads its own group
-        except (ProcessLookupError, PermissionError):
-            pass  # not yet its own group (just spawned), or gone
-    if slot.process.is_alive():
-        slot.process.kill()
-    slot.process.join()
-    _close(slot)
-
-
-def _close(slot: Slot) -> None:
-    """Close the worker's ends of a slot's pipes."""
-    for end in (slot.jobs, slot.pings, slot.conn):
-        end.close()
-
-
-def _death(process: BaseProcess) -> str:
-    """How an execution process ended, in words (``exited with status 3``, ``was killed by
-    signal SIGSEGV``)."""
-    process.join(1.0)
-    code = process.exitcode
-    if code is None:
-        return "closed its pipe"
-    if code < 0:
-        try:
-            return f"was killed by signal {signal.Signals(-code).name}"
-        except ValueError:
-            return f"was killed by signal {-code}"
-    return f"exited with status {code}"
