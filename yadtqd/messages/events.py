@@ -76,6 +76,13 @@ class Hello(Struct, kw_only=True, tag_field="type", tag="hello"):
     v: int = 1
 
 
+#: The most runs a heartbeat lists. A worker of many slots holds up to eight runs a slot (a batch
+#: of short tasks), and a heartbeat must fit any ``events`` topic the server accepts: its room is
+#: the largest result plus :data:`~yadtqd.messages.common.ENVELOPE_BYTES`, and 256 references
+#: with 128-character task ids take 41 KB.
+RUNNING_MOST = 256
+
+
 class Heartbeat(Struct, kw_only=True, tag_field="type", tag="heartbeat"):
     """A worker epoch is alive and its loop makes progress."""
 
@@ -84,6 +91,8 @@ class Heartbeat(Struct, kw_only=True, tag_field="type", tag="heartbeat"):
     ts: float
     slots: Annotated[int, Meta(ge=1)]
     busy: Count
+    #: The runs the epoch's execution processes hold, those running first: at most
+    #: :data:`RUNNING_MOST` (``busy`` counts every slot running one).
     running: list[TaskRef] = []
     done: Count = 0
     failed: Count = 0

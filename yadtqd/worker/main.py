@@ -408,7 +408,8 @@ class Worker(GracefulStop, Handover):
             return  # a wedged pool must look dead to the server and to systemd
         if now - self.last_heartbeat >= interval and self.hello_delivered == self.epoch:
             self.last_heartbeat = now
-            running = [m.TaskRef(task_id=j.task_id, attempt=j.attempt) for j in self.pool.running()]
+            running = [m.TaskRef(task_id=j.task_id, attempt=j.attempt)
+                       for j in self.pool.running()[:m.RUNNING_MOST]]
             self._send(m.Heartbeat(worker=self.worker_id, epoch=self.epoch, ts=time.time(),
                                    slots=self.pool.size, busy=self.pool.busy, running=running,
                                    done=self.done, failed=self.failed,

@@ -122,8 +122,8 @@ class Pool:
         return sum(len(s.queue) for s in self.slots)
 
     def running(self) -> list[Job]:
-        """The jobs the processes hold: running, and waiting in their batches."""
-        return [job for s in self.slots if s.job is not None for job in (s.job, *s.queue)]
+        """The jobs the processes hold: those running, then those waiting in their batches."""
+        return [s.job for s in self.slots if s.job is not None] + [j for s in self.slots for j in s.queue]
 
     def short(self, name: str) -> bool:
         """Whether the runs of ``name`` here have taken at most :data:`SHORT_TASK` (on average,
