@@ -54,3 +54,16 @@ def test_a_heartbeat_of_a_worker_holding_thousands_of_runs_fits_the_least_room()
     assert [r.task_id for r in beat.running] == [_job(i, 0).task_id for i in range(m.RUNNING_MOST)]
     # with the smallest result allowed, an events topic holds ENVELOPE_BYTES and a little more
     assert len(m.encode(beat)) < ENVELOPE_BYTES
+
+
+def test_a_heartbeat_of_a_small_worker_lists_every_run_it_holds() -> None:
+    worker = Worker(Config(kafka={}, worker=WorkerConfig(id="w", slots=2)), Notifier())
+    worker.epoch = worker.hello_delivered = "e1"
+    worker.outbox = outbox = Recorder()  # type: ignore[assignment]
+    worker.pool.slots = [_busy_slot(i) for i in range(2)]
+    worker._beat()
+    (beat,) = outbox.sent
+    assert isinstance(beat, m.Heartbeat) and beat.busy == 2
+    assert [r.task_id for r in beat.running] == (
+        [_job(i, 0).task_id for i in range(2)]
+        + [_job(i, place).task_id for i in range(2) for place in range(1, BATCH_MOST)])

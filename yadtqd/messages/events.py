@@ -79,7 +79,7 @@ class Hello(Struct, kw_only=True, tag_field="type", tag="hello"):
 #: The most runs a heartbeat lists. A worker of many slots holds up to eight runs a slot (a batch
 #: of short tasks), and a heartbeat must fit any ``events`` topic the server accepts: its room is
 #: the largest result plus :data:`~yadtqd.messages.common.ENVELOPE_BYTES`, and 256 references
-#: with 128-character task ids take 41 KB.
+#: with 128-character task ids take about 41 KB.
 RUNNING_MOST = 256
 
 
@@ -91,8 +91,8 @@ class Heartbeat(Struct, kw_only=True, tag_field="type", tag="heartbeat"):
     ts: float
     slots: Annotated[int, Meta(ge=1)]
     busy: Count
-    #: The runs the epoch's execution processes hold, those running first: at most
-    #: :data:`RUNNING_MOST` (``busy`` counts every slot running one).
+    #: The runs the epoch's execution processes hold (running, and waiting in batches behind),
+    #: those running first: at most :data:`RUNNING_MOST` (``busy`` counts the slots running one).
     running: list[TaskRef] = []
     done: Count = 0
     failed: Count = 0

@@ -123,7 +123,8 @@ class Pool:
 
     def running(self) -> list[Job]:
         """The jobs the processes hold: those running, then those waiting in their batches."""
-        return [s.job for s in self.slots if s.job is not None] + [j for s in self.slots for j in s.queue]
+        running = [s.job for s in self.slots if s.job is not None]
+        return running + [job for s in self.slots for job in s.queue]
 
     def short(self, name: str) -> bool:
         """Whether the runs of ``name`` here have taken at most :data:`SHORT_TASK` (on average,

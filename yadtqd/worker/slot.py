@@ -53,8 +53,8 @@ class Slot:
 
 def spawn(ctx: SpawnContext, generation: int, max_result_bytes: int, plugins: tuple[str, ...],
           max_memory: int, open_files: int) -> Slot:
-    """Start an execution process (it becomes ready once its plugins load: :mod:`~yadtqd.worker.child`),
-    keeping the worker's end of each pipe."""
+    """Start an execution process, keeping the worker's end of each pipe (the process becomes
+    ready once its plugins load: :mod:`~yadtqd.worker.child`)."""
     pings_read, pings_write = ctx.Pipe(duplex=False)
     answers_read, answers_write = ctx.Pipe(duplex=False)
     jobs_read, jobs_write = ctx.Pipe(duplex=False)

@@ -23,7 +23,7 @@ log = logging.getLogger("yadtqd.worker")
 #: asking for the answer. An epoch may hold its slots plus 4,096 grants (more with a fixed
 #: prefetch), and Kafka must take every ``bye``: the start-up check only promises an ``events``
 #: topic room for the largest result plus :data:`~yadtqd.messages.common.ENVELOPE_BYTES` around it, and 256 references
-#: with the longest ids (128 characters) take about 43 KB of that.
+#: with the longest ids (128 characters) take about 41 KB of that.
 BYE_REFS_MOST = 256
 
 
