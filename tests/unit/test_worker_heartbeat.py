@@ -49,9 +49,9 @@ def test_a_heartbeat_of_a_worker_holding_thousands_of_runs_fits_the_least_room()
     worker._beat()
     (beat,) = outbox.sent
     assert isinstance(beat, m.Heartbeat)
-    assert beat.busy == slots and len(beat.running) == m.RUNNING_MOST
+    assert beat.busy == slots and len(beat.running) == m.REFS_MOST
     # the runs listed are those running, before any waiting in a batch behind them
-    assert [r.task_id for r in beat.running] == [_job(i, 0).task_id for i in range(m.RUNNING_MOST)]
+    assert [r.task_id for r in beat.running] == [_job(i, 0).task_id for i in range(m.REFS_MOST)]
     # with the smallest result allowed, an events topic holds ENVELOPE_BYTES and a little more
     assert len(m.encode(beat)) < ENVELOPE_BYTES
 

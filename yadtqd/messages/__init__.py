@@ -25,7 +25,7 @@ from yadtqd.messages.common import (ENVELOPE_BYTES, ERROR_TEXT_LIMIT, MAX_DELAY,
                                     Priority, TaskId, TaskName, encode)
 from yadtqd.messages.dispatch import (NEWER_EPOCH, Alive, Cancel, Dispatch, Fenced, Left, Placed,
                                       Prime, Refused, Run, parse_dispatch)
-from yadtqd.messages.events import (RUNNING_MOST, Bye, ErrorInfo, Event, Finished, Hello, Heartbeat,
+from yadtqd.messages.events import (REFS_MOST, Bye, ErrorInfo, Event, Finished, Hello, Heartbeat,
                                     Mark, Started, TaskInfo, TaskRef, WorkerEvent, cap, parse_event)
 from yadtqd.messages.leader import StandbyReport, parse_report
 from yadtqd.messages.tasks import (ORDERS, Control, Ended, FollowUp, Options, Submission,
@@ -36,7 +36,7 @@ __all__ = [
     "TASK_ID_PATTERN", "Attempt", "Count", "Priority", "TaskId", "TaskName", "encode",
     "NEWER_EPOCH", "Alive", "Cancel", "Dispatch", "Fenced", "Left", "Placed", "Prime", "Refused", "Run",
     "parse_dispatch",
-    "RUNNING_MOST", "Bye", "ErrorInfo", "Event", "Finished", "Hello", "Heartbeat", "Mark", "Started",
+    "REFS_MOST", "Bye", "ErrorInfo", "Event", "Finished", "Hello", "Heartbeat", "Mark", "Started",
     "TaskInfo", "TaskRef", "WorkerEvent", "cap", "parse_event",
     "StandbyReport", "parse_report",
     "ORDERS", "Control", "Ended", "FollowUp", "Options", "Submission", "follow_up_id",

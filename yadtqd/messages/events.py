@@ -76,11 +76,13 @@ class Hello(Struct, kw_only=True, tag_field="type", tag="hello"):
     v: int = 1
 
 
-#: The most runs a heartbeat lists. A worker of many slots holds up to eight runs a slot (a batch
-#: of short tasks), and a heartbeat must fit any ``events`` topic the server accepts: its room is
-#: the largest result plus :data:`~yadtqd.messages.common.ENVELOPE_BYTES`, and 256 references
-#: with 128-character task ids take about 41 KB.
-RUNNING_MOST = 256
+#: The most task references one event lists: the runs a heartbeat names, the tasks one ``bye``
+#: hands back (more go in several). An epoch may hold thousands (up to eight runs a slot in its
+#: execution processes' batches; its slots plus 4,096 grants unstarted, more with a fixed
+#: prefetch), and every event must fit any ``events`` topic the server accepts: its room is the
+#: largest result plus :data:`~yadtqd.messages.common.ENVELOPE_BYTES`, and 256 references with
+#: 128-character task ids take about 41 KB.
+REFS_MOST = 256
 
 
 class Heartbeat(Struct, kw_only=True, tag_field="type", tag="heartbeat"):
@@ -92,7 +94,7 @@ class Heartbeat(Struct, kw_only=True, tag_field="type", tag="heartbeat"):
     slots: Annotated[int, Meta(ge=1)]
     busy: Count
     #: The runs the epoch's execution processes hold (running, and waiting in batches behind),
-    #: those running first: at most :data:`RUNNING_MOST` (``busy`` counts the slots running one).
+    #: those running first: at most :data:`REFS_MOST` (``busy`` counts the slots running one).
     running: list[TaskRef] = []
     done: Count = 0
     failed: Count = 0

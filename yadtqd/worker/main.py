@@ -409,7 +409,7 @@ class Worker(GracefulStop, Handover):
         if now - self.last_heartbeat >= interval and self.hello_delivered == self.epoch:
             self.last_heartbeat = now
             running = [m.TaskRef(task_id=j.task_id, attempt=j.attempt)
-                       for j in self.pool.running()[:m.RUNNING_MOST]]
+                       for j in self.pool.running()[:m.REFS_MOST]]
             self._send(m.Heartbeat(worker=self.worker_id, epoch=self.epoch, ts=time.time(),
                                    slots=self.pool.size, busy=self.pool.busy, running=running,
                                    done=self.done, failed=self.failed,

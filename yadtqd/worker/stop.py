@@ -19,13 +19,6 @@ from yadtqd.worker.pool import Pool
 
 log = logging.getLogger("yadtqd.worker")
 
-#: The most handed-back tasks one ``bye`` lists; more go in several, in order, the last one
-#: asking for the answer. An epoch may hold its slots plus 4,096 grants (more with a fixed
-#: prefetch), and Kafka must take every ``bye``: the start-up check only promises an ``events``
-#: topic room for the largest result plus :data:`~yadtqd.messages.common.ENVELOPE_BYTES` around it, and 256 references
-#: with the longest ids (128 characters) take about 41 KB of that.
-BYE_REFS_MOST = 256
-
 
 class GracefulStop:
     """The stop's steps, mixed into :class:`yadtqd.worker.main.Worker` (whose state they use)."""
@@ -61,12 +54,13 @@ class GracefulStop:
                                                       "event": "worker_stopping"})
 
     def _send_bye(self, runs: list[m.Run], confirm: bool = False) -> None:
-        """Hand these runs back in one ``bye``, or in several of :data:`BYE_REFS_MOST` each:
+        """Hand these runs back in one ``bye``, or in several of
+        :data:`~yadtqd.messages.events.REFS_MOST` each:
         the server applies them in order, so the last one alone asks for the answer (the
         ``left`` then follows them all); one producer keeps them in order, and the last one's
         urgency sends them all at once."""
         refs = [m.TaskRef(task_id=r.task_id, attempt=r.attempt) for r in runs]
-        parts = [refs[i:i + BYE_REFS_MOST] for i in range(0, len(refs), BYE_REFS_MOST)] or [[]]
+        parts = [refs[i:i + m.REFS_MOST] for i in range(0, len(refs), m.REFS_MOST)] or [[]]
         for i, part in enumerate(parts):
             last = i == len(parts) - 1
             self._send(m.Bye(worker=self.worker_id, epoch=self.epoch, ts=time.time(),
